@@ -1,0 +1,92 @@
+"""What every command shares: cluster options, reaching PostgreSQL, reporting errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from grantkey.cli.embedded import EmbeddedPostgres
+from grantkey.errors import BadInput, GrantkeyError, NotFound, ValidationFailed
+from grantkey.services.container import Services
+from grantkey.settings import Settings
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def cluster_options(command: F) -> F:
+    command = click.option(
+        "--database-url", envvar="GRANTKEY_DATABASE_URL", default=None,
+        help="Use this PostgreSQL (a role with CREATEDB and CREATEROLE) instead of the "
+             "embedded one. [env: GRANTKEY_DATABASE_URL]",
+    )(command)
+    command = click.option(
+        "--data-dir", envvar="GRANTKEY_DATA_DIR", default="grantkey-data", show_default=True,
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Where the embedded PostgreSQL and the server secret live. [env: GRANTKEY_DATA_DIR]",
+    )(command)
+    return command
+
+
+def load_settings(data_dir: Path, database_url: str | None, **extra: Any) -> Settings:
+    try:
+        return Settings.from_env(data_dir=data_dir, database_url=database_url, **extra)
+    except GrantkeyError as error:
+        fail(str(error), 2)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+@contextlib.contextmanager
+def reach_cluster(settings: Settings, *, keep_running: bool = False) -> Iterator[Settings]:
+    """Settings with a database URL: the embedded cluster is started if needed.
+
+    A cluster this command started is stopped afterwards unless `keep_running`; one that
+    was already running (a server on the same data directory) is left alone.
+    """
+    if settings.database_url:
+        yield settings
+        return
+    embedded = EmbeddedPostgres(settings.data_dir)
+    started = not embedded.is_running()
+    if started:
+        click.echo(f"starting the embedded PostgreSQL in {embedded.pgdata} ...", err=True)
+    embedded.start()
+    try:
+        yield replace(settings, database_url=embedded.admin_url)
+    finally:
+        if started and not keep_running:
+            embedded.stop()
+
+
+def run_with_services(settings: Settings, work: Callable[[Services], Awaitable[T]]) -> T:
+    """Run one async use case against the cluster, turning grantkey errors into exit codes."""
+
+    async def main(resolved: Settings) -> T:
+        assert resolved.database_url is not None
+        services = Services(resolved, resolved.database_url)
+        await services.open()
+        try:
+            return await work(services)
+        finally:
+            await services.close()
+
+    try:
+        with reach_cluster(settings) as resolved:
+            return asyncio.run(main(resolved))
+    except (BadInput, ValidationFailed) as error:
+        fail(str(error), 2)
+    except NotFound as error:
+        fail(f"not found: {error}", 1)
+    except GrantkeyError as error:
+        fail(str(error) or type(error).__name__, 1)

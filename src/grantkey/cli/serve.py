@@ -1,0 +1,70 @@
+"""`grantkey serve`: start the embedded PostgreSQL (unless given a URL) and the HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import click
+import uvicorn
+
+from grantkey.cli.common import cluster_options, fail, load_settings
+from grantkey.cli.embedded import EmbeddedPostgres
+from grantkey.errors import GrantkeyError
+from grantkey.services.container import Services
+from grantkey.services.reconcile import reconcile
+from grantkey.settings import Settings
+
+log = logging.getLogger("grantkey.serve")
+
+
+async def _prepare(settings: Settings) -> None:
+    """Migrate the metadata, create the secret, and repair what a crash left behind."""
+    assert settings.database_url is not None
+    services = Services(settings, settings.database_url)
+    await services.open(migrate=True)
+    try:
+        repair = await reconcile(services.cluster)
+        if repair.anything:
+            click.echo(f"start-up repair: {repair}", err=True)
+    finally:
+        await services.close()
+
+
+@click.command()
+@click.option("--host", envvar="GRANTKEY_HOST", default="127.0.0.1", show_default=True,
+              help="Address to listen on. [env: GRANTKEY_HOST]")
+@click.option("--port", envvar="GRANTKEY_PORT", default=8000, show_default=True, type=int,
+              help="TCP port to listen on. [env: GRANTKEY_PORT]")
+@click.option("--workers", envvar="GRANTKEY_WORKERS", default=1, show_default=True,
+              type=click.IntRange(min=1), help="Server processes. [env: GRANTKEY_WORKERS]")
+@cluster_options
+def serve(host: str, port: int, workers: int, data_dir: Path, database_url: str | None) -> None:
+    """Serve the Auth API (and health check) over HTTP.
+
+    Without --database-url, initialises (first run) and starts a private PostgreSQL under
+    --data-dir, and stops it when the server exits (Ctrl-C or SIGTERM).
+    """
+    settings = load_settings(data_dir.resolve(), database_url, host=host, port=port, workers=workers)
+    embedded = None if settings.database_url else EmbeddedPostgres(settings.data_dir)
+    try:
+        if embedded is not None:
+            click.echo(f"starting the embedded PostgreSQL in {embedded.pgdata} ...", err=True)
+            embedded.start()
+            settings = replace(settings, database_url=embedded.admin_url)
+        asyncio.run(_prepare(settings))
+        os.environ.update(settings.as_env())
+        click.echo(f"grantkey listening on http://{host}:{port}", err=True)
+        uvicorn.run(
+            "grantkey.http.app:create_app", factory=True, host=host, port=port,
+            workers=workers, access_log=False, log_level=settings.log_level,
+            server_header=False,
+        )
+    except GrantkeyError as error:
+        fail(str(error), 1)
+    finally:
+        if embedded is not None:
+            embedded.stop()

@@ -1,0 +1,75 @@
+"""Creating and migrating the metadata database, and hardening the cluster for keys."""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from grantkey.db.cluster import METADATA_DATABASE
+
+METADATA_SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    id          text PRIMARY KEY,
+    username    text NOT NULL UNIQUE,
+    database    text NOT NULL UNIQUE,
+    owner_role  text NOT NULL,
+    public_role text NOT NULL,
+    state       text NOT NULL DEFAULT 'creating'
+                CHECK (state IN ('creating', 'ready', 'deleting')),
+    created_at  timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+
+def maintenance_url(admin_url: str) -> str:
+    """The admin URL pointed at the database it names, or `postgres` if it names none."""
+    params = conninfo_to_dict(admin_url)
+    params.setdefault("dbname", "postgres")
+    if params["dbname"] == METADATA_DATABASE:
+        params["dbname"] = "postgres"
+    return make_conninfo(**params)
+
+
+async def bootstrap(admin_url: str) -> None:
+    """Make sure the metadata database exists, is closed to key roles, and is migrated."""
+    async with await psycopg.AsyncConnection.connect(
+        maintenance_url(admin_url), autocommit=True
+    ) as conn:
+        cur = await conn.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", [METADATA_DATABASE]
+        )
+        if await cur.fetchone() is None:
+            await conn.execute(
+                sql.SQL("CREATE DATABASE {} ENCODING 'UTF8' TEMPLATE template0").format(
+                    sql.Identifier(METADATA_DATABASE)
+                )
+            )
+        await _revoke_public_connect(conn)
+    async with await psycopg.AsyncConnection.connect(
+        make_conninfo(admin_url, dbname=METADATA_DATABASE)
+    ) as conn:
+        await conn.execute(METADATA_SCHEMA)
+        await conn.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
+
+
+async def _revoke_public_connect(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
+    """Key roles may connect only to their own user's database.
+
+    The databases grantkey did not create may belong to someone else on an external
+    server: try each, and leave alone those this login does not own.
+    """
+    cur = await conn.execute(
+        "SELECT datname FROM pg_database WHERE datallowconn AND "
+        "(datname = %s OR pg_has_role(datdba, 'USAGE') OR "
+        " (SELECT rolsuper FROM pg_roles WHERE rolname = current_user))",
+        [METADATA_DATABASE],
+    )
+    for (datname,) in await cur.fetchall():
+        if str(datname).startswith("gk_"):
+            continue
+        await conn.execute(
+            sql.SQL("REVOKE CONNECT, TEMPORARY ON DATABASE {} FROM PUBLIC").format(
+                sql.Identifier(str(datname))
+            )
+        )

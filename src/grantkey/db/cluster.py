@@ -1,0 +1,118 @@
+"""Administrative access to the PostgreSQL cluster.
+
+The admin login (CREATEDB, CREATEROLE) is used only for grantkey's own work: metadata,
+provisioning and key look-ups. Client SQL never runs on these connections.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from grantkey.errors import DatabaseUnavailable
+
+METADATA_DATABASE = "grantkey"
+AdminConnection = psycopg.AsyncConnection[dict[str, Any]]
+
+
+class Cluster:
+    """Pools of admin connections: one to the metadata database, a few per user database."""
+
+    def __init__(self, admin_url: str, *, max_user_pools: int = 32) -> None:
+        self.admin_url = admin_url
+        self._max_user_pools = max_user_pools
+        self._metadata: AsyncConnectionPool[AdminConnection] | None = None
+        self._user_pools: OrderedDict[str, AsyncConnectionPool[AdminConnection]] = OrderedDict()
+
+    def conninfo(self, dbname: str, **overrides: Any) -> str:
+        return make_conninfo(self.admin_url, dbname=dbname, **overrides)
+
+    def role_conninfo(self, dbname: str, role: str, password: str) -> str:
+        """Where a key's own role logs in: same server, its own name and password."""
+        params = conninfo_to_dict(self.admin_url)
+        params.pop("passfile", None)
+        params.update(dbname=dbname, user=role, password=password)
+        return make_conninfo(**params)
+
+    def _pool(self, dbname: str, max_size: int) -> AsyncConnectionPool[AdminConnection]:
+        return AsyncConnectionPool(
+            self.conninfo(dbname),
+            min_size=0,
+            max_size=max_size,
+            kwargs={"row_factory": dict_row},
+            open=False,
+            timeout=10,
+            max_idle=60,
+            name=f"admin:{dbname}",
+            connection_class=psycopg.AsyncConnection[dict[str, Any]],
+        )
+
+    async def open(self) -> None:
+        self._metadata = self._pool(METADATA_DATABASE, 8)
+        await self._metadata.open()
+
+    async def close(self) -> None:
+        pools = list(self._user_pools.values())
+        self._user_pools.clear()
+        if self._metadata is not None:
+            pools.append(self._metadata)
+            self._metadata = None
+        for pool in pools:
+            await pool.close()
+
+    @asynccontextmanager
+    async def metadata(self) -> AsyncIterator[AdminConnection]:
+        """A connection to the metadata database inside one transaction."""
+        if self._metadata is None:
+            raise DatabaseUnavailable("the cluster is not open")
+        async with _translated(), self._metadata.connection() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def user_database(self, dbname: str) -> AsyncIterator[AdminConnection]:
+        """An admin connection to one user's database inside one transaction."""
+        pool = self._user_pools.get(dbname)
+        if pool is None:
+            pool = self._pool(dbname, 4)
+            await pool.open()
+            self._user_pools[dbname] = pool
+            while len(self._user_pools) > self._max_user_pools:
+                _, oldest = self._user_pools.popitem(last=False)
+                await oldest.close()
+        else:
+            self._user_pools.move_to_end(dbname)
+        async with _translated(), pool.connection() as conn:
+            yield conn
+
+    async def forget_database(self, dbname: str) -> None:
+        """Close the pool of a database about to be dropped."""
+        pool = self._user_pools.pop(dbname, None)
+        if pool is not None:
+            await pool.close()
+
+    @asynccontextmanager
+    async def autocommit(self, dbname: str = METADATA_DATABASE) -> AsyncIterator[AdminConnection]:
+        """A short-lived autocommit connection, for CREATE/DROP DATABASE."""
+        async with _translated():
+            conn = await psycopg.AsyncConnection.connect(
+                self.conninfo(dbname), autocommit=True, row_factory=dict_row
+            )
+            try:
+                yield conn
+            finally:
+                await conn.close()
+
+
+@asynccontextmanager
+async def _translated() -> AsyncIterator[None]:
+    try:
+        yield
+    except psycopg.OperationalError as error:
+        raise DatabaseUnavailable(f"PostgreSQL is unavailable: {error}") from error

@@ -1,0 +1,145 @@
+"""Key rows (in each user's private `grantkey_meta` schema) and key roles."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from psycopg import sql
+
+from grantkey.db.cluster import AdminConnection
+from grantkey.db.users import LOGIN_ROLE_OPTIONS
+from grantkey.domain.keys import KeyRecord, KeyType
+from grantkey.domain.secrets_box import scram_verifier
+
+_COLUMNS = (
+    "id, name, type, role, token_digest, sealed_token, apis, services, table_metadata, "
+    "created_at, updated_at"
+)
+ORDERABLE = {"type": "type", "name": "name", "updated_at": "updated_at"}
+
+
+def record_from_row(row: dict[str, Any]) -> KeyRecord:
+    return KeyRecord(
+        id=row["id"], name=row["name"], type=KeyType(row["type"]), role=row["role"],
+        token_digest=bytes(row["token_digest"]),
+        sealed_token=None if row["sealed_token"] is None else bytes(row["sealed_token"]),
+        apis=tuple(row["apis"]), services=tuple(row["services"]),
+        table_metadata=row["table_metadata"],
+        created_at=row["created_at"], updated_at=row["updated_at"],
+    )
+
+
+async def lock_user_keys(conn: AdminConnection) -> None:
+    """Serialise key changes of one user (each user has its own database)."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('grantkey.keys'))")
+
+
+async def insert_key(conn: AdminConnection, key: KeyRecord) -> None:
+    await conn.execute(
+        "INSERT INTO grantkey_meta.api_keys (id, name, type, role, token_digest, sealed_token, "
+        "apis, services, table_metadata) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        [key.id, key.name, key.type.value, key.role, key.token_digest, key.sealed_token,
+         list(key.apis), list(key.services), key.table_metadata],
+    )
+
+
+async def find_by_digest(conn: AdminConnection, token_digest: bytes) -> KeyRecord | None:
+    cur = await conn.execute(
+        f"SELECT {_COLUMNS} FROM grantkey_meta.api_keys WHERE token_digest = %s",
+        [token_digest],
+    )
+    row = await cur.fetchone()
+    return None if row is None else record_from_row(row)
+
+
+async def find_by_name(conn: AdminConnection, name: str) -> KeyRecord | None:
+    cur = await conn.execute(
+        f"SELECT {_COLUMNS} FROM grantkey_meta.api_keys WHERE name = %s", [name]
+    )
+    row = await cur.fetchone()
+    return None if row is None else record_from_row(row)
+
+
+async def count_regular(conn: AdminConnection) -> int:
+    cur = await conn.execute("SELECT count(*) AS n FROM grantkey_meta.api_keys WHERE type = 'regular'")
+    row = await cur.fetchone()
+    return int(row["n"]) if row else 0
+
+
+async def list_keys(
+    conn: AdminConnection, *, types: list[str], only_id: str | None,
+    order: str, descending: bool, limit: int, offset: int,
+) -> tuple[int, list[KeyRecord]]:
+    """One page of keys, master first, then default, then regular; and the exact total."""
+    where = sql.SQL("type = ANY(%(types)s)")
+    if only_id is not None:
+        where = sql.SQL("{} AND id = %(only_id)s").format(where)
+    params = {"types": types, "only_id": only_id, "limit": limit, "offset": offset}
+    cur = await conn.execute(
+        sql.SQL("SELECT count(*) AS n FROM grantkey_meta.api_keys WHERE {}").format(where), params
+    )
+    total_row = await cur.fetchone()
+    direction = sql.SQL("DESC" if descending else "ASC")
+    query = sql.SQL(
+        "SELECT {columns} FROM grantkey_meta.api_keys WHERE {where} ORDER BY "
+        "CASE type WHEN 'master' THEN 0 WHEN 'default' THEN 1 ELSE 2 END, "
+        "{order} {direction}, name {direction} LIMIT %(limit)s OFFSET %(offset)s"
+    ).format(
+        columns=sql.SQL(_COLUMNS), where=where,
+        order=sql.Identifier(ORDERABLE[order]), direction=direction,
+    )
+    cur = await conn.execute(query, params)
+    records = [record_from_row(row) for row in await cur.fetchall()]
+    return (int(total_row["n"]) if total_row else 0), records
+
+
+async def delete_key_row(conn: AdminConnection, key_id: str) -> None:
+    await conn.execute("DELETE FROM grantkey_meta.api_keys WHERE id = %s", [key_id])
+
+
+async def update_token(
+    conn: AdminConnection, key_id: str, token_digest: bytes, sealed: bytes | None
+) -> None:
+    await conn.execute(
+        "UPDATE grantkey_meta.api_keys SET token_digest = %s, sealed_token = %s, "
+        "updated_at = now() WHERE id = %s",
+        [token_digest, sealed, key_id],
+    )
+
+
+async def create_key_role(
+    conn: AdminConnection, role: str, password: str, public_role: str, owner_role: str
+) -> None:
+    await conn.execute(
+        sql.SQL("CREATE ROLE {} {} PASSWORD {} IN ROLE {}").format(
+            sql.Identifier(role), LOGIN_ROLE_OPTIONS, sql.Literal(scram_verifier(password)),
+            sql.Identifier(public_role),
+        )
+    )
+    await conn.execute(
+        sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), sql.Identifier(owner_role))
+    )
+
+
+async def set_role_password(conn: AdminConnection, role: str, password: str) -> None:
+    await conn.execute(
+        sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+            sql.Identifier(role), sql.Literal(scram_verifier(password))
+        )
+    )
+
+
+async def drop_key_role(conn: AdminConnection, role: str, owner_role: str) -> None:
+    """Tables the key created survive, owned by the user."""
+    ident = sql.Identifier(role)
+    await conn.execute(
+        sql.SQL("REASSIGN OWNED BY {} TO {}").format(ident, sql.Identifier(owner_role))
+    )
+    await conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
+    await conn.execute(sql.SQL("DROP ROLE {}").format(ident))
+
+
+async def terminate_sessions(conn: AdminConnection, role: str) -> None:
+    await conn.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role]
+    )

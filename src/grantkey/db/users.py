@@ -1,0 +1,138 @@
+"""User rows in the metadata database, and each user's database and built-in roles."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from psycopg import sql
+
+from grantkey.db.cluster import AdminConnection, Cluster
+from grantkey.domain.keys import User
+from grantkey.domain.secrets_box import scram_verifier
+
+LOGIN_ROLE_OPTIONS = sql.SQL(
+    "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT"
+)
+
+KEYS_SCHEMA = "grantkey_meta"
+KEYS_TABLE_DDL = """
+CREATE TABLE grantkey_meta.api_keys (
+    id             text PRIMARY KEY,
+    name           text NOT NULL UNIQUE,
+    type           text NOT NULL CHECK (type IN ('master', 'default', 'regular')),
+    role           text NOT NULL UNIQUE,
+    token_digest   bytea NOT NULL UNIQUE,
+    sealed_token   bytea,
+    apis           text[] NOT NULL,
+    services       text[] NOT NULL DEFAULT '{}',
+    table_metadata boolean NOT NULL DEFAULT false,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    updated_at     timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX api_keys_type_updated ON grantkey_meta.api_keys (type, updated_at);
+CREATE UNIQUE INDEX api_keys_one_master ON grantkey_meta.api_keys (type)
+    WHERE type IN ('master', 'default')
+"""
+
+
+def user_from_row(row: dict[str, Any]) -> User:
+    return User(
+        id=row["id"], username=row["username"], database=row["database"],
+        owner_role=row["owner_role"], public_role=row["public_role"],
+        created_at=row["created_at"],
+    )
+
+
+async def find_user(conn: AdminConnection, username: str) -> User | None:
+    cur = await conn.execute(
+        "SELECT * FROM users WHERE username = %s AND state = 'ready'", [username]
+    )
+    row = await cur.fetchone()
+    return None if row is None else user_from_row(row)
+
+
+async def list_users(conn: AdminConnection) -> list[User]:
+    cur = await conn.execute("SELECT * FROM users WHERE state = 'ready' ORDER BY username")
+    return [user_from_row(row) for row in await cur.fetchall()]
+
+
+async def reserve_user(conn: AdminConnection, user: User) -> None:
+    await conn.execute(
+        "INSERT INTO users (id, username, database, owner_role, public_role, state) "
+        "VALUES (%s, %s, %s, %s, %s, 'creating')",
+        [user.id, user.username, user.database, user.owner_role, user.public_role],
+    )
+
+
+async def create_builtin_roles(
+    conn: AdminConnection, user: User, owner_password: str, public_password: str
+) -> None:
+    for role, password in ((user.owner_role, owner_password), (user.public_role, public_password)):
+        await conn.execute(
+            sql.SQL("CREATE ROLE {} {} PASSWORD {}").format(
+                sql.Identifier(role), LOGIN_ROLE_OPTIONS,
+                sql.Literal(scram_verifier(password)),
+            )
+        )
+
+
+async def create_database(conn: AdminConnection, user: User) -> None:
+    """Runs outside a transaction (PostgreSQL's rule for CREATE DATABASE)."""
+    await conn.execute(
+        sql.SQL("CREATE DATABASE {} OWNER {} ENCODING 'UTF8' TEMPLATE template0").format(
+            sql.Identifier(user.database), sql.Identifier(user.owner_role)
+        )
+    )
+
+
+async def harden_database(conn: AdminConnection, user: User) -> None:
+    """CONNECT and TEMPORARY for this user's roles only; `public` owned by the owner."""
+    database = sql.Identifier(user.database)
+    owner = sql.Identifier(user.owner_role)
+    public = sql.Identifier(user.public_role)
+    statements = [
+        sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(database),
+        sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}, {}").format(
+            database, owner, public
+        ),
+        sql.SQL("ALTER SCHEMA public OWNER TO {}").format(owner),
+        sql.SQL("REVOKE ALL ON SCHEMA public FROM PUBLIC"),
+        sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(public),
+        sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(KEYS_SCHEMA)),
+        sql.SQL("REVOKE ALL ON SCHEMA {} FROM PUBLIC").format(sql.Identifier(KEYS_SCHEMA)),
+    ]
+    for statement in statements:
+        await conn.execute(statement)
+    await conn.execute(KEYS_TABLE_DDL)
+
+
+async def mark_ready(conn: AdminConnection, user_id: str) -> None:
+    await conn.execute("UPDATE users SET state = 'ready' WHERE id = %s", [user_id])
+
+
+async def mark_deleting(conn: AdminConnection, user_id: str) -> None:
+    await conn.execute("UPDATE users SET state = 'deleting' WHERE id = %s", [user_id])
+
+
+async def drop_user_everywhere(cluster: Cluster, user_id: str, database: str) -> None:
+    """Remove a user's database, every role named for it, and its row. Idempotent."""
+    await cluster.forget_database(database)
+    async with cluster.autocommit() as conn:
+        await conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database))
+        )
+        await drop_roles_with_prefix(conn, f"gk_{user_id}_")
+        await conn.execute("DELETE FROM users WHERE id = %s", [user_id])
+
+
+async def drop_roles_with_prefix(conn: AdminConnection, prefix: str) -> None:
+    cur = await conn.execute(
+        "SELECT rolname FROM pg_roles WHERE starts_with(rolname, %s)", [prefix]
+    )
+    roles = [row["rolname"] for row in await cur.fetchall()]
+    for role in roles:
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role]
+        )
+    for role in roles:
+        await conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))

@@ -1,0 +1,81 @@
+"""Key types, key records and the principal a request resolves to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+
+class KeyType(StrEnum):
+    MASTER = "master"
+    DEFAULT = "default"
+    REGULAR = "regular"
+
+
+TYPE_ORDER = {KeyType.MASTER: 0, KeyType.DEFAULT: 1, KeyType.REGULAR: 2}
+MASTER_NAME = "Master"
+DEFAULT_NAME = "Default public"
+RESERVED_NAMES = frozenset({MASTER_NAME, DEFAULT_NAME})
+
+
+@dataclass(frozen=True)
+class User:
+    id: str
+    username: str
+    database: str
+    owner_role: str
+    public_role: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """One row of a user's key table, as stored (the token only in sealed form)."""
+
+    id: str
+    name: str
+    type: KeyType
+    role: str
+    token_digest: bytes
+    sealed_token: bytes | None
+    apis: tuple[str, ...]
+    services: tuple[str, ...]
+    table_metadata: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request acts as: resolved in exactly one place (`http.auth`)."""
+
+    user: User
+    key: KeyRecord
+    token: str
+
+    @property
+    def is_master(self) -> bool:
+        return self.key.type is KeyType.MASTER
+
+    def allows_api(self, api: str) -> bool:
+        return self.is_master or api in self.key.apis
+
+
+def key_name_messages(name: object) -> list[str]:
+    """CARTO's validation messages for a new regular key's name (empty when valid)."""
+    if not isinstance(name, str) or not name.strip():
+        return ["Name can't be blank"]
+    if name in RESERVED_NAMES:
+        return ["Name api_key name cannot be Master nor Default public"]
+    messages = []
+    if len(name) > KEY_NAME_MAX_LENGTH:
+        messages.append(f"Name is too long (maximum is {KEY_NAME_MAX_LENGTH} characters)")
+    if "/" in name:
+        messages.append("Name can't contain '/'")
+    if any(ord(c) < 32 for c in name):
+        messages.append("Name can't contain control characters")
+    return messages
+
+
+KEY_NAME_MAX_LENGTH = 255

@@ -1,0 +1,73 @@
+"""The one error hierarchy. Every layer raises these; `http.errors` renders them."""
+
+from __future__ import annotations
+
+
+class GrantkeyError(Exception):
+    """Base of every error grantkey raises on purpose."""
+
+
+class BadInput(GrantkeyError):
+    """The caller sent something malformed (HTTP 400, CLI exit 2)."""
+
+
+class InvalidUsername(BadInput):
+    pass
+
+
+class BadListParameter(BadInput):
+    """A wrong `page`, `per_page`, `order`, `order_direction` or `type` on a list."""
+
+
+class ValidationFailed(GrantkeyError):
+    """A key could not be created: CARTO's 422 with its list of messages."""
+
+    def __init__(self, messages: list[str]) -> None:
+        super().__init__("Validation failed: " + ", ".join(messages))
+        self.messages = messages
+
+
+class Unauthorized(GrantkeyError):
+    """No valid credential for this request."""
+
+
+class BasicUserMismatch(Unauthorized):
+    """Basic auth named another user than the one the URL targets."""
+
+
+class Forbidden(GrantkeyError):
+    """The credential is valid but may not do this."""
+
+
+class QuotaReached(Forbidden):
+    pass
+
+
+class NotFound(GrantkeyError):
+    pass
+
+
+class UserNotFound(NotFound):
+    def __init__(self, username: str) -> None:
+        super().__init__(username)
+        self.username = username
+
+
+class KeyNotFound(NotFound):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+class UserExists(GrantkeyError):
+    def __init__(self, username: str) -> None:
+        super().__init__(f"user '{username}' already exists")
+        self.username = username
+
+
+class DatabaseUnavailable(GrantkeyError):
+    """PostgreSQL could not be reached or answered with a server-side fault."""
+
+
+class SetupError(GrantkeyError):
+    """The server cannot start: bad settings, unusable data directory, no PostgreSQL."""

@@ -1,0 +1,58 @@
+"""The ASGI application: every API of one grantkey server process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from grantkey import __version__
+from grantkey.errors import DatabaseUnavailable, SetupError
+from grantkey.http import auth_api
+from grantkey.http.context import services_of
+from grantkey.http.errors import json_response, unexpected_error
+from grantkey.http.notifications import listen_for_revocations
+from grantkey.services.container import Services
+from grantkey.settings import Settings
+
+
+async def health(request: Request) -> Response:
+    try:
+        async with services_of(request).cluster.metadata() as conn:
+            await conn.execute("SELECT 1")
+    except DatabaseUnavailable:
+        return json_response({"status": "unavailable", "postgres": "unreachable"}, 503)
+    return json_response({"status": "ok", "postgres": "ok", "version": __version__})
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """Build the app. Settings come from GRANTKEY_* (serve sets them for every worker)."""
+    settings = settings or Settings.from_env()
+    if not settings.database_url:
+        raise SetupError("GRANTKEY_DATABASE_URL is not set (`grantkey serve` sets it)")
+    services = Services(settings, settings.database_url)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await services.open(migrate=False)
+        listener = asyncio.create_task(listen_for_revocations(services))
+        try:
+            yield
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+            await services.close()
+
+    app = Starlette(
+        routes=[Route("/health", health, methods=["GET"]), *auth_api.routes()],
+        lifespan=lifespan,
+        exception_handlers={Exception: unexpected_error},
+    )
+    app.state.services = services
+    return app

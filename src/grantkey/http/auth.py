@@ -1,0 +1,82 @@
+"""The one place a request's credential is found and resolved to a principal.
+
+Order (first match wins): Authorization Basic (token = password) or Bearer; query
+`api_key` (data APIs also `map_key`); body `api_key`. With none: the default public key
+on data APIs, 401 on the Auth API. A present Authorization header never falls through.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+
+from starlette.requests import Request
+
+from grantkey.domain.keys import Principal, User
+from grantkey.domain.tokens import DEFAULT_PUBLIC_TOKEN
+from grantkey.errors import BasicUserMismatch, Unauthorized
+from grantkey.http.params import Params
+from grantkey.services.container import Services
+
+
+@dataclass(frozen=True)
+class Credential:
+    token: str | None
+    source: str
+
+
+def _from_authorization(header: str, username: str) -> Credential:
+    scheme, _, value = header.strip().partition(" ")
+    value = value.strip()
+    if scheme.lower() == "bearer" and value:
+        return Credential(value, "bearer")
+    if scheme.lower() != "basic":
+        raise Unauthorized("unsupported Authorization scheme")
+    try:
+        decoded = base64.b64decode(value, validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        raise Unauthorized("malformed Basic credentials") from None
+    basic_user, colon, token = decoded.partition(":")
+    if not colon or not token:
+        raise Unauthorized("malformed Basic credentials")
+    if basic_user != username:
+        raise BasicUserMismatch("Basic username is not the target user")
+    return Credential(token, "basic")
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def extract_credential(
+    authorization: str | None, params: Params, username: str, *, data_api: bool
+) -> Credential:
+    if authorization is not None:
+        return _from_authorization(authorization, username)
+    names = ("api_key", "map_key") if data_api else ("api_key",)
+    for name in names:
+        token = _text(params.query.get(name))
+        if token:
+            return Credential(token, "query")
+    for name in names:
+        token = _text(params.body.get(name))
+        if token:
+            return Credential(token, "body")
+    return Credential(None, "none")
+
+
+async def resolve_principal(
+    request: Request, services: Services, user: User, params: Params, *, data_api: bool
+) -> Principal:
+    credential = extract_credential(
+        request.headers.get("authorization"), params, user.username, data_api=data_api
+    )
+    token = credential.token
+    if token is None:
+        if not data_api:
+            raise Unauthorized("no credential")
+        token = DEFAULT_PUBLIC_TOKEN
+    # The Auth API always asks the database; data APIs may use the cache because
+    # PostgreSQL itself refuses a revoked key's login.
+    return await services.resolver.resolve(user, token, fresh=not data_api)

@@ -1,0 +1,122 @@
+"""Auth API v3: /api/v3/api_keys (CARTO-compatible)."""
+
+from __future__ import annotations
+
+from math import ceil
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+from starlette.responses import Response
+from starlette.routing import Route
+
+from grantkey.errors import BadInput, BadListParameter
+from grantkey.http.context import Call, endpoint, user_routes
+from grantkey.http.errors import Family, json_response
+from grantkey.services.keys import KeyView, ListQuery
+
+COLLECTION = "/api/v3/api_keys"
+TYPES = ["master", "default", "regular"]
+ORDERS = ["type", "name", "updated_at"]
+DIRECTIONS = ["asc", "desc"]
+MAX_PER_PAGE = 1000
+
+
+def _wrong(name: str, valid: list[str] | None = None) -> BadListParameter:
+    message = f"Wrong '{name}' parameter value."
+    if valid is not None:
+        message += f" Valid values are one of {orjson.dumps(valid).decode().replace(',', ', ')}"
+    return BadListParameter(message)
+
+
+def _positive(raw: str | None, name: str, default: int, maximum: int) -> int:
+    if raw is None:
+        return default
+    if not raw.strip().isdigit() or not 0 < int(raw) <= maximum:
+        raise _wrong(name)
+    return int(raw)
+
+
+def parse_list_query(query: dict[str, str]) -> ListQuery:
+    page = _positive(query.get("page"), "page", 1, 10**9)
+    per_page = _positive(query.get("per_page"), "per_page", 20, MAX_PER_PAGE)
+    order = query.get("order", "updated_at")
+    if order not in ORDERS:
+        raise _wrong("order", ORDERS)
+    direction = query.get("order_direction", "asc")
+    if direction not in DIRECTIONS:
+        raise _wrong("order_direction", DIRECTIONS)
+    types = [item.strip() for item in query.get("type", "").split(",") if item.strip()]
+    if any(item not in TYPES for item in types):
+        raise _wrong("type", TYPES)
+    return ListQuery(types=types or TYPES, order=order, descending=direction == "desc",
+                     page=page, per_page=per_page)
+
+
+def _key_url(call: Call, view: KeyView) -> str:
+    url = call.request.url
+    path = url.path.rstrip("/")
+    base = path[: path.index(COLLECTION) + len(COLLECTION)]
+    return str(url.replace(path=f"{base}/{quote(view.record.name, safe='')}", query=""))
+
+
+async def list_keys(call: Call) -> Response:
+    query = parse_list_query(call.params.query)
+    page = await call.services.keys.list(call.principal, query)
+    last = max(1, ceil(page.total / query.per_page))
+    url = call.request.url.remove_query_params("api_key")
+
+    def link(number: int) -> dict[str, str]:
+        return {"href": str(url.include_query_params(page=number, per_page=query.per_page))}
+
+    links: dict[str, Any] = {"first": link(1), "last": link(last)}
+    if query.page > 1:
+        links["prev"] = link(min(query.page - 1, last))
+    if query.page < last:
+        links["next"] = link(query.page + 1)
+    result = []
+    for view in page.keys:
+        document = view.document()
+        document["_links"] = {"self": _key_url(call, view)}
+        result.append(document)
+    return json_response({"total": page.total, "count": len(result), "result": result,
+                          "_links": links})
+
+
+async def create_key(call: Call) -> Response:
+    body = call.params.json_body
+    if not isinstance(body, dict):
+        raise BadInput("The request body must be a JSON object with 'name' and 'grants'")
+    view = await call.services.keys.create(call.principal, body.get("name"), body.get("grants"))
+    return json_response(view.document(), 201)
+
+
+async def show_key(call: Call) -> Response:
+    view = await call.services.keys.show(call.principal, call.request.path_params["name"])
+    return json_response(view.document())
+
+
+async def delete_key(call: Call) -> Response:
+    await call.services.keys.delete(call.principal, call.request.path_params["name"])
+    return Response(status_code=204)
+
+
+async def regenerate_token(call: Call) -> Response:
+    view = await call.services.keys.regenerate(call.principal, call.request.path_params["name"])
+    return json_response(view.document())
+
+
+def routes() -> list[Route]:
+    table = [
+        (COLLECTION, list_keys, ["GET"]),
+        (COLLECTION, create_key, ["POST"]),
+        (COLLECTION + "/{name}", show_key, ["GET"]),
+        (COLLECTION + "/{name}", delete_key, ["DELETE"]),
+        (COLLECTION + "/{name}/token/regenerate", regenerate_token, ["POST"]),
+    ]
+    built = []
+    for path, handler, methods in table:
+        wrapped = endpoint(Family.AUTH, handler)
+        for variant in user_routes(path):
+            built.append(Route(variant, wrapped, methods=methods))
+    return built

@@ -1,0 +1,76 @@
+"""What every API handler needs first: the services, the target user, params, principal."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from grantkey.domain.keys import Principal, User
+from grantkey.errors import GrantkeyError, UserNotFound
+from grantkey.http.auth import resolve_principal
+from grantkey.http.errors import Family, render_error
+from grantkey.http.params import Params, read_params
+from grantkey.services.container import Services
+
+USER_PREFIXES = ("/user/{username}", "/u/{username}", "")
+
+
+@dataclass
+class Call:
+    request: Request
+    services: Services
+    user: User
+    params: Params
+    principal: Principal
+
+
+def services_of(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def target_username(request: Request) -> str:
+    """From the path (`/user/<u>/`, `/u/<u>/`), else the Host header's first label."""
+    username = request.path_params.get("username")
+    if username is None:
+        host = request.headers.get("host", "").split(":")[0]
+        username = host.split(".")[0]
+    return str(username)
+
+
+def user_routes(path: str) -> list[str]:
+    """The same endpoint under every user prefix, with and without a trailing slash."""
+    paths = []
+    for prefix in USER_PREFIXES:
+        paths.append(prefix + path)
+        if not path.endswith("}"):
+            paths.append(prefix + path + "/")
+    return paths
+
+
+Handler = Callable[[Call], Awaitable[Response]]
+
+
+def endpoint(family: Family, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    """Wrap a handler: resolve who calls, and render any grantkey error in `family`'s shape."""
+
+    async def run(request: Request) -> Response:
+        services = services_of(request)
+        try:
+            username = target_username(request)
+            try:
+                user = await services.users.get(username)
+            except UserNotFound:
+                raise
+            params = await read_params(request, services.settings.max_body_bytes)
+            principal = await resolve_principal(
+                request, services, user, params, data_api=family is Family.DATA
+            )
+            return await handler(Call(request, services, user, params, principal))
+        except GrantkeyError as error:
+            return render_error(family, error)
+
+    return run

@@ -1,0 +1,87 @@
+"""The one place errors become HTTP responses, in each API family's CARTO shape."""
+
+from __future__ import annotations
+
+import logging
+from enum import Enum
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from grantkey.errors import (
+    BadInput,
+    BasicUserMismatch,
+    DatabaseUnavailable,
+    Forbidden,
+    GrantkeyError,
+    KeyNotFound,
+    NotFound,
+    Unauthorized,
+    UserNotFound,
+    ValidationFailed,
+)
+
+log = logging.getLogger("grantkey.http")
+JSON_TYPE = "application/json; charset=utf-8"
+
+
+class Family(Enum):
+    AUTH = "auth"  # Auth API v3: {"errors": "...", "errors_cause": null}
+    DATA = "data"  # SQL / Maps API: {"error": ["..."]}
+    PLAIN = "plain"  # health, openapi
+
+
+class PayloadTooLarge(BadInput):
+    pass
+
+
+def json_response(content: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(content), status_code=status, media_type=JSON_TYPE,
+                    headers=headers)
+
+
+def user_not_found_message(username: str) -> str:
+    return (f"Sorry, we can't find grantkey user '{username[:100]}'. "
+            "Please check that you have entered the correct domain.")
+
+
+def _status_and_message(error: GrantkeyError) -> tuple[int, str]:
+    if isinstance(error, UserNotFound):
+        return 404, user_not_found_message(error.username)
+    if isinstance(error, KeyNotFound):
+        return 404, f"API key not found: {error.name}"
+    if isinstance(error, NotFound):
+        return 404, str(error)
+    if isinstance(error, ValidationFailed):
+        return 422, str(error)
+    if isinstance(error, PayloadTooLarge):
+        return 413, str(error)
+    if isinstance(error, BadInput):
+        return 400, str(error)
+    if isinstance(error, BasicUserMismatch):
+        return 403, "permission denied"
+    if isinstance(error, Unauthorized):
+        return 401, "Unauthorized"
+    if isinstance(error, Forbidden):
+        return 403, str(error) or "forbidden"
+    if isinstance(error, DatabaseUnavailable):
+        return 503, "The database is unavailable; try again shortly."
+    return 500, "Internal error"
+
+
+def render_error(family: Family, error: GrantkeyError) -> Response:
+    status, message = _status_and_message(error)
+    if status >= 500:
+        log.error("request failed: %s", type(error).__name__)
+    if family is Family.AUTH:
+        if isinstance(error, Unauthorized):
+            return Response(status_code=401)  # CARTO: empty body on any Auth API 401
+        return json_response({"errors": message, "errors_cause": None}, status)
+    return json_response({"error": [message]}, status)
+
+
+async def unexpected_error(request: Request, error: Exception) -> Response:
+    """Last resort: log the type, never send a stack trace."""
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return json_response({"error": ["Internal error"]}, 500)

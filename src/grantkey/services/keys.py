@@ -1,0 +1,232 @@
+"""The Auth API's use cases: create, list, show, delete and regenerate keys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from grantkey.db import keys as key_store
+from grantkey.db import privileges
+from grantkey.db.cluster import Cluster
+from grantkey.db.privileges import LiveGrants
+from grantkey.domain import names
+from grantkey.domain.grants import grants_messages, plan_grants
+from grantkey.domain.keys import KeyRecord, KeyType, Principal, User, key_name_messages
+from grantkey.domain.secrets_box import SecretBox
+from grantkey.domain.tokens import DEFAULT_PUBLIC_TOKEN, digest, new_token
+from grantkey.errors import (
+    Forbidden,
+    KeyNotFound,
+    QuotaReached,
+    Unauthorized,
+    ValidationFailed,
+)
+from grantkey.faults import checkpoint
+from grantkey.services.revocation import Revoker
+
+TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S +0000"
+
+
+@dataclass(frozen=True)
+class KeyView:
+    """A key as the Auth API shows it: its record, its token if known, its live grants."""
+
+    user: User
+    record: KeyRecord
+    token: str | None
+    grants: LiveGrants
+
+    def document(self) -> dict[str, Any]:
+        record = self.record
+        return {
+            "name": record.name,
+            "user": {"username": self.user.username},
+            "type": record.type.value,
+            "token": self.token,
+            "grants": grants_document(record, self.grants),
+            "created_at": _timestamp(record.created_at),
+            "updated_at": _timestamp(record.updated_at),
+        }
+
+
+@dataclass(frozen=True)
+class KeyPage:
+    total: int
+    keys: list[KeyView]
+
+
+@dataclass(frozen=True)
+class ListQuery:
+    types: list[str]
+    order: str = "updated_at"
+    descending: bool = False
+    page: int = 1
+    per_page: int = 20
+
+
+def _timestamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime(TIMESTAMP_FORMAT)
+
+
+def grants_document(record: KeyRecord, live: LiveGrants) -> list[dict[str, Any]]:
+    """CARTO's grants array, rebuilt from live PostgreSQL state, in CARTO's order."""
+    database: dict[str, Any] = {"type": "database", "tables": [], "schemas": []}
+    if record.type is KeyType.REGULAR:
+        database["tables"] = live.tables
+        database["schemas"] = live.schemas
+    if record.table_metadata:
+        database["table_metadata"] = []
+    sections: list[dict[str, Any]] = [{"type": "apis", "apis": list(record.apis)}, database]
+    if record.services:
+        sections.append({"type": "dataservices", "services": list(record.services)})
+    return sections
+
+
+class KeyService:
+    def __init__(
+        self, cluster: Cluster, box: SecretBox, revoker: Revoker, *,
+        store_tokens: bool, max_keys_per_user: int,
+    ) -> None:
+        self.cluster = cluster
+        self.box = box
+        self.revoker = revoker
+        self.store_tokens = store_tokens
+        self.max_keys_per_user = max_keys_per_user
+
+    def _token_of(self, record: KeyRecord) -> str | None:
+        if record.type is KeyType.DEFAULT:
+            return DEFAULT_PUBLIC_TOKEN
+        if record.sealed_token is None:
+            return None
+        return self.box.decrypt_token(record.sealed_token, record.id.encode())
+
+    def _seal(self, token: str, key_id: str) -> bytes | None:
+        return self.box.encrypt_token(token, key_id.encode()) if self.store_tokens else None
+
+    async def _views(self, user: User, records: list[KeyRecord]) -> list[KeyView]:
+        async with self.cluster.user_database(user.database) as conn:
+            live = await privileges.read_live_grants(conn, [r.role for r in records])
+        return [KeyView(user, r, self._token_of(r), live[r.role]) for r in records]
+
+    async def master_principal(self, user: User) -> Principal:
+        """Act as a user's master key without its token (the CLI, run by the operator)."""
+        async with self.cluster.user_database(user.database) as conn:
+            total, records = await key_store.list_keys(
+                conn, types=["master"], only_id=None, order="name", descending=False,
+                limit=1, offset=0,
+            )
+        if not records:
+            raise KeyNotFound("Master")
+        return Principal(user=user, key=records[0], token="")
+
+    async def list(self, principal: Principal, query: ListQuery) -> KeyPage:
+        async with self.cluster.user_database(principal.user.database) as conn:
+            total, records = await key_store.list_keys(
+                conn, types=query.types,
+                only_id=None if principal.is_master else principal.key.id,
+                order=query.order, descending=query.descending,
+                limit=query.per_page, offset=(query.page - 1) * query.per_page,
+            )
+        return KeyPage(total=total, keys=await self._views(principal.user, records))
+
+    async def show(self, principal: Principal, name: str) -> KeyView:
+        if not principal.is_master and name != principal.key.name:
+            raise KeyNotFound(name)
+        async with self.cluster.user_database(principal.user.database) as conn:
+            record = await key_store.find_by_name(conn, name)
+        if record is None:
+            raise KeyNotFound(name)
+        return (await self._views(principal.user, [record]))[0]
+
+    async def create(self, principal: Principal, name: Any, grants: Any) -> KeyView:
+        """One transaction: key row, LOGIN role, memberships and grants, or nothing."""
+        _require_master(principal)
+        user = principal.user
+        name_problems = key_name_messages(name)
+        grant_problems = grants_messages(grants)
+        token = new_token("regular")
+        key_id = names.new_id()
+        role = names.key_role(user.id, key_id)
+        async with self.cluster.user_database(user.database) as conn:
+            await key_store.lock_user_keys(conn)
+            if not name_problems and await key_store.find_by_name(conn, name) is not None:
+                name_problems.append("Name has already been taken")
+            if name_problems or grant_problems:
+                raise ValidationFailed(name_problems + grant_problems)
+            if self.max_keys_per_user and (
+                await key_store.count_regular(conn) >= self.max_keys_per_user
+            ):
+                raise QuotaReached("You have reached the limit of API keys for your plan")
+            plan = plan_grants(grants)
+            checkpoint("key.validated")
+            await key_store.create_key_role(
+                conn, role, self.box.role_password(role, token), user.public_role, user.owner_role
+            )
+            checkpoint("key.role_created")
+            try:
+                await privileges.apply_grants(conn, user.id, role, plan)
+            except privileges.MissingObject as missing:
+                raise ValidationFailed(
+                    [f"Grants can only grant {missing.kind} permissions you have"]
+                ) from None
+            checkpoint("key.privileges_granted")
+            now = datetime.now(UTC)
+            record = KeyRecord(
+                id=key_id, name=name, type=KeyType.REGULAR, role=role,
+                token_digest=digest(token), sealed_token=self._seal(token, key_id),
+                apis=plan.apis, services=plan.services, table_metadata=plan.table_metadata,
+                created_at=now, updated_at=now,
+            )
+            await key_store.insert_key(conn, record)
+            checkpoint("key.row_inserted")
+            await privileges.drop_orphan_privilege_roles(conn, user.id)
+            stored = await key_store.find_by_name(conn, name)
+            live = await privileges.read_live_grants(conn, [role])
+        assert stored is not None
+        return KeyView(user, stored, token, live[role])
+
+    async def delete(self, principal: Principal, name: str) -> None:
+        _require_master(principal)
+        user = principal.user
+        async with self.cluster.user_database(user.database) as conn:
+            await key_store.lock_user_keys(conn)
+            record = await key_store.find_by_name(conn, name)
+            if record is None:
+                raise KeyNotFound(name)
+            if record.type is not KeyType.REGULAR:
+                raise Forbidden("You don't have permission to access that resource")
+            await key_store.delete_key_row(conn, record.id)
+            await key_store.drop_key_role(conn, record.role, user.owner_role)
+            checkpoint("key.deleted_before_commit")
+            await privileges.drop_orphan_privilege_roles(conn, user.id)
+        await self.revoker.revoked(user, record)
+
+    async def regenerate(self, principal: Principal, name: str) -> KeyView:
+        """New token and new role password together; old sessions are terminated."""
+        _require_master(principal)
+        user = principal.user
+        async with self.cluster.user_database(user.database) as conn:
+            await key_store.lock_user_keys(conn)
+            record = await key_store.find_by_name(conn, name)
+            if record is None:
+                raise KeyNotFound(name)
+            if record.type is KeyType.DEFAULT:
+                raise Forbidden("You don't have permission to access that resource")
+            token = new_token(record.type.value)
+            await key_store.update_token(
+                conn, record.id, digest(token), self._seal(token, record.id)
+            )
+            await key_store.set_role_password(
+                conn, record.role, self.box.role_password(record.role, token)
+            )
+            updated = await key_store.find_by_name(conn, name)
+            live = await privileges.read_live_grants(conn, [record.role])
+        await self.revoker.revoked(user, record)
+        assert updated is not None
+        return KeyView(user, updated, token, live[record.role])
+
+
+def _require_master(principal: Principal) -> None:
+    if not principal.is_master:
+        raise Unauthorized("only the master key can manage keys")

@@ -1,0 +1,117 @@
+"""Creating, listing and deleting users: a database, two roles and two built-in keys each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import psycopg
+
+from grantkey.db import keys as key_store
+from grantkey.db import users as user_store
+from grantkey.db.cluster import Cluster
+from grantkey.domain import names
+from grantkey.domain.keys import DEFAULT_NAME, MASTER_NAME, KeyRecord, KeyType, User
+from grantkey.domain.secrets_box import SecretBox
+from grantkey.domain.tokens import DEFAULT_PUBLIC_TOKEN, digest, new_token
+from grantkey.errors import UserExists, UserNotFound
+from grantkey.faults import checkpoint
+from grantkey.services.reconcile import USER_LOCK_CLASS
+
+BUILTIN_APIS = ("sql", "maps")
+
+
+@dataclass(frozen=True)
+class CreatedUser:
+    user: User
+    master_token: str
+
+
+class UserService:
+    def __init__(self, cluster: Cluster, box: SecretBox, store_tokens: bool) -> None:
+        self.cluster = cluster
+        self.box = box
+        self.store_tokens = store_tokens
+
+    async def get(self, username: str) -> User:
+        async with self.cluster.metadata() as conn:
+            user = await user_store.find_user(conn, username)
+        if user is None:
+            raise UserNotFound(username)
+        return user
+
+    async def list(self) -> list[User]:
+        async with self.cluster.metadata() as conn:
+            return await user_store.list_users(conn)
+
+    async def create(self, username: str) -> CreatedUser:
+        """All or nothing: on any failure the database, roles and row are removed."""
+        names.check_username(username)
+        user_id = names.new_id()
+        user = User(
+            id=user_id, username=username, database=names.database_name(user_id),
+            owner_role=names.owner_role(user_id), public_role=names.public_role(user_id),
+            created_at=datetime.now(UTC),
+        )
+        try:
+            async with self.cluster.metadata() as conn:
+                await user_store.reserve_user(conn, user)
+        except psycopg.errors.UniqueViolation:
+            raise UserExists(username) from None
+        master_token = new_token("master")
+        async with self.cluster.autocommit() as lock:
+            # Held until provisioning ends, so start-up repair leaves this user alone.
+            await lock.execute(
+                "SELECT pg_advisory_lock(%s, hashtext(%s))", [USER_LOCK_CLASS, user.id]
+            )
+            try:
+                checkpoint("user.reserved")
+                await self._provision(user, master_token)
+            except BaseException:
+                await user_store.drop_user_everywhere(self.cluster, user.id, user.database)
+                raise
+        return CreatedUser(user=user, master_token=master_token)
+
+    async def _provision(self, user: User, master_token: str) -> None:
+        async with self.cluster.metadata() as conn:
+            await user_store.create_builtin_roles(
+                conn, user,
+                self.box.role_password(user.owner_role, master_token),
+                self.box.role_password(user.public_role, DEFAULT_PUBLIC_TOKEN),
+            )
+        checkpoint("user.roles_created")
+        async with self.cluster.autocommit() as conn:
+            await user_store.create_database(conn, user)
+        checkpoint("user.database_created")
+        async with self.cluster.user_database(user.database) as conn:
+            await user_store.harden_database(conn, user)
+            for record in self._builtin_keys(user, master_token):
+                await key_store.insert_key(conn, record)
+            checkpoint("user.keys_inserted")
+        checkpoint("user.database_prepared")
+        async with self.cluster.metadata() as conn:
+            await user_store.mark_ready(conn, user.id)
+
+    def _builtin_keys(self, user: User, master_token: str) -> list[KeyRecord]:
+        now = datetime.now(UTC)
+        master_id, default_id = names.new_id(), names.new_id()
+        sealed = (
+            self.box.encrypt_token(master_token, master_id.encode()) if self.store_tokens else None
+        )
+        master = KeyRecord(
+            id=master_id, name=MASTER_NAME, type=KeyType.MASTER, role=user.owner_role,
+            token_digest=digest(master_token), sealed_token=sealed, apis=BUILTIN_APIS,
+            services=(), table_metadata=False, created_at=now, updated_at=now,
+        )
+        default = KeyRecord(
+            id=default_id, name=DEFAULT_NAME, type=KeyType.DEFAULT, role=user.public_role,
+            token_digest=digest(DEFAULT_PUBLIC_TOKEN), sealed_token=None, apis=BUILTIN_APIS,
+            services=(), table_metadata=False, created_at=now, updated_at=now,
+        )
+        return [master, default]
+
+    async def delete(self, username: str) -> None:
+        user = await self.get(username)
+        async with self.cluster.metadata() as conn:
+            await user_store.mark_deleting(conn, user.id)
+        await user_store.drop_user_everywhere(self.cluster, user.id, user.database)

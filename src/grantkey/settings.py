@@ -1,0 +1,93 @@
+"""One settings object, read once from GRANTKEY_* variables and command-line flags."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from grantkey.errors import SetupError
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise SetupError(f"{name} must be true or false, not {raw!r}")
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SetupError(f"{name} must be a whole number, not {raw!r}") from None
+    if value < minimum:
+        raise SetupError(f"{name} must be at least {minimum}, not {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting grantkey reads. See docs/settings.md."""
+
+    data_dir: Path = Path("grantkey-data")
+    database_url: str | None = None
+    secret: str | None = field(default=None, repr=False)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    store_tokens: bool = True
+    max_keys_per_user: int = 0
+    key_cache_size: int = 10_000
+    max_body_bytes: int = 1_048_576
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if env is None else env
+        settings = cls(
+            data_dir=Path(env.get("GRANTKEY_DATA_DIR") or "grantkey-data"),
+            database_url=env.get("GRANTKEY_DATABASE_URL") or None,
+            secret=env.get("GRANTKEY_SECRET") or None,
+            host=env.get("GRANTKEY_HOST") or "127.0.0.1",
+            port=_env_int(env, "GRANTKEY_PORT", 8000, minimum=0),
+            workers=_env_int(env, "GRANTKEY_WORKERS", 1, minimum=1),
+            store_tokens=_env_bool(env, "GRANTKEY_STORE_TOKENS", True),
+            max_keys_per_user=_env_int(env, "GRANTKEY_MAX_KEYS_PER_USER", 0),
+            key_cache_size=_env_int(env, "GRANTKEY_KEY_CACHE_SIZE", 10_000),
+            max_body_bytes=_env_int(env, "GRANTKEY_MAX_BODY_BYTES", 1_048_576, minimum=1024),
+            log_level=env.get("GRANTKEY_LOG_LEVEL") or "info",
+        )
+        given = {name: value for name, value in overrides.items() if value is not None}
+        return replace(settings, **given)
+
+    def as_env(self) -> dict[str, str]:
+        """The variables that make `from_env` rebuild these settings in a worker process."""
+        env = {
+            "GRANTKEY_DATA_DIR": str(self.data_dir),
+            "GRANTKEY_HOST": self.host,
+            "GRANTKEY_PORT": str(self.port),
+            "GRANTKEY_WORKERS": str(self.workers),
+            "GRANTKEY_STORE_TOKENS": "true" if self.store_tokens else "false",
+            "GRANTKEY_MAX_KEYS_PER_USER": str(self.max_keys_per_user),
+            "GRANTKEY_KEY_CACHE_SIZE": str(self.key_cache_size),
+            "GRANTKEY_MAX_BODY_BYTES": str(self.max_body_bytes),
+            "GRANTKEY_LOG_LEVEL": self.log_level,
+        }
+        if self.database_url:
+            env["GRANTKEY_DATABASE_URL"] = self.database_url
+        if self.secret:
+            env["GRANTKEY_SECRET"] = self.secret
+        return env
