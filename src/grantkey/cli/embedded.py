@@ -66,7 +66,8 @@ class EmbeddedPostgres:
     def _run(self, program: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         kwargs: dict[str, Any] = {}
         if os.geteuid() == 0:
-            kwargs["user"] = SYSTEM_USER
+            account = _system_user()
+            kwargs.update(user=account.pw_uid, group=account.pw_gid, extra_groups=[])
         return subprocess.run(
             [str(self.bin / program), *args], capture_output=True, text=True,
             timeout=timeout, check=False, cwd=str(self.data_dir), **kwargs,
@@ -85,7 +86,7 @@ class EmbeddedPostgres:
         if os.geteuid() == 0:
             owner = _system_user()
             _allow_traversal(self.bin.parent)
-            self.data_dir.chmod(self.data_dir.stat().st_mode | stat.S_IXOTH)
+            _allow_traversal(self.data_dir)
             self.pgdata.mkdir(mode=0o700, exist_ok=True)
             for path in (self.pgdata, self.socket_dir):
                 os.chown(path, owner.pw_uid, owner.pw_gid)

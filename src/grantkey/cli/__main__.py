@@ -1,0 +1,3 @@
+from grantkey.cli.main import main
+
+main()

@@ -1,0 +1,174 @@
+"""Session-wide fixtures: one real PostgreSQL and one real grantkey server for the suite.
+
+PostgreSQL is the embedded one (started once), or GRANTKEY_TEST_DATABASE_URL. The server
+is `grantkey serve --workers 2` in a subprocess, on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import psycopg
+import pytest
+
+from grantkey.cli.embedded import EmbeddedPostgres
+from grantkey.db.bootstrap import bootstrap
+from grantkey.domain.keys import User
+from grantkey.domain.secrets_box import SecretBox
+from grantkey.services.container import Services
+from grantkey.settings import Settings
+from tests.support import TEST_SECRET, ServerProcess
+
+T = TypeVar("T")
+Runner = Callable[[Awaitable[T]], T]
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="gkt-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def admin_url(data_dir: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    external = os.environ.get("GRANTKEY_TEST_DATABASE_URL")
+    embedded = None if external else EmbeddedPostgres(data_dir / "cluster")
+    if embedded is not None:
+        embedded.start()
+    url = external or embedded.admin_url  # type: ignore[union-attr]
+    try:
+        yield url
+        if not request.session.testsfailed:
+            assert_nothing_left_behind(url)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def assert_nothing_left_behind(url: str) -> None:
+    """The suite must leave no user databases or roles behind."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        databases = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname ~ '^gk_[0-9a-f]{16}$'"
+        ).fetchall()
+        roles = conn.execute("SELECT rolname FROM pg_roles WHERE rolname ~ '^gk_'").fetchall()
+    assert databases == [], f"databases left behind: {databases}"
+    assert roles == [], f"roles left behind: {roles}"
+
+
+@pytest.fixture(scope="session")
+def settings(data_dir: Path, admin_url: str) -> Settings:
+    return Settings(data_dir=data_dir, database_url=admin_url, secret=TEST_SECRET)
+
+
+@pytest.fixture(scope="session")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    event_loop = asyncio.new_event_loop()
+    yield event_loop
+    event_loop.close()
+
+
+@pytest.fixture(scope="session")
+def run(loop: asyncio.AbstractEventLoop) -> Callable[[Awaitable[Any]], Any]:
+    """Run a coroutine on the session's event loop (the in-process services live there)."""
+    return loop.run_until_complete
+
+
+@pytest.fixture(scope="session")
+def services(settings: Settings, run: Callable[[Awaitable[Any]], Any]) -> Iterator[Services]:
+    assert settings.database_url
+    run(bootstrap(settings.database_url))
+    instance = Services(settings, settings.database_url)
+    run(instance.open(migrate=False))
+    yield instance
+    run(instance.close())
+
+
+@pytest.fixture(scope="session")
+def box() -> SecretBox:
+    return SecretBox(TEST_SECRET.encode())
+
+
+@pytest.fixture(scope="session")
+def server(data_dir: Path, admin_url: str, services: Services) -> Iterator[ServerProcess]:
+    process = ServerProcess(
+        ["--database-url", admin_url, "--data-dir", str(data_dir), "--workers", "2"],
+        data_dir / "server.log", {"GRANTKEY_SECRET": TEST_SECRET, "GRANTKEY_LOG_LEVEL": "debug"},
+    )
+    try:
+        process.wait_healthy()
+        yield process
+    finally:
+        process.stop()
+
+
+@dataclass
+class Account:
+    """A fresh user for one test: its name, master token and database."""
+
+    user: User
+    master_token: str
+    base_url: str
+
+    @property
+    def username(self) -> str:
+        return self.user.username
+
+    @property
+    def keys_url(self) -> str:
+        return f"{self.base_url}/user/{self.username}/api/v3/api_keys"
+
+    def master(self) -> dict[str, str]:
+        return {"api_key": self.master_token}
+
+
+_counter = iter(range(10**9))
+
+
+@pytest.fixture
+def make_account(
+    services: Services, run: Callable[[Awaitable[Any]], Any], server: ServerProcess
+) -> Iterator[Callable[[], Account]]:
+    created: list[str] = []
+
+    def make() -> Account:
+        username = f"u{os.getpid()}-{next(_counter)}"
+        result = run(services.users.create(username))
+        created.append(username)
+        return Account(result.user, result.master_token, server.url)
+
+    yield make
+    for username in created:
+        run(services.users.delete(username))
+
+
+@pytest.fixture
+def account(make_account: Callable[[], Account]) -> Account:
+    return make_account()
+
+
+@pytest.fixture
+def http() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=30) as client:
+        yield client
+
+
+
+@pytest.fixture
+def admin_sql(admin_url: str) -> Callable[[str, str], None]:
+    """Run trusted setup SQL (creating test tables) in a user's database as the admin."""
+
+    def execute(database: str, statements: str) -> None:
+        with psycopg.connect(admin_url, dbname=database, autocommit=True) as conn:
+            conn.execute(statements.encode())
+
+    return execute
