@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import httpx
 import psycopg
+import psycopg.sql
 import pytest
 
 from grantkey.cli.embedded import EmbeddedPostgres
@@ -164,11 +165,48 @@ def http() -> Iterator[httpx.Client]:
 
 
 @pytest.fixture
-def admin_sql(admin_url: str) -> Callable[[str, str], None]:
-    """Run trusted setup SQL (creating test tables) in a user's database as the admin."""
+def owner_sql(admin_url: str) -> Callable[[Account, str], None]:
+    """Run trusted setup SQL in a user's database as its owner role (what the master does)."""
 
-    def execute(database: str, statements: str) -> None:
-        with psycopg.connect(admin_url, dbname=database, autocommit=True) as conn:
+    def execute(account: Account, statements: str) -> None:
+        with psycopg.connect(admin_url, dbname=account.user.database, autocommit=True) as conn:
+            conn.execute(psycopg.sql.SQL("SET ROLE {}").format(
+                psycopg.sql.Identifier(account.user.owner_role)))
             conn.execute(statements.encode())
 
     return execute
+
+
+@dataclass
+class KeyHandle:
+    """A key created in-process, with what it takes to log in as its role."""
+
+    name: str
+    token: str
+    role: str
+    password: str
+    conninfo: str
+
+    def connect(self) -> psycopg.Connection[tuple[Any, ...]]:
+        return psycopg.connect(self.conninfo, autocommit=True)
+
+
+@pytest.fixture
+def make_key(
+    services: Services, run: Callable[[Awaitable[Any]], Any], box: SecretBox
+) -> Callable[[Account, str, Any], KeyHandle]:
+    def make(account: Account, name: str, grants: Any) -> KeyHandle:
+        master = run(services.keys.master_principal(account.user))
+        view = run(services.keys.create(master, name, grants))
+        handle = builtin_handle(services, box, account, view.record.role, view.token)
+        handle.name = name
+        return handle
+
+    return make
+
+
+def builtin_handle(services: Services, box: SecretBox, account: Account, role: str,
+                   token: str) -> KeyHandle:
+    password = box.role_password(role, token)
+    conninfo = services.cluster.role_conninfo(account.user.database, role, password)
+    return KeyHandle(role, token, role, password, conninfo)

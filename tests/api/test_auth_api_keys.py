@@ -20,9 +20,9 @@ def create(http: httpx.Client, account: Account, name: str, grants: object) -> h
 
 
 def test_create_regular_key_answers_201_with_the_key_object(
-    http: httpx.Client, account: Account, admin_sql: object
+    http: httpx.Client, account: Account, owner_sql: object
 ) -> None:
-    admin_sql(account.user.database, "CREATE TABLE cities (id serial PRIMARY KEY, name text)")  # type: ignore[operator]
+    owner_sql(account, "CREATE TABLE cities (id serial PRIMARY KEY, name text)")  # type: ignore[operator]
     response = create(http, account, "app", table_grants(
         [("public", "cities", ["select", "insert"])], create_schemas=("public",)))
     assert response.status_code == 201
