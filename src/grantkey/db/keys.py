@@ -139,7 +139,14 @@ async def drop_key_role(conn: AdminConnection, role: str, owner_role: str) -> No
     await conn.execute(sql.SQL("DROP ROLE {}").format(ident))
 
 
-async def terminate_sessions(conn: AdminConnection, role: str) -> None:
+async def role_oid(conn: AdminConnection, role: str) -> int:
+    cur = await conn.execute("SELECT oid FROM pg_roles WHERE rolname = %s", [role])
+    row = await cur.fetchone()
+    return int(row["oid"]) if row else 0
+
+
+async def terminate_sessions(conn: AdminConnection, oid: int) -> None:
+    """By OID: once a role is dropped, pg_stat_activity no longer shows its name."""
     await conn.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role]
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usesysid = %s", [oid]
     )

@@ -196,11 +196,12 @@ class KeyService:
                 raise KeyNotFound(name)
             if record.type is not KeyType.REGULAR:
                 raise Forbidden("You don't have permission to access that resource")
+            oid = await key_store.role_oid(conn, record.role)
             await key_store.delete_key_row(conn, record.id)
             await key_store.drop_key_role(conn, record.role, user.owner_role)
             checkpoint("key.deleted_before_commit")
             await privileges.drop_orphan_privilege_roles(conn, user.id)
-        await self.revoker.revoked(user, record)
+        await self.revoker.revoked(user, record, oid)
 
     async def regenerate(self, principal: Principal, name: str) -> KeyView:
         """New token and new role password together; old sessions are terminated."""
@@ -222,7 +223,8 @@ class KeyService:
             )
             updated = await key_store.find_by_name(conn, name)
             live = await privileges.read_live_grants(conn, [record.role])
-        await self.revoker.revoked(user, record)
+            oid = await key_store.role_oid(conn, record.role)
+        await self.revoker.revoked(user, record, oid)
         assert updated is not None
         return KeyView(user, updated, token, live[record.role])
 

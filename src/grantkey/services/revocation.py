@@ -54,11 +54,11 @@ class Revoker:
         self.cluster = cluster
         self.cache = cache
 
-    async def revoked(self, user: User, record: KeyRecord) -> None:
+    async def revoked(self, user: User, record: KeyRecord, role_oid: int) -> None:
         """Called after the change committed: PostgreSQL already refuses the old login."""
         self.cache.evict(user.id, record.token_digest)
         async with self.cluster.metadata() as conn:
-            await key_store.terminate_sessions(conn, record.role)
+            await key_store.terminate_sessions(conn, role_oid)
             await conn.execute(
                 "SELECT pg_notify(%s, %s)", [CHANNEL, f"{user.id}:{record.token_digest.hex()}"]
             )

@@ -1,0 +1,111 @@
+"""Revocation is immediate on every worker of a `--workers 2` server (invariant 7)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from grantkey.domain.tokens import digest
+from grantkey.http.notifications import listen_for_revocations
+from grantkey.services.container import Services
+from tests.conftest import Account, KeyHandle
+from tests.support import apis_only
+
+TRIALS = 40
+
+
+def fresh_get(url: str, token: str) -> int:
+    """A new connection each time, so requests spread over both workers."""
+    with httpx.Client(timeout=10, headers={"Connection": "close"}) as client:
+        return client.get(url, params={"api_key": token}).status_code
+
+
+def test_old_token_is_refused_by_every_worker_right_after_delete(account: Account) -> None:
+    for trial in range(TRIALS):
+        with httpx.Client(timeout=10) as http:
+            token = http.post(account.keys_url, params=account.master(), json={
+                "name": f"r{trial}", "grants": apis_only("sql")}).json()["token"]
+            assert fresh_get(account.keys_url, token) == 200
+            assert http.delete(f"{account.keys_url}/r{trial}",
+                               params=account.master()).status_code == 204
+        statuses = [fresh_get(account.keys_url, token) for _ in range(4)]
+        assert statuses == [401] * 4, f"trial {trial}: {statuses}"
+
+
+def test_old_token_is_refused_by_every_worker_right_after_regenerate(account: Account) -> None:
+    with httpx.Client(timeout=10) as http:
+        token = http.post(account.keys_url, params=account.master(), json={
+            "name": "rot", "grants": apis_only("sql")}).json()["token"]
+        for trial in range(TRIALS):
+            assert fresh_get(account.keys_url, token) == 200
+            response = http.post(f"{account.keys_url}/rot/token/regenerate",
+                                 params=account.master())
+            old, token = token, response.json()["token"]
+            statuses = [fresh_get(account.keys_url, old) for _ in range(4)]
+            assert statuses == [401] * 4, f"trial {trial}: {statuses}"
+
+
+@pytest.mark.parametrize("action", ["delete", "regenerate"])
+def test_open_sessions_of_a_revoked_key_role_are_terminated(
+    http: httpx.Client, account: Account, make_key: Callable[..., KeyHandle], action: str
+) -> None:
+    key = make_key(account, "session", apis_only("sql"))
+    conn = key.connect()
+    assert conn.execute("SELECT 1").fetchone() == (1,)
+    if action == "delete":
+        response = http.delete(f"{account.keys_url}/session", params=account.master())
+    else:
+        response = http.post(f"{account.keys_url}/session/token/regenerate",
+                             params=account.master())
+    assert response.status_code in (200, 204)
+    with pytest.raises(psycopg.OperationalError):
+        conn.execute("SELECT 1")
+    conn.close()
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(key.conninfo)
+
+
+def test_a_stale_cache_entry_cannot_log_in(
+    http: httpx.Client, account: Account, services: Services,
+    run: Callable[[Awaitable[Any]], Any], make_key: Callable[..., KeyHandle],
+) -> None:
+    """The cache is never the last word: the role behind a cached principal is gone."""
+    key = make_key(account, "cached", apis_only("sql"))
+    principal = run(services.resolver.resolve(account.user, key.token, fresh=False))
+    assert principal.key.role == key.role
+    http.delete(f"{account.keys_url}/cached", params=account.master())
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(key.conninfo)
+
+
+def test_notifications_from_another_process_evict_the_cache(
+    account: Account, services: Services, run: Callable[[Awaitable[Any]], Any],
+    make_key: Callable[..., KeyHandle],
+) -> None:
+    key = make_key(account, "notified", apis_only("sql"))
+
+    async def scenario() -> bool:
+        listener = asyncio.create_task(listen_for_revocations(services))
+        await asyncio.sleep(0.5)
+        await services.resolver.resolve(account.user, key.token, fresh=False)
+        assert services.cache.get(account.user.id, digest(key.token)) is not None
+        async with httpx.AsyncClient() as client:  # the server: another process
+            await client.delete(f"{account.keys_url}/notified", params=account.master())
+        evicted = False
+        for _ in range(100):
+            if services.cache.get(account.user.id, digest(key.token)) is None:
+                evicted = True
+                break
+            await asyncio.sleep(0.02)
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
+        return evicted
+
+    assert run(scenario())
