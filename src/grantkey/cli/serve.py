@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,6 +35,21 @@ async def _prepare(settings: Settings) -> None:
         await services.close()
 
 
+class _Stop(Exception):  # noqa: N818 - a signal, not an error
+    pass
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _Stop
+
+
+def _stop_cleanly_on_signals() -> None:
+    """uvicorn shuts down gracefully, then re-raises SIGINT/SIGTERM to the handler it found:
+    with this one, the embedded PostgreSQL is stopped and the exit code is 0."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _raise_stop)
+
+
 @click.command()
 @click.option("--host", envvar="GRANTKEY_HOST", default="127.0.0.1", show_default=True,
               help="Address to listen on. [env: GRANTKEY_HOST]")
@@ -58,11 +74,14 @@ def serve(host: str, port: int, workers: int, data_dir: Path, database_url: str 
         asyncio.run(_prepare(settings))
         os.environ.update(settings.as_env())
         click.echo(f"grantkey listening on http://{host}:{port}", err=True)
+        _stop_cleanly_on_signals()
         uvicorn.run(
             "grantkey.http.app:create_app", factory=True, host=host, port=port,
             workers=workers, access_log=False, log_level=settings.log_level,
             server_header=False,
         )
+    except _Stop:
+        click.echo("grantkey stopped", err=True)
     except GrantkeyError as error:
         fail(str(error), 1)
     finally:

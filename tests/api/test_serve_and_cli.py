@@ -1,0 +1,126 @@
+"""`grantkey serve` on the embedded PostgreSQL, and the CLI working beside it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from grantkey.cli.embedded import EmbeddedPostgres
+from tests.support import ServerProcess
+
+COMMANDS = [[], ["serve"], ["users"], ["users", "create"], ["users", "list"],
+            ["users", "delete"], ["keys"], ["keys", "list"], ["keys", "create"],
+            ["keys", "delete"], ["keys", "regenerate"]]
+
+
+def cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRANTKEY_")}
+    return subprocess.run([sys.executable, "-m", "grantkey.cli", *args, "--data-dir",
+                           str(data_dir)], capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def embedded_dir(data_dir: Path) -> Iterator[Path]:
+    path = data_dir / "embedded-serve"
+    yield path
+    EmbeddedPostgres(path).stop()
+
+
+@pytest.fixture(scope="module")
+def embedded_server(embedded_dir: Path) -> Iterator[ServerProcess]:
+    env = {k: "" for k in os.environ if k.startswith("GRANTKEY_")}
+    process = ServerProcess(["--data-dir", str(embedded_dir)], embedded_dir.parent / "emb.log",
+                            env)
+    try:
+        process.wait_healthy(timeout=60)
+        yield process
+    finally:
+        process.stop()
+
+
+def test_serve_starts_on_a_fresh_data_dir_with_embedded_postgres(
+    embedded_server: ServerProcess, embedded_dir: Path
+) -> None:
+    health = httpx.get(embedded_server.url + "/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert EmbeddedPostgres(embedded_dir).is_running()
+    secret = embedded_dir / "secret"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    hba = (embedded_dir / "pg" / "pg_hba.conf").read_text()
+    assert "scram-sha-256" in hba and "host" not in hba.replace("# Written by grantkey", "")
+
+
+def test_cli_works_while_the_server_runs_and_serve_restarts_keep_data(
+    embedded_server: ServerProcess, embedded_dir: Path
+) -> None:
+    created = cli("users", "create", "cli-user", "--json", data_dir=embedded_dir)
+    assert created.returncode == 0, created.stderr
+    document = json.loads(created.stdout)
+    assert document["username"] == "cli-user" and document["master_token"].startswith("gkm")
+    url = f"{embedded_server.url}/user/cli-user/api/v3/api_keys"
+    token = document["master_token"]
+    assert httpx.get(url, params={"api_key": token}).json()["total"] == 2
+
+    listed = cli("users", "list", "--json", data_dir=embedded_dir)
+    assert [u["username"] for u in json.loads(listed.stdout)] == ["cli-user"]
+
+    made = cli("keys", "create", "cli-user", "reader", "--api", "sql", "--json",
+               data_dir=embedded_dir)
+    assert made.returncode == 0, made.stderr
+    key = json.loads(made.stdout)
+    assert httpx.get(f"{url}/reader", params={"api_key": key["token"]}).status_code == 200
+    regenerated = cli("keys", "regenerate", "cli-user", "reader", "--json", data_dir=embedded_dir)
+    new_token = json.loads(regenerated.stdout)["token"]
+    assert httpx.get(f"{url}/reader", params={"api_key": key["token"]}).status_code == 401
+    keys = json.loads(cli("keys", "list", "cli-user", "--json", data_dir=embedded_dir).stdout)
+    assert [k["name"] for k in keys] == ["Master", "Default public", "reader"]
+    assert cli("keys", "delete", "cli-user", "reader", data_dir=embedded_dir).returncode == 2
+    assert cli("keys", "delete", "cli-user", "reader", "--yes",
+               data_dir=embedded_dir).returncode == 0
+    assert httpx.get(f"{url}/reader", params={"api_key": new_token}).status_code == 401
+
+    assert embedded_server.stop(signal.SIGTERM) == 0
+    assert not EmbeddedPostgres(embedded_dir).is_running(), "SIGTERM must stop PostgreSQL too"
+    again = ServerProcess(["--data-dir", str(embedded_dir)], embedded_dir.parent / "emb2.log",
+                          {k: "" for k in os.environ if k.startswith("GRANTKEY_")})
+    try:
+        again.wait_healthy(timeout=60)
+        url = f"{again.url}/user/cli-user/api/v3/api_keys"
+        assert httpx.get(url, params={"api_key": token}).json()["total"] == 2
+        deleted = cli("users", "delete", "cli-user", "--yes", data_dir=embedded_dir)
+        assert deleted.returncode == 0, deleted.stderr
+    finally:
+        assert again.stop(signal.SIGINT) == 0
+    assert not EmbeddedPostgres(embedded_dir).is_running(), "SIGINT must stop PostgreSQL too"
+
+
+@pytest.mark.parametrize("name", ["Alice", "-x", "a_b", "a" * 64, "..", "a b", "ü", ""])
+def test_users_create_refuses_bad_usernames_with_exit_code_2(name: str, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "grantkey.cli", "users", "create", "--data-dir",
+         str(tmp_path / "unused"), "--", name], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "invalid username" in result.stderr
+    assert not (tmp_path / "unused" / "pg").exists(), "nothing is started for bad input"
+
+
+def test_users_delete_needs_yes(tmp_path: Path) -> None:
+    result = cli("users", "delete", "someone", data_dir=tmp_path)
+    assert result.returncode == 2 and "--yes" in result.stderr
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "grantkey")
+def test_every_command_has_help(command: list[str]) -> None:
+    result = subprocess.run([sys.executable, "-m", "grantkey.cli", *command, "--help"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "Usage:" in result.stdout
+    assert len(result.stdout.splitlines()) > 3
