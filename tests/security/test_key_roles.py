@@ -127,7 +127,7 @@ def test_role_escapes_do_not_reach_the_owner(
 def test_wrong_password_is_refused(worked: tuple[Account, KeyHandle]) -> None:
     _, key = worked
     wrong = key.conninfo.replace(key.password, "0" * len(key.password))
-    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+    with pytest.raises(psycopg.OperationalError, match=r"password authentication failed"):
         psycopg.connect(wrong)
 
 
@@ -137,7 +137,7 @@ def test_key_role_cannot_connect_elsewhere(
     _, key = worked
     other = make_account()
     for database in (other.user.database, "grantkey", "postgres", "template1"):
-        with pytest.raises(psycopg.OperationalError, match="permission denied|not allowed"):
+        with pytest.raises(psycopg.OperationalError, match=r"permission denied|not allowed"):
             psycopg.connect(key.conninfo, dbname=database)
 
 

@@ -35,7 +35,7 @@ async def _prepare(settings: Settings) -> None:
         await services.close()
 
 
-class _Stop(Exception):  # noqa: N818 - a signal, not an error
+class _Stop(Exception):
     pass
 
 

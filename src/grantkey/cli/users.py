@@ -63,7 +63,7 @@ def list_(as_json: bool, data_dir: Path, database_url: str | None) -> None:
     settings = load_settings(data_dir, database_url)
 
     async def work(services: Services) -> list[User]:
-        return await services.users.list()
+        return await services.users.all()
 
     found = run_with_services(settings, work)
     if as_json:

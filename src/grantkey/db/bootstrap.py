@@ -28,7 +28,7 @@ def maintenance_url(admin_url: str) -> str:
     params.setdefault("dbname", "postgres")
     if params["dbname"] == METADATA_DATABASE:
         params["dbname"] = "postgres"
-    return make_conninfo(**params)
+    return make_conninfo("", **params)
 
 
 async def bootstrap(admin_url: str) -> None:

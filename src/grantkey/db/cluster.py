@@ -39,7 +39,7 @@ class Cluster:
         params = conninfo_to_dict(self.admin_url)
         params.pop("passfile", None)
         params.update(dbname=dbname, user=role, password=password)
-        return make_conninfo(**params)
+        return make_conninfo("", **params)
 
     def _pool(self, dbname: str, max_size: int) -> AsyncConnectionPool[AdminConnection]:
         return AsyncConnectionPool(

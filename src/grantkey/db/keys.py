@@ -71,7 +71,7 @@ async def list_keys(
     order: str, descending: bool, limit: int, offset: int,
 ) -> tuple[int, list[KeyRecord]]:
     """One page of keys, master first, then default, then regular; and the exact total."""
-    where = sql.SQL("type = ANY(%(types)s)")
+    where: sql.Composable = sql.SQL("type = ANY(%(types)s)")
     if only_id is not None:
         where = sql.SQL("{} AND id = %(only_id)s").format(where)
     params = {"types": types, "only_id": only_id, "limit": limit, "offset": offset}

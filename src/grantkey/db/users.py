@@ -90,7 +90,7 @@ async def harden_database(conn: AdminConnection, user: User) -> None:
     database = sql.Identifier(user.database)
     owner = sql.Identifier(user.owner_role)
     public = sql.Identifier(user.public_role)
-    statements = [
+    statements: list[sql.Composable] = [
         sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(database),
         sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}, {}").format(
             database, owner, public
@@ -102,7 +102,7 @@ async def harden_database(conn: AdminConnection, user: User) -> None:
         sql.SQL("REVOKE ALL ON SCHEMA {} FROM PUBLIC").format(sql.Identifier(KEYS_SCHEMA)),
     ]
     for statement in statements:
-        await conn.execute(statement)
+        await conn.execute(statement.as_string(conn))
     await conn.execute(KEYS_TABLE_DDL)
 
 

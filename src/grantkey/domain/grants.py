@@ -107,7 +107,8 @@ def _schema_message(error: Any) -> str:
         return f"The property '{where}' did not contain a required property of '{missing}'"
     if error.validator == "type":
         actual = _JSON_TYPES.get(type(error.instance), "value")
-        return f"The property '{where}' of type {actual} did not match the following type: {error.validator_value}"
+        expected = error.validator_value
+        return f"The property '{where}' of type {actual} did not match the following type: {expected}"
     return f"The property '{where}' is invalid"
 
 

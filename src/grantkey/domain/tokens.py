@@ -12,7 +12,7 @@ import secrets
 import zlib
 
 BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-DEFAULT_PUBLIC_TOKEN = "default_public"
+DEFAULT_PUBLIC_TOKEN = "default_public"  # noqa: S105 - public by design
 PREFIX = "gk"
 RANDOM_LENGTH = 32  # 32 * log2(62) ≈ 190 random bits
 CHECKSUM_LENGTH = 6

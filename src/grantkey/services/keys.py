@@ -112,7 +112,7 @@ class KeyService:
     async def master_principal(self, user: User) -> Principal:
         """Act as a user's master key without its token (the CLI, run by the operator)."""
         async with self.cluster.user_database(user.database) as conn:
-            total, records = await key_store.list_keys(
+            _, records = await key_store.list_keys(
                 conn, types=["master"], only_id=None, order="name", descending=False,
                 limit=1, offset=0,
             )

@@ -9,7 +9,7 @@ from pathlib import Path
 from grantkey.errors import SetupError
 from grantkey.settings import Settings
 
-SECRET_FILE = "secret"
+SECRET_FILE = "secret"  # noqa: S105 - a file name
 
 
 def load_secret(settings: Settings) -> bytes:

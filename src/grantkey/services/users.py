@@ -40,7 +40,7 @@ class UserService:
             raise UserNotFound(username)
         return user
 
-    async def list(self) -> list[User]:
+    async def all(self) -> list[User]:
         async with self.cluster.metadata() as conn:
             return await user_store.list_users(conn)
 
