@@ -6,6 +6,7 @@ provisioning and key look-ups. Client SQL never runs on these connections.
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -30,6 +31,7 @@ class Cluster:
         self._max_user_pools = max_user_pools
         self._metadata: AsyncConnectionPool[AdminConnection] | None = None
         self._user_pools: OrderedDict[str, AsyncConnectionPool[AdminConnection]] = OrderedDict()
+        self._pools_lock = asyncio.Lock()
 
     def conninfo(self, dbname: str, **overrides: Any) -> str:
         return make_conninfo(self.admin_url, dbname=dbname, **overrides)
@@ -78,18 +80,24 @@ class Cluster:
     @asynccontextmanager
     async def user_database(self, dbname: str) -> AsyncIterator[AdminConnection]:
         """An admin connection to one user's database inside one transaction."""
-        pool = self._user_pools.get(dbname)
-        if pool is None:
-            pool = self._pool(dbname, 4)
-            await pool.open()
-            self._user_pools[dbname] = pool
-            while len(self._user_pools) > self._max_user_pools:
-                _, oldest = self._user_pools.popitem(last=False)
-                await oldest.close()
-        else:
-            self._user_pools.move_to_end(dbname)
-        async with _translated(), pool.connection() as conn:
+        async with _translated(), (await self._user_pool(dbname)).connection() as conn:
             yield conn
+
+    async def _user_pool(self, dbname: str) -> AsyncConnectionPool[AdminConnection]:
+        pool = self._user_pools.get(dbname)
+        if pool is not None:
+            self._user_pools.move_to_end(dbname)
+            return pool
+        async with self._pools_lock:
+            pool = self._user_pools.get(dbname)
+            if pool is None:
+                pool = self._pool(dbname, 4)
+                await pool.open()
+                self._user_pools[dbname] = pool
+                while len(self._user_pools) > self._max_user_pools:
+                    _, oldest = self._user_pools.popitem(last=False)
+                    await oldest.close()
+            return pool
 
     async def forget_database(self, dbname: str) -> None:
         """Close the pool of a database about to be dropped."""

@@ -18,6 +18,17 @@ _COLUMNS = (
 ORDERABLE = {"type": "type", "name": "name", "updated_at": "updated_at"}
 
 
+def storable(text: str) -> bool:
+    """PostgreSQL text holds no NUL and no lone surrogates: such a name cannot exist."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def record_from_row(row: dict[str, Any]) -> KeyRecord:
     return KeyRecord(
         id=row["id"], name=row["name"], type=KeyType(row["type"]), role=row["role"],
@@ -53,6 +64,8 @@ async def find_by_digest(conn: AdminConnection, token_digest: bytes) -> KeyRecor
 
 
 async def find_by_name(conn: AdminConnection, name: str) -> KeyRecord | None:
+    if not storable(name):
+        return None
     cur = await conn.execute(
         f"SELECT {_COLUMNS} FROM grantkey_meta.api_keys WHERE name = %s", [name]
     )

@@ -14,6 +14,7 @@ from typing import Any
 from psycopg import sql
 
 from grantkey.db.cluster import AdminConnection
+from grantkey.db.keys import storable
 from grantkey.domain import names
 from grantkey.domain.grants import GrantsPlan
 
@@ -43,6 +44,8 @@ async def _one(conn: AdminConnection, query: str, params: list[Any]) -> dict[str
 
 
 async def _resolve_table(conn: AdminConnection, schema: str, name: str) -> dict[str, Any]:
+    if not (storable(schema) and storable(name)):
+        raise MissingObject("table")
     row = await _one(
         conn,
         "SELECT c.oid, c.relnamespace AS schema_oid FROM pg_class c "
@@ -57,6 +60,8 @@ async def _resolve_table(conn: AdminConnection, schema: str, name: str) -> dict[
 
 
 async def _resolve_schema(conn: AdminConnection, schema: str) -> int:
+    if not storable(schema):
+        raise MissingObject("schema")
     row = await _one(
         conn,
         "SELECT oid FROM pg_namespace WHERE nspname = %s AND nspname <> ALL(%s) "

@@ -8,6 +8,7 @@ from psycopg import sql
 
 from grantkey.db.cluster import AdminConnection, Cluster
 from grantkey.domain.keys import User
+from grantkey.domain.names import USERNAME_PATTERN
 from grantkey.domain.secrets_box import scram_verifier
 
 LOGIN_ROLE_OPTIONS = sql.SQL(
@@ -44,6 +45,8 @@ def user_from_row(row: dict[str, Any]) -> User:
 
 
 async def find_user(conn: AdminConnection, username: str) -> User | None:
+    if not USERNAME_PATTERN.fullmatch(username):
+        return None  # also keeps NUL bytes and odd encodings away from PostgreSQL
     cur = await conn.execute(
         "SELECT * FROM users WHERE username = %s AND state = 'ready'", [username]
     )

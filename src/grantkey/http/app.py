@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -15,7 +16,7 @@ from grantkey import __version__
 from grantkey.errors import DatabaseUnavailable, SetupError
 from grantkey.http import auth_api
 from grantkey.http.context import services_of
-from grantkey.http.errors import json_response, unexpected_error
+from grantkey.http.errors import http_error, json_response, unexpected_error
 from grantkey.http.notifications import listen_for_revocations
 from grantkey.services.container import Services
 from grantkey.settings import Settings
@@ -52,7 +53,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app = Starlette(
         routes=[Route("/health", health, methods=["GET"]), *auth_api.routes()],
         lifespan=lifespan,
-        exception_handlers={Exception: unexpected_error},
+        exception_handlers={HTTPException: http_error, Exception: unexpected_error},
     )
     app.state.services = services
     return app

@@ -6,6 +6,7 @@ import logging
 from enum import Enum
 
 import orjson
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -79,6 +80,12 @@ def render_error(family: Family, error: GrantkeyError) -> Response:
             return Response(status_code=401)  # CARTO: empty body on any Auth API 401
         return json_response({"errors": message, "errors_cause": None}, status)
     return json_response({"error": [message]}, status)
+
+
+async def http_error(request: Request, error: Exception) -> Response:
+    """Starlette's own 404 (no such route) and 405 (method), in JSON like every answer."""
+    assert isinstance(error, HTTPException)
+    return json_response({"error": [error.detail]}, error.status_code, dict(error.headers or {}))
 
 
 async def unexpected_error(request: Request, error: Exception) -> Response:
