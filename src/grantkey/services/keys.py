@@ -8,7 +8,7 @@ from typing import Any
 
 from grantkey.db import keys as key_store
 from grantkey.db import privileges
-from grantkey.db.cluster import Cluster
+from grantkey.db.cluster import AdminConnection, Cluster
 from grantkey.db.privileges import LiveGrants
 from grantkey.domain import names
 from grantkey.domain.grants import grants_messages, plan_grants
@@ -190,12 +190,7 @@ class KeyService:
         _require_master(principal)
         user = principal.user
         async with self.cluster.user_database(user.database) as conn:
-            await key_store.lock_user_keys(conn)
-            record = await key_store.find_by_name(conn, name)
-            if record is None:
-                raise KeyNotFound(name)
-            if record.type is not KeyType.REGULAR:
-                raise Forbidden("You don't have permission to access that resource")
+            record = await _locked_key(conn, name, allowed=(KeyType.REGULAR,))
             oid = await key_store.role_oid(conn, record.role)
             await key_store.delete_key_row(conn, record.id)
             await key_store.drop_key_role(conn, record.role, user.owner_role)
@@ -208,12 +203,7 @@ class KeyService:
         _require_master(principal)
         user = principal.user
         async with self.cluster.user_database(user.database) as conn:
-            await key_store.lock_user_keys(conn)
-            record = await key_store.find_by_name(conn, name)
-            if record is None:
-                raise KeyNotFound(name)
-            if record.type is KeyType.DEFAULT:
-                raise Forbidden("You don't have permission to access that resource")
+            record = await _locked_key(conn, name, allowed=(KeyType.MASTER, KeyType.REGULAR))
             token = new_token(record.type.value)
             await key_store.update_token(
                 conn, record.id, digest(token), self._seal(token, record.id)
@@ -227,6 +217,17 @@ class KeyService:
         await self.revoker.revoked(user, record, oid)
         assert updated is not None
         return KeyView(user, updated, token, live[record.role])
+
+
+async def _locked_key(conn: AdminConnection, name: str, allowed: tuple[KeyType, ...]) -> KeyRecord:
+    """Take the user's key lock, then the named key, which must be of an allowed type."""
+    await key_store.lock_user_keys(conn)
+    record = await key_store.find_by_name(conn, name)
+    if record is None:
+        raise KeyNotFound(name)
+    if record.type not in allowed:
+        raise Forbidden("You don't have permission to access that resource")
+    return record
 
 
 def _require_master(principal: Principal) -> None:
