@@ -71,3 +71,24 @@ class DatabaseUnavailable(GrantkeyError):
 
 class SetupError(GrantkeyError):
     """The server cannot start: bad settings, unusable data directory, no PostgreSQL."""
+
+
+class SqlError(GrantkeyError):
+    """A client query failed: CARTO's `{"error": [...]}` plus hint, detail, context."""
+
+    def __init__(self, status: int, message: str, *, hint: str | None = None,
+                 detail: str | None = None, context: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.hint = hint
+        self.detail = detail
+        self.context = context
+
+
+class PoolExhausted(GrantkeyError):
+    """No database connection became free in time: the server is at its connection cap."""
+
+
+class LoginRefused(GrantkeyError):
+    """PostgreSQL refused a key role's login (its role was dropped or its password changed)."""

@@ -38,6 +38,19 @@ def _env_int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) 
     return value
 
 
+def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SetupError(f"{name} must be a number of seconds, not {raw!r}") from None
+    if not value > 0:
+        raise SetupError(f"{name} must be more than 0, not {raw}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every setting grantkey reads. See docs/settings.md."""
@@ -53,6 +66,11 @@ class Settings:
     key_cache_size: int = 10_000
     max_body_bytes: int = 1_048_576
     log_level: str = "info"
+    sql_timeout: float = 25.0
+    sql_master_timeout: float = 25.0
+    sql_max_connections: int = 100
+    sql_pool_wait: float = 5.0
+    sql_idle_seconds: float = 60.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -69,6 +87,11 @@ class Settings:
             key_cache_size=_env_int(env, "GRANTKEY_KEY_CACHE_SIZE", 10_000),
             max_body_bytes=_env_int(env, "GRANTKEY_MAX_BODY_BYTES", 1_048_576, minimum=1024),
             log_level=env.get("GRANTKEY_LOG_LEVEL") or "info",
+            sql_timeout=_env_float(env, "GRANTKEY_SQL_TIMEOUT", 25.0),
+            sql_master_timeout=_env_float(env, "GRANTKEY_SQL_MASTER_TIMEOUT", 25.0),
+            sql_max_connections=_env_int(env, "GRANTKEY_SQL_MAX_CONNECTIONS", 100, minimum=1),
+            sql_pool_wait=_env_float(env, "GRANTKEY_SQL_POOL_WAIT", 5.0),
+            sql_idle_seconds=_env_float(env, "GRANTKEY_SQL_IDLE_SECONDS", 60.0),
         )
         given = {name: value for name, value in overrides.items() if value is not None}
         return replace(settings, **given)
@@ -85,6 +108,11 @@ class Settings:
             "GRANTKEY_KEY_CACHE_SIZE": str(self.key_cache_size),
             "GRANTKEY_MAX_BODY_BYTES": str(self.max_body_bytes),
             "GRANTKEY_LOG_LEVEL": self.log_level,
+            "GRANTKEY_SQL_TIMEOUT": str(self.sql_timeout),
+            "GRANTKEY_SQL_MASTER_TIMEOUT": str(self.sql_master_timeout),
+            "GRANTKEY_SQL_MAX_CONNECTIONS": str(self.sql_max_connections),
+            "GRANTKEY_SQL_POOL_WAIT": str(self.sql_pool_wait),
+            "GRANTKEY_SQL_IDLE_SECONDS": str(self.sql_idle_seconds),
         }
         if self.database_url:
             env["GRANTKEY_DATABASE_URL"] = self.database_url

@@ -32,7 +32,12 @@ CREATE TABLE grantkey_meta.api_keys (
 );
 CREATE INDEX api_keys_type_updated ON grantkey_meta.api_keys (type, updated_at);
 CREATE UNIQUE INDEX api_keys_one_master ON grantkey_meta.api_keys (type)
-    WHERE type IN ('master', 'default')
+    WHERE type IN ('master', 'default');
+CREATE TABLE grantkey_meta.datasets (
+    table_oid  oid PRIMARY KEY,
+    privacy    text NOT NULL CHECK (privacy IN ('public', 'link')),
+    updated_at timestamptz NOT NULL DEFAULT now()
+)
 """
 
 
@@ -107,6 +112,9 @@ async def harden_database(conn: AdminConnection, user: User) -> None:
     for statement in statements:
         await conn.execute(statement.as_string(conn))
     await conn.execute(KEYS_TABLE_DDL)
+    cur = await conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'postgis'")
+    if await cur.fetchone() is not None:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS postgis SCHEMA public")
 
 
 async def mark_ready(conn: AdminConnection, user_id: str) -> None:

@@ -8,14 +8,16 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from grantkey import __version__
 from grantkey.errors import DatabaseUnavailable, SetupError
-from grantkey.http import auth_api
+from grantkey.http import auth_api, datasets_api, sql_api
 from grantkey.http.context import services_of
+from grantkey.http.cors import CorsMiddleware
 from grantkey.http.errors import http_error, json_response, unexpected_error
 from grantkey.http.notifications import listen_for_revocations
 from grantkey.services.container import Services
@@ -41,19 +43,23 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await services.open(migrate=False)
-        listener = asyncio.create_task(listen_for_revocations(services))
+        tasks = [asyncio.create_task(listen_for_revocations(services)),
+                 asyncio.create_task(services.pools.reap_forever())]
         try:
             yield
         finally:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await services.close()
 
     app = Starlette(
-        routes=[Route("/health", health, methods=["GET"]), *auth_api.routes()],
+        routes=[Route("/health", health, methods=["GET"]), *auth_api.routes(),
+                *sql_api.routes(), *datasets_api.routes()],
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error, Exception: unexpected_error},
+        middleware=[Middleware(CorsMiddleware)],
     )
     app.state.services = services
     return app

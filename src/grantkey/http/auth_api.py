@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from math import ceil
-from typing import Any
 from urllib.parse import quote
 
 import orjson
@@ -13,6 +11,7 @@ from starlette.routing import Route
 from grantkey.errors import BadInput, BadListParameter
 from grantkey.http.context import Call, endpoint, user_routes
 from grantkey.http.errors import Family, json_response
+from grantkey.http.paging import pagination_links
 from grantkey.services.keys import KeyView, ListQuery
 
 COLLECTION = "/api/v3/api_keys"
@@ -63,17 +62,7 @@ def _key_url(call: Call, view: KeyView) -> str:
 async def list_keys(call: Call) -> Response:
     query = parse_list_query(call.params.query)
     page = await call.services.keys.list(call.principal, query)
-    last = max(1, ceil(page.total / query.per_page))
-    url = call.request.url.remove_query_params("api_key")
-
-    def link(number: int) -> dict[str, str]:
-        return {"href": str(url.include_query_params(page=number, per_page=query.per_page))}
-
-    links: dict[str, Any] = {"first": link(1), "last": link(last)}
-    if query.page > 1:
-        links["prev"] = link(min(query.page - 1, last))
-    if query.page < last:
-        links["next"] = link(query.page + 1)
+    links = pagination_links(call.request.url, query.page, query.per_page, page.total)
     result = []
     for view in page.keys:
         document = view.document()

@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from grantkey.domain.keys import Principal, User
-from grantkey.errors import GrantkeyError, UserNotFound
+from grantkey.errors import GrantkeyError
 from grantkey.http.auth import resolve_principal
 from grantkey.http.errors import Family, render_error
 from grantkey.http.params import Params, read_params
@@ -54,23 +54,26 @@ def user_routes(path: str) -> list[str]:
 Handler = Callable[[Call], Awaitable[Response]]
 
 
-def endpoint(family: Family, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+ErrorRenderer = Callable[[Request, GrantkeyError], Response]
+
+
+def endpoint(
+    family: Family, handler: Handler, on_error: ErrorRenderer | None = None
+) -> Callable[[Request], Awaitable[Response]]:
     """Wrap a handler: resolve who calls, and render any grantkey error in `family`'s shape."""
 
     async def run(request: Request) -> Response:
         services = services_of(request)
         try:
-            username = target_username(request)
-            try:
-                user = await services.users.get(username)
-            except UserNotFound:
-                raise
+            user = await services.users.get(target_username(request))
             params = await read_params(request, services.settings.max_body_bytes)
             principal = await resolve_principal(
                 request, services, user, params, data_api=family is Family.DATA
             )
             return await handler(Call(request, services, user, params, principal))
         except GrantkeyError as error:
+            if on_error is not None:
+                return on_error(request, error)
             return render_error(family, error)
 
     return run

@@ -18,6 +18,8 @@ from grantkey.errors import (
     GrantkeyError,
     KeyNotFound,
     NotFound,
+    PoolExhausted,
+    SqlError,
     Unauthorized,
     UserNotFound,
     ValidationFailed,
@@ -28,7 +30,8 @@ JSON_TYPE = "application/json; charset=utf-8"
 
 
 class Family(Enum):
-    AUTH = "auth"  # Auth API v3: {"errors": "...", "errors_cause": null}
+    AUTH = "auth"  # Auth API v3: {"errors": "...", "errors_cause": null}, 401 empty
+    V4 = "v4"  # datasets: the Auth API's shape, 401 with a body
     DATA = "data"  # SQL / Maps API: {"error": ["..."]}
     PLAIN = "plain"  # health, openapi
 
@@ -48,6 +51,10 @@ def user_not_found_message(username: str) -> str:
 
 
 def _status_and_message(error: GrantkeyError) -> tuple[int, str]:
+    if isinstance(error, SqlError):
+        return error.status, error.message
+    if isinstance(error, PoolExhausted):
+        return 429, str(error)
     if isinstance(error, UserNotFound):
         return 404, user_not_found_message(error.username)
     if isinstance(error, KeyNotFound):
@@ -75,11 +82,16 @@ def render_error(family: Family, error: GrantkeyError) -> Response:
     status, message = _status_and_message(error)
     if status >= 500:
         log.error("request failed: %s", type(error).__name__)
-    if family is Family.AUTH:
-        if isinstance(error, Unauthorized):
-            return Response(status_code=401)  # CARTO: empty body on any Auth API 401
+    if family is Family.AUTH and isinstance(error, Unauthorized):
+        return Response(status_code=401)  # CARTO: empty body on any Auth API 401
+    if family in (Family.AUTH, Family.V4):
         return json_response({"errors": message, "errors_cause": None}, status)
-    return json_response({"error": [message]}, status)
+    body: dict[str, object] = {"error": [message]}
+    if isinstance(error, SqlError):
+        for name in ("hint", "detail", "context"):
+            if getattr(error, name):
+                body[name] = getattr(error, name)
+    return json_response(body, status)
 
 
 async def http_error(request: Request, error: Exception) -> Response:

@@ -8,7 +8,7 @@ import logging
 import psycopg
 
 from grantkey.services.container import Services
-from grantkey.services.revocation import CHANNEL
+from grantkey.services.revocation import CHANNEL, payload_role
 
 log = logging.getLogger("grantkey.notifications")
 RETRY_SECONDS = 1.0
@@ -26,6 +26,9 @@ async def listen_for_revocations(services: Services) -> None:
                 services.cache.clear()
                 async for notice in conn.notifies():
                     services.cache.evict_payload(notice.payload)
+                    target = payload_role(notice.payload)
+                    if target is not None:
+                        await services.pools.discard_role(*target)
         except asyncio.CancelledError:
             raise
         except psycopg.Error as error:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from grantkey.db.bootstrap import bootstrap
 from grantkey.db.cluster import Cluster
+from grantkey.db.role_pools import RolePools
 from grantkey.domain.secrets_box import SecretBox
+from grantkey.services.datasets import DatasetService
 from grantkey.services.keys import KeyService
 from grantkey.services.resolver import KeyResolver
 from grantkey.services.revocation import KeyCache, Revoker
 from grantkey.services.runtime import load_secret
+from grantkey.services.sql import SqlService
 from grantkey.services.users import UserService
 from grantkey.settings import Settings
 
@@ -20,11 +23,19 @@ class Services:
         box = SecretBox(load_secret(settings))
         self.cache = KeyCache(settings.key_cache_size)
         self.users = UserService(self.cluster, box, settings.store_tokens)
+        self.revoker = Revoker(self.cluster, self.cache)
         self.keys = KeyService(
-            self.cluster, box, Revoker(self.cluster, self.cache),
+            self.cluster, box, self.revoker,
             store_tokens=settings.store_tokens, max_keys_per_user=settings.max_keys_per_user,
         )
         self.resolver = KeyResolver(self.cluster, self.cache)
+        self.pools = RolePools(settings.sql_max_connections, settings.sql_pool_wait,
+                               settings.sql_idle_seconds)
+        self.revoker.pools = self.pools
+        self.sql = SqlService(self.cluster, self.pools, self.resolver, box,
+                              time_limit=settings.sql_timeout,
+                              master_time_limit=settings.sql_master_timeout)
+        self.datasets = DatasetService(self.cluster)
 
     async def open(self, *, migrate: bool = True) -> None:
         if migrate:
@@ -32,4 +43,5 @@ class Services:
         await self.cluster.open()
 
     async def close(self) -> None:
+        await self.pools.close()
         await self.cluster.close()

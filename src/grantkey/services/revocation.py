@@ -6,6 +6,7 @@ from collections import OrderedDict
 
 from grantkey.db import keys as key_store
 from grantkey.db.cluster import Cluster
+from grantkey.db.role_pools import RolePools
 from grantkey.domain.keys import KeyRecord, Principal, User
 
 CHANNEL = "grantkey_keys"
@@ -35,10 +36,10 @@ class KeyCache:
         self._entries.pop((user_id, token_digest), None)
 
     def evict_payload(self, payload: str) -> None:
-        """Handle a NOTIFY payload `<user id>:<digest hex>`; anything else clears all."""
-        user_id, _, hex_digest = payload.partition(":")
+        """Handle a NOTIFY payload `<user id>:<digest hex>:...`; anything else clears all."""
+        user_id, _, rest = payload.partition(":")
         try:
-            self.evict(user_id, bytes.fromhex(hex_digest))
+            self.evict(user_id, bytes.fromhex(rest.partition(":")[0]))
         except ValueError:
             self.clear()
 
@@ -49,16 +50,27 @@ class KeyCache:
         return len(self._entries)
 
 
+def payload(user: User, record: KeyRecord) -> str:
+    return f"{user.id}:{record.token_digest.hex()}:{user.database}:{record.role}"
+
+
+def payload_role(message: str) -> tuple[str, str] | None:
+    """(database, role) named by a payload, if it names them."""
+    parts = message.split(":")
+    return (parts[2], parts[3]) if len(parts) == 4 else None
+
+
 class Revoker:
     def __init__(self, cluster: Cluster, cache: KeyCache) -> None:
         self.cluster = cluster
         self.cache = cache
+        self.pools: RolePools | None = None
 
     async def revoked(self, user: User, record: KeyRecord, role_oid: int) -> None:
         """Called after the change committed: PostgreSQL already refuses the old login."""
         self.cache.evict(user.id, record.token_digest)
+        if self.pools is not None:
+            await self.pools.discard_role(user.database, record.role)
         async with self.cluster.metadata() as conn:
             await key_store.terminate_sessions(conn, role_oid)
-            await conn.execute(
-                "SELECT pg_notify(%s, %s)", [CHANNEL, f"{user.id}:{record.token_digest.hex()}"]
-            )
+            await conn.execute("SELECT pg_notify(%s, %s)", [CHANNEL, payload(user, record)])

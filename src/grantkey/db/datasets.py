@@ -1,0 +1,79 @@
+"""Dataset privacy (SELECT for the user's public role) and the metadata listing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from psycopg import sql
+
+from grantkey.db.cluster import AdminConnection
+from grantkey.db.keys import storable
+from grantkey.db.privileges import GRANTABLE_RELKINDS, HIDDEN_SCHEMAS
+
+_LISTED = """
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN grantkey_meta.datasets d ON d.table_oid = c.oid
+WHERE c.relkind = ANY(%(relkinds)s) AND n.nspname <> ALL(%(hidden)s)
+  AND NOT starts_with(n.nspname, 'pg_')
+"""
+_PRIVACY = """
+CASE WHEN NOT has_table_privilege(%(public_role)s, c.oid, 'SELECT') THEN 'private'
+     ELSE coalesce(d.privacy, 'public') END
+"""
+_MODE = """
+CASE WHEN has_table_privilege(%(caller)s, c.oid, 'INSERT, UPDATE, DELETE') THEN 'rw'
+     WHEN has_table_privilege(%(caller)s, c.oid, 'SELECT') THEN 'r' END
+"""
+
+
+async def has_postgis(conn: AdminConnection) -> bool:
+    cur = await conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'postgis'")
+    return await cur.fetchone() is not None
+
+
+async def find_table(conn: AdminConnection, schema: str, name: str) -> int | None:
+    if not (storable(schema) and storable(name)):
+        return None
+    cur = await conn.execute(
+        "SELECT c.oid " + _LISTED + " AND n.nspname = %(schema)s AND c.relname = %(name)s",
+        {"relkinds": GRANTABLE_RELKINDS, "hidden": HIDDEN_SCHEMAS, "schema": schema,
+         "name": name},
+    )
+    row = await cur.fetchone()
+    return None if row is None else int(row["oid"])
+
+
+async def set_privacy(
+    conn: AdminConnection, table_oid: int, schema: str, name: str, privacy: str, public_role: str
+) -> None:
+    table, role = sql.Identifier(schema, name), sql.Identifier(public_role)
+    if privacy == "private":
+        await conn.execute(sql.SQL("REVOKE SELECT ON {} FROM {}").format(table, role))
+        await conn.execute("DELETE FROM grantkey_meta.datasets WHERE table_oid = %s", [table_oid])
+        return
+    await conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
+        sql.Identifier(schema), role))
+    await conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(table, role))
+    await conn.execute(
+        "INSERT INTO grantkey_meta.datasets (table_oid, privacy) VALUES (%s, %s) "
+        "ON CONFLICT (table_oid) DO UPDATE SET privacy = excluded.privacy, updated_at = now()",
+        [table_oid, privacy],
+    )
+
+
+async def list_datasets(
+    conn: AdminConnection, *, public_role: str, caller: str, limit: int, offset: int,
+    table_oid: int | None = None,
+) -> tuple[int, list[dict[str, Any]]]:
+    params = {"relkinds": GRANTABLE_RELKINDS, "hidden": HIDDEN_SCHEMAS, "limit": limit,
+              "offset": offset, "public_role": public_role, "caller": caller, "oid": table_oid}
+    only = " AND c.oid = %(oid)s" if table_oid is not None else ""
+    cur = await conn.execute("SELECT count(*) AS n " + _LISTED + only, params)
+    total = await cur.fetchone()
+    cur = await conn.execute(
+        f"SELECT n.nspname AS schema, c.relname AS name, {_PRIVACY} AS privacy, "
+        f"d.updated_at, {_MODE} AS mode " + _LISTED + only
+        + " ORDER BY n.nspname, c.relname LIMIT %(limit)s OFFSET %(offset)s",
+        params,
+    )
+    return (int(total["n"]) if total else 0), list(await cur.fetchall())

@@ -1,0 +1,33 @@
+"""The one place PostgreSQL errors from client SQL become SQL API errors (by SQLSTATE)."""
+
+from __future__ import annotations
+
+import psycopg
+
+from grantkey.db.sql_exec import QueryTimedOut
+from grantkey.errors import SqlError
+
+TIMEOUT_MESSAGE = (
+    "You are over platform's limits: SQL query timeout error. Refactor your query before "
+    "running again or contact your administrator for more details."
+)
+
+
+def translate(error: BaseException) -> SqlError:
+    if isinstance(error, QueryTimedOut | psycopg.errors.QueryCanceled):
+        return SqlError(429, TIMEOUT_MESSAGE)
+    if isinstance(error, psycopg.Error):
+        diag = error.diag
+        message = diag.message_primary or str(error).strip() or type(error).__name__
+        status = 403 if "permission denied" in message else 400
+        return SqlError(status, message, hint=diag.message_hint, detail=diag.message_detail,
+                        context=diag.context)
+    return SqlError(400, str(error))
+
+
+def connection_lost(error: BaseException) -> bool:
+    """The session itself ended (terminated, server gone), not the statement."""
+    if isinstance(error, psycopg.errors.AdminShutdown | psycopg.errors.CrashShutdown):
+        return True
+    return isinstance(error, psycopg.OperationalError) and not isinstance(
+        error, psycopg.errors.QueryCanceled)

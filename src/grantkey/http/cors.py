@@ -1,0 +1,35 @@
+"""CORS for every answer (`Access-Control-Allow-Origin: *`); any OPTIONS request is 200."""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+ALLOW_HEADERS = "Authorization, Content-Type, X-Requested-With"
+ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
+
+
+class CorsMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] == "OPTIONS":
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"access-control-allow-origin", b"*"),
+                (b"access-control-allow-headers", ALLOW_HEADERS.encode()),
+                (b"access-control-allow-methods", ALLOW_METHODS.encode()),
+                (b"content-length", b"0"),
+            ]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+
+        async def with_cors(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []),
+                                      (b"access-control-allow-origin", b"*")]
+            await send(message)
+
+        await self.app(scope, receive, with_cors)

@@ -1,0 +1,149 @@
+"""SQL API v2: /api/v2/sql (and /api/v1/sql), CARTO-compatible."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from psycopg import sql
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from grantkey.errors import BadInput, Forbidden, GrantkeyError
+from grantkey.http.context import Call, endpoint, user_routes
+from grantkey.http.errors import Family, render_error
+from grantkey.http.formats import EXTENSIONS, GEOJSON_COLUMN, MEDIA_TYPES, WRITERS
+from grantkey.services.sql import RunningQuery
+
+CALLBACK = re.compile(r"[A-Za-z_$][A-Za-z0-9_$.]{0,99}")
+SAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]+")
+PAGEABLE = re.compile(r"\s*(select|with)\b", re.IGNORECASE)
+MAX_ROWS_PER_PAGE = 1_000_000
+
+
+@dataclass(frozen=True)
+class SqlParams:
+    query: str
+    format: str
+    format_given: bool
+    filename: str | None
+    skipfields: set[str]
+    dp: int
+    rows_per_page: int | None
+    page: int
+    callback: str | None
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None if value is None else str(value)
+
+
+def _integer(raw: object, name: str, minimum: int, maximum: int) -> int | None:
+    text = _text(raw)
+    if text is None or text == "":
+        return None
+    if not text.strip().lstrip("-").isdigit() or not minimum <= int(text) <= maximum:
+        raise BadInput(f"Invalid {name} parameter: {text[:40]}")
+    return int(text)
+
+
+def parse_sql_params(call: Call) -> SqlParams:
+    params = call.params
+    query = _text(params.get("q"))
+    if not query or not query.strip():
+        raise BadInput("You must indicate a sql query")
+    if "\x00" in query:
+        raise BadInput("The sql query contains a NUL character")
+    raw_format = _text(params.get("format"))
+    fmt = (raw_format or "json").lower()
+    if fmt not in WRITERS:
+        raise BadInput(f"Invalid format: {raw_format}")
+    callback = _text(params.query.get("callback"))
+    if callback is not None and not CALLBACK.fullmatch(callback):
+        raise BadInput("Invalid callback: use a JavaScript identifier")
+    skip = {f.strip() for f in (_text(params.get("skipfields")) or "").split(",") if f.strip()}
+    dp = _integer(params.get("dp"), "dp", 0, 15)
+    return SqlParams(
+        query=query, format=fmt, format_given=raw_format is not None,
+        filename=_text(params.get("filename")), skipfields=skip,
+        dp=6 if dp is None else dp,
+        rows_per_page=_integer(params.get("rows_per_page"), "rows_per_page", 1,
+                               MAX_ROWS_PER_PAGE),
+        page=_integer(params.get("page"), "page", 0, 10**9) or 0,
+        callback=callback,
+    )
+
+
+def effective_query(options: SqlParams) -> str:
+    """Paging wraps a SELECT (CARTO's rule); GeoJSON adds the geometry as GeoJSON text.
+
+    The client's SQL is composed as it is: it runs as the key's own role, so wrapping it
+    gives it no power it did not have.
+    """
+    query = options.query.strip().rstrip(";")
+    composed: sql.Composable = sql.SQL(query)
+    if options.format == "geojson":
+        composed = sql.SQL("SELECT *, ST_AsGeoJSON(the_geom, {}) AS {} FROM ({}) AS cdbq").format(
+            sql.Literal(options.dp), sql.Identifier(GEOJSON_COLUMN), composed)
+    if options.rows_per_page is not None and PAGEABLE.match(query):
+        composed = sql.SQL("SELECT * FROM ({}) AS cdbq LIMIT {} OFFSET {}").format(
+            composed, sql.Literal(options.rows_per_page),
+            sql.Literal(options.rows_per_page * options.page))
+    elif options.format != "geojson":
+        return options.query
+    return composed.as_string(None)
+
+
+def _disposition(options: SqlParams) -> str:
+    extension = EXTENSIONS[options.format]
+    if not options.format_given and options.filename is None:
+        return f"inline; filename=cartodb-query.{extension}"
+    name = SAFE_FILENAME.sub("_", options.filename or "cartodb-query").strip("._") or "download"
+    return f"attachment; filename={name}.{extension}"
+
+
+async def _body(running: RunningQuery, options: SqlParams, finish: object) -> AsyncIterator[bytes]:
+    try:
+        if options.callback:
+            yield options.callback.encode() + b"("
+        async for chunk in WRITERS[options.format](running, options.skipfields):
+            yield chunk
+        if options.callback:
+            yield b");"
+    finally:
+        await finish(running)  # type: ignore[operator]
+
+
+async def run_sql(call: Call) -> Response:
+    if not call.principal.allows_api("sql"):
+        raise Forbidden("forbidden")
+    options = parse_sql_params(call)
+    if options.format == "geojson":
+        await call.services.datasets.require_postgis(call.user)
+    running = await call.services.sql.start(call.principal, effective_query(options))
+    media = "text/javascript; charset=utf-8" if options.callback else MEDIA_TYPES[options.format]
+    return StreamingResponse(
+        _body(running, options, call.services.sql.finish), media_type=media,
+        headers={"Content-Disposition": _disposition(options), "Vary": "Authorization"},
+    )
+
+
+def jsonp_errors(request: Request, error: GrantkeyError) -> Response:
+    """With a callback in the query string, errors are answered 200 inside the callback."""
+    response = render_error(Family.DATA, error)
+    callback = request.query_params.get("callback")
+    if callback is None or not CALLBACK.fullmatch(callback):
+        return response
+    body = callback.encode() + b"(" + bytes(response.body) + b");"
+    return Response(body, status_code=200, media_type="text/javascript; charset=utf-8")
+
+
+def routes() -> list[Route]:
+    handler = endpoint(Family.DATA, run_sql, on_error=jsonp_errors)
+    built = []
+    for version in ("v2", "v1"):
+        for variant in user_routes(f"/api/{version}/sql"):
+            built.append(Route(variant, handler, methods=["GET", "POST"]))
+    return built

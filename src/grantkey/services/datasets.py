@@ -1,0 +1,70 @@
+"""Datasets: table privacy (public/link/private) and the metadata listing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from grantkey.db import datasets as dataset_store
+from grantkey.db.cluster import Cluster
+from grantkey.domain.keys import KeyType, Principal, User
+from grantkey.errors import BadInput, Forbidden, NotFound
+
+PRIVACIES = ("public", "link", "private")
+
+
+@dataclass(frozen=True)
+class DatasetPage:
+    total: int
+    datasets: list[dict[str, Any]]
+
+
+def _document(row: dict[str, Any]) -> dict[str, Any]:
+    updated = row["updated_at"]
+    return {"schema": row["schema"], "name": row["name"], "privacy": row["privacy"],
+            "updated_at": updated.strftime("%Y-%m-%d %H:%M:%S +0000") if updated else None,
+            "mode": row["mode"]}
+
+
+class DatasetService:
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    async def require_postgis(self, user: User) -> None:
+        async with self.cluster.user_database(user.database) as conn:
+            if not await dataset_store.has_postgis(conn):
+                raise BadInput("format=geojson needs PostGIS, which is not installed in this "
+                               "user's database")
+
+    async def list(self, principal: Principal, page: int, per_page: int) -> DatasetPage:
+        if not (principal.is_master or (principal.key.type is KeyType.REGULAR
+                                        and principal.key.table_metadata)):
+            raise Forbidden("This key cannot list datasets: it needs the master key or a key "
+                            "created with table_metadata")
+        async with self.cluster.user_database(principal.user.database) as conn:
+            total, rows = await dataset_store.list_datasets(
+                conn, public_role=principal.user.public_role, caller=principal.key.role,
+                limit=per_page, offset=(page - 1) * per_page)
+        return DatasetPage(total, [_document(row) for row in rows])
+
+    async def set_privacy(self, principal: Principal, schema: str, name: str,
+                          privacy: object) -> dict[str, Any]:
+        if not principal.is_master:
+            raise Forbidden("Only the master key can change a dataset's privacy")
+        if privacy not in PRIVACIES:
+            raise BadInput("Wrong 'privacy' value. Valid values are one of "
+                           '["public", "link", "private"]')
+        return await self.change_privacy(principal.user, schema, name, str(privacy))
+
+    async def change_privacy(self, user: User, schema: str, name: str,
+                             privacy: str) -> dict[str, Any]:
+        async with self.cluster.user_database(user.database) as conn:
+            table_oid = await dataset_store.find_table(conn, schema, name)
+            if table_oid is None:
+                raise NotFound(f"Dataset not found: {schema}.{name}")
+            await dataset_store.set_privacy(conn, table_oid, schema, name, privacy,
+                                            user.public_role)
+            _, rows = await dataset_store.list_datasets(
+                conn, public_role=user.public_role, caller=user.owner_role, limit=1, offset=0,
+                table_oid=table_oid)
+        return _document(rows[0])

@@ -1,0 +1,128 @@
+"""SQL API use case: run a client's SQL as the key's own role, streamed, time-limited."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from grantkey.db.cluster import Cluster
+from grantkey.db.role_pools import RoleConnection, RolePools, RoleTarget
+from grantkey.db.sql_errors import connection_lost, translate
+from grantkey.db.sql_exec import Column, Execution
+from grantkey.domain.keys import Principal
+from grantkey.domain.secrets_box import SecretBox
+from grantkey.errors import LoginRefused, Unauthorized
+from grantkey.services.resolver import KeyResolver
+
+
+@dataclass
+class RunningQuery:
+    """A started query: its columns (with type names) and its rows, streamed."""
+
+    execution: Execution
+    target: RoleTarget
+    conn: RoleConnection
+    type_names: dict[int, str]
+    started: float
+
+    @property
+    def columns(self) -> list[Column]:
+        return self.execution.columns
+
+    def type_name(self, column: Column) -> str:
+        return self.type_names.get(column.type_oid, "unknown")
+
+    @property
+    def elapsed(self) -> float:
+        return round(time.monotonic() - self.started, 3)
+
+    @property
+    def total_rows(self) -> int:
+        return self.execution.rowcount
+
+    def rows(self) -> AsyncIterator[tuple[Any, ...]]:
+        return self.execution.rows()
+
+
+class SqlService:
+    def __init__(
+        self, cluster: Cluster, pools: RolePools, resolver: KeyResolver, box: SecretBox, *,
+        time_limit: float, master_time_limit: float,
+    ) -> None:
+        self.cluster = cluster
+        self.pools = pools
+        self.resolver = resolver
+        self.box = box
+        self.time_limit = time_limit
+        self.master_time_limit = master_time_limit
+        self._type_names: dict[tuple[str, int], str] = {}
+
+    def target_for(self, principal: Principal) -> RoleTarget:
+        role, database = principal.key.role, principal.user.database
+        password = self.box.role_password(role, principal.token)
+        return RoleTarget(database, role, self.cluster.role_conninfo(database, role, password))
+
+    async def start(self, principal: Principal, query: str) -> RunningQuery:
+        """Run `query` up to its first row. Errors here get a proper status."""
+        target = self.target_for(principal)
+        try:
+            conn = await self.pools.acquire(target)
+        except LoginRefused:
+            self.resolver.cache.evict(principal.user.id, principal.key.token_digest)
+            raise Unauthorized("the key's role refused the login") from None
+        limit = self.master_time_limit if principal.is_master else self.time_limit
+        execution = Execution(conn, query, limit, self._terminate)
+        started = time.monotonic()
+        try:
+            await execution.start()
+        except Exception as error:
+            await self._release(execution, target, conn)
+            if connection_lost(error):
+                await self._lost(principal)
+            raise translate(error) from None
+        names = await self._names(principal.user.database, execution.columns, conn)
+        return RunningQuery(execution, target, conn, names, started)
+
+    async def finish(self, running: RunningQuery) -> None:
+        await self._release(running.execution, running.target, running.conn)
+
+    async def _release(self, execution: Execution, target: RoleTarget,
+                       conn: RoleConnection) -> None:
+        reusable = await execution.close()
+        await self.pools.release(target, conn, reusable=reusable)
+
+    async def _lost(self, principal: Principal) -> None:
+        """The session ended under the query: a revoked key answers 401."""
+        self.resolver.cache.evict(principal.user.id, principal.key.token_digest)
+        await self.resolver.resolve(principal.user, principal.token, fresh=True)
+
+    async def _terminate(self, pid: int) -> None:
+        with contextlib.suppress(Exception):
+            async with self.cluster.metadata() as conn:
+                await conn.execute("SELECT pg_terminate_backend(%s)", [pid])
+
+    async def _names(self, database: str, columns: list[Column],
+                     conn: RoleConnection) -> dict[int, str]:
+        names: dict[int, str] = {}
+        unknown = []
+        for column in columns:
+            info = conn.adapters.types.get(column.type_oid)
+            cached = self._type_names.get((database, column.type_oid))
+            if info is not None:
+                is_array = info.array_oid == column.type_oid and info.oid != column.type_oid
+                names[column.type_oid] = ("_" if is_array else "") + info.name
+            elif cached is not None:
+                names[column.type_oid] = cached
+            else:
+                unknown.append(column.type_oid)
+        if unknown:
+            async with self.cluster.user_database(database) as admin:
+                cur = await admin.execute(
+                    "SELECT oid, typname FROM pg_type WHERE oid = ANY(%s)", [unknown])
+                for row in await cur.fetchall():
+                    self._type_names[(database, row["oid"])] = row["typname"]
+                    names[row["oid"]] = row["typname"]
+        return names
