@@ -29,6 +29,7 @@ from grantkey.settings import Settings
 from tests.support import TEST_SECRET, ServerProcess
 
 T = TypeVar("T")
+SQL_TIMEOUT = 3
 Runner = Callable[[Awaitable[T]], T]
 
 
@@ -103,7 +104,10 @@ def box() -> SecretBox:
 def server(data_dir: Path, admin_url: str, services: Services) -> Iterator[ServerProcess]:
     process = ServerProcess(
         ["--database-url", admin_url, "--data-dir", str(data_dir), "--workers", "2"],
-        data_dir / "server.log", {"GRANTKEY_SECRET": TEST_SECRET, "GRANTKEY_LOG_LEVEL": "debug"},
+        data_dir / "server.log",
+        {"GRANTKEY_SECRET": TEST_SECRET, "GRANTKEY_LOG_LEVEL": "debug",
+         # short limits, so the tests of time limits and pool waits run fast
+         "GRANTKEY_SQL_TIMEOUT": str(SQL_TIMEOUT), "GRANTKEY_SQL_MASTER_TIMEOUT": str(SQL_TIMEOUT)},
     )
     try:
         process.wait_healthy()
@@ -127,6 +131,18 @@ class Account:
     @property
     def keys_url(self) -> str:
         return f"{self.base_url}/user/{self.username}/api/v3/api_keys"
+
+    @property
+    def sql_url(self) -> str:
+        return f"{self.base_url}/user/{self.username}/api/v2/sql"
+
+    def sql(self, http: httpx.Client, q: str, token: str | None = None,
+            **params: Any) -> httpx.Response:
+        """GET the SQL API; `token=None` sends no key (the default public key)."""
+        query = {"q": q, **params}
+        if token is not None:
+            query["api_key"] = token
+        return http.get(self.sql_url, params=query)
 
     def master(self) -> dict[str, str]:
         return {"api_key": self.master_token}

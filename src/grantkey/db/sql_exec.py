@@ -1,10 +1,11 @@
 """Running one client query on a key role's connection, streamed, under a time limit.
 
-A single statement is streamed row by row (psycopg's single-row mode, extended protocol).
-PostgreSQL refuses several statements in one extended-protocol query at parse time,
-before anything runs; such a query is then sent again with the simple protocol, which
-runs all statements as one implicit transaction and returns every result, of which the
-last is answered (CARTO's rule). That last result is held in memory.
+A query is first declared as a server-side cursor (psycopg sends `DECLARE … CURSOR FOR
+<query>` with the extended protocol): that succeeds only for a single SELECT or VALUES,
+whose rows are then fetched in batches and streamed. Anything else — writes, DDL, several
+statements — is refused by PostgreSQL at parse or analysis time, before it runs, and is
+then sent as it is with the simple protocol: several statements run as one implicit
+transaction and the last result is answered (CARTO's rule), held in memory.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg.pq import TransactionStatus
 
 from grantkey.db.role_pools import RoleConnection
 
-MULTI_STATEMENT = "cannot insert multiple commands into a prepared statement"
 CANCEL_GRACE_SECONDS = 2.0
+BATCH_ROWS = 2000
+CURSOR_NAME = "grantkey_stream"
 
 
 @dataclass(frozen=True)
@@ -34,8 +37,17 @@ class QueryTimedOut(Exception):
     """The server's time limit ended the query (not the client's own settings)."""
 
 
+def _columns(description: list[psycopg.Column] | None) -> list[Column]:
+    return [Column(c.name, c.type_code, int(getattr(c, "_fmod", -1))) for c in description or []]
+
+
+def _fatal(error: psycopg.Error) -> bool:
+    """Errors that end the attempt itself: a cancel, or the session going away."""
+    return isinstance(error, psycopg.errors.QueryCanceled | psycopg.OperationalError)
+
+
 class Execution:
-    """One query in flight. `start()` runs it up to its first row; then iterate `rows()`."""
+    """One query in flight. `start()` runs it up to its first batch; then iterate `rows()`."""
 
     def __init__(
         self, conn: RoleConnection, query: str, time_limit: float,
@@ -45,83 +57,79 @@ class Execution:
         self.query = query
         self.time_limit = time_limit
         self._terminate = terminate
-        self._cursor = conn.cursor()
-        self._stream: AsyncIterator[tuple[Any, ...]] | None = None
-        self._first: tuple[Any, ...] | None = None
-        self._buffered: list[tuple[Any, ...]] | None = None
+        self._server: psycopg.AsyncServerCursor[tuple[Any, ...]] | None = None
+        self._batch: list[tuple[Any, ...]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self.timed_out = False
         self.finished = False
         self.columns: list[Column] = []
         self.rowcount = 0
+        self._count_rows = False  # streamed rows are counted; a plain result knows its count
 
     async def start(self) -> None:
-        self._arm_timer()
+        self._timer = asyncio.get_running_loop().call_later(self.time_limit, self._on_time_limit)
         try:
-            await self._start()
+            if not await self._start_cursor():
+                await self._start_plain()
         except psycopg.errors.QueryCanceled:
-            raise self._timeout_or(None) from None
+            raise self._timeout_or_cancel() from None
 
-    async def _start(self) -> None:
-        stream = self._cursor.stream(self.query)
+    async def _start_cursor(self) -> bool:
+        await self.conn.execute("BEGIN")
+        cursor = self.conn.cursor(name=CURSOR_NAME, scrollable=False)
         try:
-            self._first = await anext(stream)
-        except StopAsyncIteration:
-            self._finish()
-            return
-        except psycopg.errors.SyntaxError as error:
-            if MULTI_STATEMENT not in str(error):
+            await cursor.execute(self.query)
+        except psycopg.Error as error:
+            if _fatal(error):
                 raise
-            await self._start_multi_statement()
-            return
-        self._stream = stream
-        self._describe()
+            await self.conn.execute("ROLLBACK")  # nothing ran: not a single SELECT, or invalid
+            return False
+        self._server = cursor
+        self._count_rows = True
+        self.columns = _columns(cursor.description)
+        self._batch = list(await cursor.fetchmany(BATCH_ROWS))
+        if len(self._batch) < BATCH_ROWS:
+            await self._end_cursor()
+        return True
 
-    async def _start_multi_statement(self) -> None:
-        await self._cursor.execute(self.query)
-        while self._cursor.nextset():
+    async def _end_cursor(self) -> None:
+        assert self._server is not None
+        await self._server.close()
+        await self.conn.execute("COMMIT")
+        self._server = None
+        self.finished = True
+
+    async def _start_plain(self) -> None:
+        cursor = self.conn.cursor()
+        await cursor.execute(self.query)
+        while cursor.nextset():
             pass
-        self._buffered = list(await self._cursor.fetchall()) if self._cursor.description else []
-        self._finish()
-
-    def _describe(self) -> None:
-        description = self._cursor.description or []
-        self.columns = [Column(c.name, c.type_code, _modifier(c)) for c in description]
-
-    def _finish(self) -> None:
-        self._describe()
-        self.rowcount = max(self._cursor.rowcount, 0)
+        self.columns = _columns(cursor.description)
+        self._batch = list(await cursor.fetchall()) if cursor.description else []
+        self.rowcount = max(cursor.rowcount, 0)
         self.finished = True
 
     async def rows(self) -> AsyncIterator[tuple[Any, ...]]:
-        if self._buffered is not None:
-            for row in self._buffered:
+        while True:
+            for row in self._batch:
                 yield row
-            return
-        if self._first is not None:
-            yield self._first
-            self._first = None
-        if self._stream is None:
-            return
-        count = 1
-        try:
-            async for row in self._stream:
-                count += 1
-                yield row
-        except psycopg.errors.QueryCanceled:
-            raise self._timeout_or(None) from None
-        self.rowcount = count
-        self.finished = True
+            if self._count_rows:
+                self.rowcount += len(self._batch)
+            self._batch = []
+            if self._server is None:
+                return
+            try:
+                self._batch = list(await self._server.fetchmany(BATCH_ROWS))
+                if len(self._batch) < BATCH_ROWS:
+                    await self._end_cursor()
+            except psycopg.errors.QueryCanceled:
+                raise self._timeout_or_cancel() from None
 
-    def _timeout_or(self, error: BaseException | None) -> BaseException:
+    def _timeout_or_cancel(self) -> BaseException:
         if self.timed_out:
             return QueryTimedOut()
-        return error or psycopg.errors.QueryCanceled("canceling statement due to user request")
-
-    def _arm_timer(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self.time_limit, self._on_time_limit)
+        return psycopg.errors.QueryCanceled("canceling statement due to user request")
 
     def _on_time_limit(self) -> None:
         self.timed_out = True
@@ -137,20 +145,14 @@ class Execution:
             await self._terminate(pid)
 
     async def close(self) -> bool:
-        """Stop the timer; True if the connection may be reused."""
+        """Stop the timer and any unfinished query; True if the connection may be reused."""
         if self._timer is not None:
             self._timer.cancel()
         if self._watchdog is not None:
             self._watchdog.cancel()
-        reusable = self.finished and not self.timed_out and not self.conn.closed
-        if not reusable and not self.conn.closed:
+        if self.conn.closed:
+            return False
+        if not self.finished and self.conn.info.transaction_status == TransactionStatus.ACTIVE:
             with contextlib.suppress(psycopg.Error):
                 await self.conn.cancel_safe(timeout=CANCEL_GRACE_SECONDS)
-        with contextlib.suppress(psycopg.Error):
-            await self._cursor.close()
-        return reusable
-
-
-def _modifier(column: Any) -> int:
-    """The column's type modifier (PostGIS encodes geometry type and SRID there)."""
-    return int(getattr(column, "_fmod", -1))
+        return not self.timed_out

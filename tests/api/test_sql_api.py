@@ -1,0 +1,233 @@
+"""SQL API v2 (carto-compat §5) over real HTTP: answers, formats, headers, errors."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from tests.conftest import Account, KeyHandle
+from tests.support import apis_only, table_grants
+
+SETUP = """
+CREATE TABLE cities (id serial PRIMARY KEY, name text, pop numeric, area float8, big boolean,
+                     founded date, seen timestamptz, tags text[]);
+INSERT INTO cities (name, pop, area, big, founded, seen, tags) VALUES
+  ('Lima', 10.5, 'NaN', true, '1535-01-18', '2020-01-01 00:00:00+00', '{a,b}'),
+  ('Quito', 3, 'Infinity', false, '1534-12-06', NULL, NULL),
+  ('Cusco', 0.4, '-Infinity', false, NULL, NULL, '{}');
+CREATE TABLE private_notes (note text);
+INSERT INTO private_notes VALUES ('secret');
+"""
+
+
+@pytest.fixture
+def city(account: Account, owner_sql: Callable[[Account, str], None]) -> Account:
+    owner_sql(account, SETUP)
+    owner_sql(account, f'GRANT SELECT ON cities TO "{account.user.public_role}"')
+    return account
+
+
+def test_select_with_master_returns_rows_fields_time_total_rows(
+    http: httpx.Client, city: Account
+) -> None:
+    response = city.sql(http, "SELECT id, name FROM cities ORDER BY id", city.master_token)
+    assert response.status_code == 200
+    body = response.json()
+    assert list(body) == ["rows", "time", "fields", "total_rows"]
+    assert body["rows"] == [{"id": 1, "name": "Lima"}, {"id": 2, "name": "Quito"},
+                            {"id": 3, "name": "Cusco"}]
+    assert body["total_rows"] == 3 and isinstance(body["time"], float)
+    assert body["fields"] == {"id": {"type": "number", "pgtype": "int4"},
+                              "name": {"type": "string", "pgtype": "text"}}
+    assert response.headers["content-type"] == "application/json; charset=utf-8"
+    assert response.headers["content-disposition"] == "inline; filename=cartodb-query.json"
+
+
+def test_fields_type_mapping(http: httpx.Client, city: Account) -> None:
+    body = city.sql(http, "SELECT * FROM cities LIMIT 1", city.master_token).json()
+    types = {name: field["type"] for name, field in body["fields"].items()}
+    assert types == {"id": "number", "name": "string", "pop": "number", "area": "number",
+                     "big": "boolean", "founded": "date", "seen": "date", "tags": "string[]"}
+
+
+def test_nan_and_infinity_become_strings(http: httpx.Client, city: Account) -> None:
+    body = city.sql(http, "SELECT area, 'NaN'::numeric AS n FROM cities ORDER BY id",
+                    city.master_token).json()
+    assert [r["area"] for r in body["rows"]] == ["NaN", "Infinity", "-Infinity"]
+    assert body["rows"][0]["n"] == "NaN"
+
+
+def test_missing_q_is_400(http: httpx.Client, city: Account) -> None:
+    response = http.get(city.sql_url, params={"api_key": city.master_token})
+    assert response.status_code == 400
+    assert response.json() == {"error": ["You must indicate a sql query"]}
+
+
+def test_invalid_format_is_400(http: httpx.Client, city: Account) -> None:
+    response = city.sql(http, "SELECT 1", city.master_token, format="xml")
+    assert response.status_code == 400
+    assert response.json() == {"error": ["Invalid format: xml"]}
+
+
+def test_csv_format_is_case_insensitive_with_header(http: httpx.Client, city: Account) -> None:
+    response = city.sql(http, "SELECT id, name, big FROM cities ORDER BY id", city.master_token,
+                        format="CSV")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/csv; charset=utf-8; header=present"
+    assert response.text.splitlines() == ["id,name,big", "1,Lima,true", "2,Quito,false",
+                                          "3,Cusco,false"]
+    assert response.headers["content-disposition"] == "attachment; filename=cartodb-query.csv"
+
+
+def test_filename_sets_attachment(http: httpx.Client, city: Account) -> None:
+    response = city.sql(http, "SELECT 1", city.master_token, filename="my export")
+    assert response.headers["content-disposition"] == "attachment; filename=my_export.json"
+
+
+def test_geojson_without_postgis_is_400_saying_so(http: httpx.Client, city: Account) -> None:
+    response = city.sql(http, "SELECT 1", city.master_token, format="geojson")
+    if response.status_code == 200:
+        pytest.skip("this cluster has PostGIS; tests/api/test_sql_geojson.py covers it")
+    assert response.status_code == 400
+    assert "PostGIS" in response.json()["error"][0]
+
+
+def test_skipfields_drops_columns(http: httpx.Client, city: Account) -> None:
+    body = city.sql(http, "SELECT id, name, pop FROM cities WHERE id = 1", city.master_token,
+                    skipfields="pop,id").json()
+    assert body["rows"] == [{"name": "Lima"}] and list(body["fields"]) == ["name"]
+
+
+def test_paging_is_zero_based(http: httpx.Client, city: Account) -> None:
+    q = "SELECT id FROM cities ORDER BY id"
+    first = city.sql(http, q, city.master_token, rows_per_page=2, page=0).json()
+    second = city.sql(http, q, city.master_token, rows_per_page=2, page=1).json()
+    assert [r["id"] for r in first["rows"]] == [1, 2]
+    assert [r["id"] for r in second["rows"]] == [3]
+
+
+def test_jsonp_success_and_error(http: httpx.Client, city: Account) -> None:
+    ok = city.sql(http, "SELECT 1 AS x", city.master_token, callback="cb")
+    assert ok.status_code == 200 and ok.text.startswith('cb({"rows":[{"x":1}]')
+    assert ok.text.endswith(");")
+    failed = city.sql(http, "SELECT nope", city.master_token, callback="cb")
+    assert failed.status_code == 200
+    assert failed.text == 'cb({"error":["column \\"nope\\" does not exist"]});'
+    bad = city.sql(http, "SELECT 1", city.master_token, callback="alert(1)//")
+    assert bad.status_code == 400
+
+
+def test_multi_statement_returns_the_last_result(http: httpx.Client, city: Account) -> None:
+    body = city.sql(http, "SELECT 1 AS a; SELECT name FROM cities WHERE id = 2",
+                    city.master_token).json()
+    assert body["rows"] == [{"name": "Quito"}] and list(body["fields"]) == ["name"]
+
+
+def test_writes_report_rows_affected_as_total_rows(http: httpx.Client, city: Account) -> None:
+    inserted = city.sql(http, "INSERT INTO cities (name) VALUES ('a'), ('b')", city.master_token)
+    assert inserted.json()["total_rows"] == 2 and inserted.json()["rows"] == []
+    updated = city.sql(http, "UPDATE cities SET pop = 1 WHERE name IN ('a', 'b', 'Lima')",
+                       city.master_token)
+    assert updated.json()["total_rows"] == 3
+    deleted = city.sql(http, "DELETE FROM cities WHERE name = 'a'; DELETE FROM cities",
+                       city.master_token)
+    assert deleted.json()["total_rows"] == 4
+
+
+def test_post_form_and_json_bodies_and_body_wins(http: httpx.Client, city: Account) -> None:
+    form = http.post(city.sql_url, data={"q": "SELECT 1 AS x", "api_key": city.master_token})
+    assert form.json()["rows"] == [{"x": 1}]
+    as_json = http.post(city.sql_url, json={"q": "SELECT 2 AS x", "api_key": city.master_token})
+    assert as_json.json()["rows"] == [{"x": 2}]
+    both = http.post(city.sql_url, params={"q": "SELECT 3 AS x"},
+                     data={"q": "SELECT 4 AS x", "api_key": city.master_token})
+    assert both.json()["rows"] == [{"x": 4}]
+
+
+def test_v1_path_u_prefix_and_host_form(http: httpx.Client, city: Account) -> None:
+    params = {"q": "SELECT 1 AS x", "api_key": city.master_token}
+    for url, headers in (
+        (f"{city.base_url}/user/{city.username}/api/v1/sql", {}),
+        (f"{city.base_url}/u/{city.username}/api/v2/sql", {}),
+        (f"{city.base_url}/api/v2/sql", {"Host": f"{city.username}.example.org"}),
+    ):
+        assert http.get(url, params=params, headers=headers).json()["rows"] == [{"x": 1}]
+
+
+def test_no_key_uses_default_public_public_table_200(http: httpx.Client, city: Account) -> None:
+    response = city.sql(http, "SELECT count(*) AS n FROM cities")
+    assert response.status_code == 200 and response.json()["rows"] == [{"n": 3}]
+
+
+def test_no_key_private_table_is_403_permission_denied(http: httpx.Client, city: Account) -> None:
+    response = city.sql(http, "SELECT * FROM private_notes")
+    assert response.status_code == 403
+    assert response.json() == {"error": ["permission denied for table private_notes"]}
+
+
+def test_no_key_drop_public_table_is_400_must_be_owner(http: httpx.Client, city: Account) -> None:
+    response = city.sql(http, "DROP TABLE cities")
+    assert response.status_code == 400
+    assert response.json() == {"error": ["must be owner of table cities"]}
+
+
+def test_unknown_token_is_401_unauthorized(http: httpx.Client, city: Account) -> None:
+    response = city.sql(http, "SELECT 1", "gkrnope")
+    assert response.status_code == 401 and response.json() == {"error": ["Unauthorized"]}
+
+
+def test_key_without_sql_grant_is_403_forbidden(
+    http: httpx.Client, city: Account, make_key: Callable[..., KeyHandle]
+) -> None:
+    key = make_key(city, "maps-only", apis_only("maps"))
+    response = city.sql(http, "SELECT 1", key.token)
+    assert response.status_code == 403 and response.json() == {"error": ["forbidden"]}
+
+
+def test_basic_user_mismatch_is_403_permission_denied(
+    http: httpx.Client, city: Account
+) -> None:
+    credential = base64.b64encode(f"someone-else:{city.master_token}".encode()).decode()
+    response = http.get(city.sql_url, params={"q": "SELECT 1"},
+                        headers={"Authorization": f"Basic {credential}"})
+    assert response.status_code == 403 and response.json() == {"error": ["permission denied"]}
+
+
+def test_basic_and_map_key_transport(
+    http: httpx.Client, city: Account, make_key: Callable[..., KeyHandle]
+) -> None:
+    key = make_key(city, "reader", table_grants([("public", "private_notes", ["select"])]))
+    q = {"q": "SELECT note FROM private_notes"}
+    assert http.get(city.sql_url, params=q, auth=(city.username, key.token)).status_code == 200
+    assert http.get(city.sql_url, params={**q, "map_key": key.token}).status_code == 200
+
+
+def test_unknown_user_is_404(http: httpx.Client, city: Account) -> None:
+    response = http.get(f"{city.base_url}/user/nobody-at-all/api/v2/sql", params={"q": "SELECT 1"})
+    assert response.status_code == 404
+    assert response.json() == {"error": [
+        "Sorry, we can't find grantkey user 'nobody-at-all'. Please check that you have "
+        "entered the correct domain."]}
+
+
+def test_errors_carry_hint_and_detail(http: httpx.Client, city: Account) -> None:
+    response = city.sql(http, "INSERT INTO cities (id, name) VALUES (1, 'dup')", city.master_token)
+    assert response.status_code == 400
+    body = response.json()
+    assert body["error"] == ['duplicate key value violates unique constraint "cities_pkey"']
+    assert body["detail"] == "Key (id)=(1) already exists."
+
+
+def test_every_answer_has_cors_and_options_is_200(http: httpx.Client, city: Account) -> None:
+    for response in (city.sql(http, "SELECT 1", city.master_token), city.sql(http, "SELECT x"),
+                     city.sql(http, "SELECT 1", "bad")):
+        assert response.headers["access-control-allow-origin"] == "*"
+    options = http.options(city.sql_url)
+    assert options.status_code == 200 and options.headers["access-control-allow-origin"] == "*"
+
+
+def test_authorised_answers_vary_on_authorization(http: httpx.Client, city: Account) -> None:
+    assert city.sql(http, "SELECT 1", city.master_token).headers["vary"] == "Authorization"
