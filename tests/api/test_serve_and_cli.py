@@ -19,7 +19,8 @@ from tests.support import ServerProcess
 
 COMMANDS = [[], ["serve"], ["users"], ["users", "create"], ["users", "list"],
             ["users", "delete"], ["keys"], ["keys", "list"], ["keys", "create"],
-            ["keys", "delete"], ["keys", "regenerate"]]
+            ["keys", "delete"], ["keys", "regenerate"], ["datasets"],
+            ["datasets", "privacy"], ["datasets", "list"]]
 
 
 def cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from grantkey import __version__
+from grantkey.cli.datasets import datasets
 from grantkey.cli.keys import keys
 from grantkey.cli.serve import serve
 from grantkey.cli.users import users
@@ -23,3 +24,4 @@ def main() -> None:
 main.add_command(serve)
 main.add_command(users)
 main.add_command(keys)
+main.add_command(datasets)

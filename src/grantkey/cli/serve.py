@@ -59,7 +59,7 @@ def _stop_cleanly_on_signals() -> None:
               type=click.IntRange(min=1), help="Server processes. [env: GRANTKEY_WORKERS]")
 @cluster_options
 def serve(host: str, port: int, workers: int, data_dir: Path, database_url: str | None) -> None:
-    """Serve the Auth API (and health check) over HTTP.
+    """Serve the Auth API, SQL API and datasets API (and a health check) over HTTP.
 
     Without --database-url, initialises (first run) and starts a private PostgreSQL under
     --data-dir, and stops it when the server exits (Ctrl-C or SIGTERM).

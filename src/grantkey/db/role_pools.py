@@ -150,7 +150,9 @@ class RolePools:
 
     async def _connect(self, target: RoleTarget) -> RoleConnection:
         try:
-            conn = await psycopg.AsyncConnection.connect(target.conninfo, autocommit=True)
+            # No automatic prepared statements: DISCARD ALL between requests deallocates them.
+            conn = await psycopg.AsyncConnection.connect(
+                target.conninfo, autocommit=True, prepare_threshold=None)
         except psycopg.OperationalError as error:
             text = str(error)
             if "password authentication failed" in text or "does not exist" in text:
