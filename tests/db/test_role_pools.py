@@ -1,0 +1,142 @@
+"""Per-role pools: bounded in total, least recently used closed first, bounded wait, reset."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from grantkey.db.role_pools import RolePools, RoleTarget
+from grantkey.errors import PoolExhausted
+from tests.conftest import Account, KeyHandle
+from tests.support import TEST_SECRET, ServerProcess, apis_only
+
+
+def target(account: Account, key: KeyHandle) -> RoleTarget:
+    return RoleTarget(account.user.database, key.role, key.conninfo)
+
+
+def backends(admin_url: str, roles: list[str]) -> dict[str, int]:
+    with psycopg.connect(admin_url) as conn:
+        rows = conn.execute("SELECT usename, count(*) FROM pg_stat_activity "
+                            "WHERE usename = ANY(%s) GROUP BY 1", [roles]).fetchall()
+    return {name: count for name, count in rows}
+
+
+def test_cap_evicts_least_recently_used_idle_connections(
+    account: Account, make_key: Callable[..., KeyHandle], run: Callable[[Awaitable[Any]], Any],
+    admin_url: str,
+) -> None:
+    keys = [make_key(account, f"p{i}", apis_only("sql")) for i in range(3)]
+    pools = RolePools(max_connections=2, wait_seconds=1, idle_seconds=60)
+
+    async def scenario() -> None:
+        for key in keys:  # each used once, released idle; the third evicts the first
+            conn = await pools.acquire(target(account, key))
+            await pools.release(target(account, key), conn, reusable=True)
+        assert pools.open_connections == 2
+
+    run(scenario())
+    assert backends(admin_url, [k.role for k in keys]) == {keys[1].role: 1, keys[2].role: 1}
+    run(pools.close())
+    assert backends(admin_url, [k.role for k in keys]) == {}
+
+
+def test_full_pool_waits_a_bounded_time_then_refuses(
+    account: Account, make_key: Callable[..., KeyHandle], run: Callable[[Awaitable[Any]], Any],
+) -> None:
+    one, two = make_key(account, "a", apis_only("sql")), make_key(account, "b", apis_only("sql"))
+    pools = RolePools(max_connections=1, wait_seconds=0.5, idle_seconds=60)
+
+    async def scenario() -> float:
+        held = await pools.acquire(target(account, one))
+        started = time.monotonic()
+        try:
+            with pytest.raises(PoolExhausted, match="no database connection became free"):
+                await pools.acquire(target(account, two))
+            return time.monotonic() - started
+        finally:
+            await pools.release(target(account, one), held, reusable=True)
+            await pools.close()
+
+    assert run(scenario()) < 5
+
+
+def test_a_waiting_request_gets_the_connection_released_meanwhile(
+    account: Account, make_key: Callable[..., KeyHandle], run: Callable[[Awaitable[Any]], Any],
+) -> None:
+    key = make_key(account, "shared", apis_only("sql"))
+    pools = RolePools(max_connections=1, wait_seconds=5, idle_seconds=60)
+
+    async def scenario() -> None:
+        held = await pools.acquire(target(account, key))
+
+        async def later() -> None:
+            await asyncio.sleep(0.2)
+            await pools.release(target(account, key), held, reusable=True)
+
+        releaser = asyncio.create_task(later())
+        again = await pools.acquire(target(account, key))
+        assert again is held  # reused after ROLLBACK + DISCARD ALL
+        await releaser
+        await pools.release(target(account, key), again, reusable=True)
+        await pools.close()
+
+    run(scenario())
+
+
+def test_idle_connections_are_closed_after_a_while(
+    account: Account, make_key: Callable[..., KeyHandle], run: Callable[[Awaitable[Any]], Any],
+) -> None:
+    key = make_key(account, "idle", apis_only("sql"))
+    pools = RolePools(max_connections=4, wait_seconds=1, idle_seconds=60)
+
+    async def scenario() -> None:
+        conn = await pools.acquire(target(account, key))
+        await pools.release(target(account, key), conn, reusable=True)
+        assert await pools.close_idle(older_than=60) == 0
+        assert await pools.close_idle(older_than=0) == 1
+        assert pools.open_connections == 0 and conn.closed
+
+    run(scenario())
+
+
+@pytest.fixture(scope="module")
+def tiny_server(data_dir: Path, admin_url: str, server: ServerProcess) -> Iterator[ServerProcess]:
+    process = ServerProcess(
+        ["--database-url", admin_url, "--data-dir", str(data_dir)], data_dir / "tiny.log",
+        {"GRANTKEY_SECRET": TEST_SECRET, "GRANTKEY_SQL_MAX_CONNECTIONS": "1",
+         "GRANTKEY_SQL_POOL_WAIT": "1", "GRANTKEY_SQL_TIMEOUT": "10"})
+    try:
+        process.wait_healthy()
+        yield process
+    finally:
+        process.stop()
+
+
+def test_sql_api_answers_429_when_no_connection_frees_up(
+    account: Account, make_key: Callable[..., KeyHandle], tiny_server: ServerProcess,
+) -> None:
+    busy, other = make_key(account, "busy", apis_only("sql")), make_key(account, "other",
+                                                                         apis_only("sql"))
+    url = f"{tiny_server.url}/user/{account.username}/api/v2/sql"
+    with httpx.Client(timeout=30) as slow_client:
+        slow = threading.Thread(target=lambda: slow_client.get(
+            url, params={"q": "SELECT pg_sleep(4)", "api_key": busy.token}))
+        slow.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        response = httpx.get(url, params={"q": "SELECT 1", "api_key": other.token}, timeout=30)
+        assert response.status_code == 429
+        assert "no database connection became free" in response.json()["error"][0]
+        assert time.monotonic() - started < 4
+        slow.join()
+    after = httpx.get(url, params={"q": "SELECT 1 AS x", "api_key": other.token}, timeout=30)
+    assert after.status_code == 200
