@@ -14,7 +14,6 @@ from pathlib import Path
 
 import httpx
 import psutil
-
 from common import BenchServer, machine
 
 QUERY = ("SELECT g AS id, md5(g::text) AS name, g * 1.5 AS value, now() AS at "
