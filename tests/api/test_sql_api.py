@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Callable
 
 import httpx
@@ -231,3 +232,38 @@ def test_every_answer_has_cors_and_options_is_200(http: httpx.Client, city: Acco
 
 def test_authorised_answers_vary_on_authorization(http: httpx.Client, city: Account) -> None:
     assert city.sql(http, "SELECT 1", city.master_token).headers["vary"] == "Authorization"
+
+
+def test_percent_and_braces_in_sql_are_sent_as_they_are(http: httpx.Client, city: Account) -> None:
+    body = city.sql(http, "SELECT '100%' AS p, '{x}' AS b, '%s' AS s", city.master_token).json()
+    assert body["rows"] == [{"p": "100%", "b": "{x}", "s": "%s"}]
+    paged = city.sql(http, "SELECT '%(x)s' AS s", city.master_token, rows_per_page=1).json()
+    assert paged["rows"] == [{"s": "%(x)s"}]
+
+
+def test_large_answers_stream_in_batches_with_exact_totals(
+    http: httpx.Client, city: Account
+) -> None:
+    body = city.sql(http, "SELECT g FROM generate_series(1, 4500) AS g", city.master_token).json()
+    assert body["total_rows"] == 4500 and [r["g"] for r in body["rows"]] == list(range(1, 4501))
+    csv = city.sql(http, "SELECT g FROM generate_series(1, 4500) AS g", city.master_token,
+                   format="csv").text.splitlines()
+    assert len(csv) == 4501 and csv[-1] == "4500"
+
+
+def test_error_before_the_first_batch_gets_its_status(http: httpx.Client, city: Account) -> None:
+    response = city.sql(http, "SELECT 1 / (g - 100) FROM generate_series(1, 200) AS g",
+                        city.master_token)
+    assert response.status_code == 400 and response.json() == {"error": ["division by zero"]}
+
+
+def test_error_after_streaming_began_cuts_the_answer_short(
+    http: httpx.Client, city: Account
+) -> None:
+    response = city.sql(http, "SELECT 1 / (g - 4000) AS x FROM generate_series(1, 5000) AS g",
+                        city.master_token)
+    assert response.status_code == 200
+    assert response.text.startswith('{"rows":[') and '"total_rows"' not in response.text
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(response.text)  # cut short: no client can mistake it for a whole answer
+    assert city.sql(http, "SELECT 1 AS ok", city.master_token).json()["rows"] == [{"ok": 1}]

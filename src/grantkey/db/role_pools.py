@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg.pq import TransactionStatus
 
-from grantkey.errors import LoginRefused, PoolExhausted
+from grantkey.errors import DatabaseUnavailable, LoginRefused, PoolExhausted
 
 RoleConnection = psycopg.AsyncConnection[tuple[object, ...]]
 
@@ -157,7 +157,7 @@ class RolePools:
             text = str(error)
             if "password authentication failed" in text or "does not exist" in text:
                 raise LoginRefused("the key's role refused the login") from None
-            raise
+            raise DatabaseUnavailable(f"PostgreSQL is unavailable: {type(error).__name__}") from None
         return conn
 
     async def _close(self, conn: RoleConnection) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from psycopg import sql
@@ -17,6 +18,7 @@ from grantkey.http.errors import Family, render_error
 from grantkey.http.formats import EXTENSIONS, GEOJSON_COLUMN, MEDIA_TYPES, WRITERS
 from grantkey.services.sql import RunningQuery
 
+log = logging.getLogger("grantkey.sql")
 CALLBACK = re.compile(r"[A-Za-z_$][A-Za-z0-9_$.]{0,99}")
 SAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]+")
 PAGEABLE = re.compile(r"\s*(select|with)\b", re.IGNORECASE)
@@ -104,7 +106,12 @@ def _disposition(options: SqlParams) -> str:
     return f"attachment; filename={name}.{extension}"
 
 
-async def _body(running: RunningQuery, options: SqlParams, finish: object) -> AsyncIterator[bytes]:
+Finisher = Callable[[RunningQuery], Awaitable[None]]
+
+
+async def _body(running: RunningQuery, options: SqlParams,
+                finish: Finisher) -> AsyncIterator[bytes]:
+    """The answer, streamed. An error after the first bytes can only cut it short."""
     try:
         if options.callback:
             yield options.callback.encode() + b"("
@@ -112,8 +119,10 @@ async def _body(running: RunningQuery, options: SqlParams, finish: object) -> As
             yield chunk
         if options.callback:
             yield b");"
+    except Exception as error:  # the status line is gone; end the body early
+        log.warning("SQL answer cut short: %s", type(error).__name__)
     finally:
-        await finish(running)  # type: ignore[operator]
+        await finish(running)
 
 
 async def run_sql(call: Call) -> Response:
