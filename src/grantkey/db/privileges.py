@@ -38,129 +38,134 @@ class LiveGrants:
     schemas: list[dict[str, Any]] = field(default_factory=list)
 
 
-async def _one(conn: AdminConnection, query: str, params: list[Any]) -> dict[str, Any] | None:
-    cur = await conn.execute(query, params)
-    return await cur.fetchone()
+@dataclass(frozen=True)
+class _Wanted:
+    """One privilege role a key needs: on which object, which privilege, how to grant it."""
+
+    role: str
+    catalog: str  # "pg_class" or "pg_namespace"
+    object_oid: int
+    privilege: str  # as aclexplode names it: SELECT, USAGE, ...
+    grant: sql.Composed
 
 
-async def _resolve_table(conn: AdminConnection, schema: str, name: str) -> dict[str, Any]:
-    if not (storable(schema) and storable(name)):
+_RESOLVE_TABLES = """
+SELECT w.position, c.oid, c.relnamespace AS schema_oid
+FROM unnest(%(schemas)s::text[], %(names)s::text[]) WITH ORDINALITY AS w(schema, name, position)
+LEFT JOIN pg_namespace n ON n.nspname = w.schema AND n.nspname <> ALL(%(hidden)s)
+     AND NOT starts_with(n.nspname, 'pg_')
+LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = w.name
+     AND c.relkind = ANY(%(relkinds)s)
+ORDER BY w.position
+"""
+_RESOLVE_SCHEMAS = """
+SELECT w.name, n.oid FROM unnest(%(names)s::text[]) AS w(name)
+LEFT JOIN pg_namespace n ON n.nspname = w.name AND n.nspname <> ALL(%(hidden)s)
+     AND NOT starts_with(n.nspname, 'pg_')
+"""
+_OWNED_SEQUENCES = """
+SELECT s.oid, n.nspname, s.relname FROM pg_depend d
+JOIN pg_class s ON s.oid = d.objid JOIN pg_namespace n ON n.oid = s.relnamespace
+WHERE d.refobjid = ANY(%s::oid[]) AND d.classid = 'pg_class'::regclass
+  AND d.refclassid = 'pg_class'::regclass AND s.relkind = 'S' AND d.deptype IN ('a', 'i')
+"""
+# For each wanted role: does it exist, and does the object's live ACL still name it?
+_LIVENESS = """
+SELECT w.role, r.oid IS NOT NULL AS present,
+       coalesce(EXISTS (SELECT 1 FROM pg_class c, aclexplode(c.relacl) a
+                        WHERE w.catalog = 'pg_class' AND c.oid = w.object_oid
+                          AND a.grantee = r.oid AND a.privilege_type = w.privilege)
+             OR EXISTS (SELECT 1 FROM pg_namespace n, aclexplode(n.nspacl) a
+                        WHERE w.catalog = 'pg_namespace' AND n.oid = w.object_oid
+                          AND a.grantee = r.oid AND a.privilege_type = w.privilege),
+                false) AS live
+FROM unnest(%(roles)s::text[], %(catalogs)s::text[], %(oids)s::oid[], %(privileges)s::text[])
+     AS w(role, catalog, object_oid, privilege)
+LEFT JOIN pg_roles r ON r.rolname = w.role
+"""
+
+
+async def _resolve_tables(conn: AdminConnection, plan: GrantsPlan) -> list[dict[str, Any]]:
+    if not all(storable(t.schema) and storable(t.name) for t in plan.tables):
         raise MissingObject("table")
-    row = await _one(
-        conn,
-        "SELECT c.oid, c.relnamespace AS schema_oid FROM pg_class c "
-        "JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = %s AND c.relname = %s AND c.relkind = ANY(%s) "
-        "AND n.nspname <> ALL(%s) AND NOT starts_with(n.nspname, 'pg_')",
-        [schema, name, GRANTABLE_RELKINDS, HIDDEN_SCHEMAS],
-    )
-    if row is None:
+    cur = await conn.execute(_RESOLVE_TABLES, {
+        "schemas": [t.schema for t in plan.tables], "names": [t.name for t in plan.tables],
+        "hidden": HIDDEN_SCHEMAS, "relkinds": GRANTABLE_RELKINDS})
+    rows = await cur.fetchall()
+    if any(row["oid"] is None for row in rows):
         raise MissingObject("table")
-    return row
+    return rows
 
 
-async def _resolve_schema(conn: AdminConnection, schema: str) -> int:
-    if not storable(schema):
+async def _resolve_schemas(conn: AdminConnection, schemas: tuple[str, ...]) -> dict[str, int]:
+    if not all(storable(name) for name in schemas):
         raise MissingObject("schema")
-    row = await _one(
-        conn,
-        "SELECT oid FROM pg_namespace WHERE nspname = %s AND nspname <> ALL(%s) "
-        "AND NOT starts_with(nspname, 'pg_')",
-        [schema, HIDDEN_SCHEMAS],
-    )
-    if row is None:
+    cur = await conn.execute(_RESOLVE_SCHEMAS, {"names": list(schemas), "hidden": HIDDEN_SCHEMAS})
+    found = {row["name"]: row["oid"] for row in await cur.fetchall()}
+    if any(oid is None for oid in found.values()):
         raise MissingObject("schema")
-    return int(row["oid"])
+    return found
 
 
-async def _ensure_privilege_role(
-    conn: AdminConnection, role: str, catalog: str, object_oid: int, privilege: str
-) -> None:
-    """Create the role, or re-create it if it exists but the object's ACL does not name it.
-
-    A stale role (its object dropped, the OID since reused) must not hand the new object
-    to the keys that joined it for the old one.
-    """
-    acl_column = "relacl" if catalog == "pg_class" else "nspacl"
-    row = await _one(
-        conn,
-        sql.SQL(
-            "SELECT r.oid, EXISTS (SELECT 1 FROM {catalog} o, aclexplode(o.{acl}) a "
-            "WHERE o.oid = %s AND a.grantee = r.oid AND a.privilege_type = %s) AS live "
-            "FROM pg_roles r WHERE r.rolname = %s"
-        ).format(catalog=sql.Identifier(catalog), acl=sql.Identifier(acl_column)).as_string(conn),
-        [object_oid, privilege.upper(), role],
-    )
-    if row is not None and row["live"]:
-        return
-    if row is not None:
-        await conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
-    await conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
-
-
-async def _join(conn: AdminConnection, privilege_role: str, key_role: str) -> None:
-    await conn.execute(
-        sql.SQL("GRANT {} TO {}").format(sql.Identifier(privilege_role), sql.Identifier(key_role))
-    )
-
-
-async def _grant_schema(
-    conn: AdminConnection, user_id: str, key_role: str, schema: str, schema_oid: int,
-    privilege: str,
-) -> None:
+def _schema_wanted(user_id: str, schema: str, schema_oid: int, privilege: str) -> _Wanted:
     role = names.schema_privilege_role(user_id, schema_oid, privilege)
-    await _ensure_privilege_role(conn, role, "pg_namespace", schema_oid, privilege)
-    await conn.execute(
-        sql.SQL("GRANT {} ON SCHEMA {} TO {}").format(
-            sql.SQL(privilege.upper()), sql.Identifier(schema), sql.Identifier(role)
-        )
-    )
-    await _join(conn, role, key_role)
+    grant = sql.SQL("GRANT {} ON SCHEMA {} TO {}").format(
+        sql.SQL(privilege.upper()), sql.Identifier(schema), sql.Identifier(role))
+    return _Wanted(role, "pg_namespace", schema_oid, privilege.upper(), grant)
 
 
-async def _grant_owned_sequences(
-    conn: AdminConnection, user_id: str, key_role: str, table_oid: int
-) -> None:
-    cur = await conn.execute(
-        "SELECT s.oid, n.nspname, s.relname FROM pg_depend d "
-        "JOIN pg_class s ON s.oid = d.objid JOIN pg_namespace n ON n.oid = s.relnamespace "
-        "WHERE d.refobjid = %s AND d.classid = 'pg_class'::regclass "
-        "AND d.refclassid = 'pg_class'::regclass AND s.relkind = 'S' AND d.deptype IN ('a', 'i')",
-        [table_oid],
-    )
-    for seq in await cur.fetchall():
-        role = names.sequence_privilege_role(user_id, seq["oid"])
-        await _ensure_privilege_role(conn, role, "pg_class", seq["oid"], "usage")
-        await conn.execute(
-            sql.SQL("GRANT USAGE, SELECT ON SEQUENCE {} TO {}").format(
-                sql.Identifier(seq["nspname"], seq["relname"]), sql.Identifier(role)
-            )
-        )
-        await _join(conn, role, key_role)
+async def _wanted_roles(conn: AdminConnection, user_id: str, plan: GrantsPlan) -> list[_Wanted]:
+    wanted: dict[str, _Wanted] = {}
+    resolved = await _resolve_tables(conn, plan) if plan.tables else []
+    for table, found in zip(plan.tables, resolved, strict=True):
+        for privilege in sorted(table.permissions):
+            role = names.table_privilege_role(user_id, found["oid"], privilege)
+            grant = sql.SQL("GRANT {} ON TABLE {} TO {}").format(
+                sql.SQL(privilege.upper()), sql.Identifier(table.schema, table.name),
+                sql.Identifier(role))
+            wanted[role] = _Wanted(role, "pg_class", found["oid"], privilege.upper(), grant)
+        usage = _schema_wanted(user_id, table.schema, found["schema_oid"], "usage")
+        wanted[usage.role] = usage
+    if resolved:
+        cur = await conn.execute(_OWNED_SEQUENCES, [[row["oid"] for row in resolved]])
+        for seq in await cur.fetchall():
+            role = names.sequence_privilege_role(user_id, seq["oid"])
+            grant = sql.SQL("GRANT USAGE, SELECT ON SEQUENCE {} TO {}").format(
+                sql.Identifier(seq["nspname"], seq["relname"]), sql.Identifier(role))
+            wanted[role] = _Wanted(role, "pg_class", seq["oid"], "USAGE", grant)
+    schemas = await _resolve_schemas(conn, plan.create_schemas) if plan.create_schemas else {}
+    for schema, schema_oid in schemas.items():
+        for privilege in ("usage", "create"):
+            item = _schema_wanted(user_id, schema, schema_oid, privilege)
+            wanted[item.role] = item
+    return list(wanted.values())
 
 
 async def apply_grants(
     conn: AdminConnection, user_id: str, key_role: str, plan: GrantsPlan
 ) -> None:
-    """Give `key_role` what `plan` asks for. Raises MissingObject for unknown objects."""
-    for table in plan.tables:
-        found = await _resolve_table(conn, table.schema, table.name)
-        for privilege in sorted(table.permissions):
-            role = names.table_privilege_role(user_id, found["oid"], privilege)
-            await _ensure_privilege_role(conn, role, "pg_class", found["oid"], privilege)
-            await conn.execute(
-                sql.SQL("GRANT {} ON TABLE {} TO {}").format(
-                    sql.SQL(privilege.upper()), sql.Identifier(table.schema, table.name),
-                    sql.Identifier(role),
-                )
-            )
-            await _join(conn, role, key_role)
-        await _grant_schema(conn, user_id, key_role, table.schema, found["schema_oid"], "usage")
-        await _grant_owned_sequences(conn, user_id, key_role, found["oid"])
-    for schema in plan.create_schemas:
-        schema_oid = await _resolve_schema(conn, schema)
-        await _grant_schema(conn, user_id, key_role, schema, schema_oid, "usage")
-        await _grant_schema(conn, user_id, key_role, schema, schema_oid, "create")
+    """Give `key_role` what `plan` asks for. Raises MissingObject for unknown objects.
+
+    A privilege role that exists but that the object's live ACL no longer names (its object
+    was dropped and the OID reused) is dropped, removing its stale members, and made anew:
+    it must never hand a new object to keys that joined it for an old one.
+    """
+    wanted = await _wanted_roles(conn, user_id, plan)
+    if not wanted:
+        return
+    cur = await conn.execute(_LIVENESS, {
+        "roles": [w.role for w in wanted], "catalogs": [w.catalog for w in wanted],
+        "oids": [w.object_oid for w in wanted], "privileges": [w.privilege for w in wanted]})
+    state = {row["role"]: row for row in await cur.fetchall()}
+    for item in wanted:
+        if state[item.role]["live"]:
+            continue
+        if state[item.role]["present"]:
+            await conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(item.role)))
+        await conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(item.role)))
+        await conn.execute(item.grant)
+    await conn.execute(sql.SQL("GRANT {} TO {}").format(
+        sql.SQL(", ").join(sql.Identifier(w.role) for w in wanted), sql.Identifier(key_role)))
 
 
 async def drop_orphan_privilege_roles(conn: AdminConnection, user_id: str) -> int:
