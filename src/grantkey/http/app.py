@@ -20,6 +20,7 @@ from grantkey.http.context import services_of
 from grantkey.http.cors import CorsMiddleware
 from grantkey.http.errors import http_error, json_response, unexpected_error
 from grantkey.http.notifications import listen_for_revocations
+from grantkey.http.openapi import openapi
 from grantkey.services.container import Services
 from grantkey.settings import Settings
 
@@ -55,7 +56,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await services.close()
 
     app = Starlette(
-        routes=[Route("/health", health, methods=["GET"]), *auth_api.routes(),
+        routes=[Route("/health", health, methods=["GET"]),
+                Route("/openapi.json", openapi, methods=["GET"]), *auth_api.routes(),
                 *sql_api.routes(), *datasets_api.routes()],
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error, Exception: unexpected_error},

@@ -1,0 +1,306 @@
+"""The OpenAPI 3.1 document of every endpoint, served at /openapi.json.
+
+Built from the same tables the routes are built from (`context.user_routes`), so a route
+and its documentation cannot drift apart; a test compares both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from grantkey import __version__
+from grantkey.http.context import user_routes
+from grantkey.http.errors import json_response
+
+JSON = "application/json"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": schema}}}
+
+
+def _auth_error(description: str) -> dict[str, Any]:
+    return _json(_ref("AuthError"), description)
+
+
+def _data_error(description: str) -> dict[str, Any]:
+    return _json(_ref("DataError"), description)
+
+
+EMPTY_401 = {"description": "Failed authentication (CARTO: empty body)."}
+SCHEMAS: dict[str, Any] = {
+    "AuthError": {
+        "type": "object", "required": ["errors", "errors_cause"],
+        "properties": {"errors": {"type": "string"}, "errors_cause": {"type": "null"}},
+    },
+    "DataError": {
+        "type": "object", "required": ["error"],
+        "properties": {"error": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                       "hint": {"type": "string"}, "detail": {"type": "string"},
+                       "context": {"type": "string"}},
+    },
+    "ApiKey": {
+        "type": "object",
+        "required": ["name", "user", "type", "token", "grants", "created_at", "updated_at"],
+        "properties": {
+            "name": {"type": "string"},
+            "user": {"type": "object", "required": ["username"],
+                     "properties": {"username": {"type": "string"}}},
+            "type": {"enum": ["master", "default", "regular"]},
+            "token": {"type": ["string", "null"]},
+            "grants": {"type": "array", "items": {"type": "object", "required": ["type"]}},
+            "created_at": {"type": "string", "pattern": r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \+0000$"},
+            "updated_at": {"type": "string", "pattern": r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \+0000$"},
+            "_links": {"type": "object", "properties": {"self": {"type": "string"}}},
+        },
+    },
+    "Links": {
+        "type": "object", "required": ["first", "last"],
+        "properties": {rel: {"type": "object", "required": ["href"],
+                             "properties": {"href": {"type": "string"}}}
+                       for rel in ("first", "last", "prev", "next")},
+    },
+    "ApiKeyList": {
+        "type": "object", "required": ["total", "count", "result", "_links"],
+        "properties": {"total": {"type": "integer", "minimum": 0},
+                       "count": {"type": "integer", "minimum": 0},
+                       "result": {"type": "array", "items": _ref("ApiKey")},
+                       "_links": _ref("Links")},
+    },
+    "Grants": {
+        "type": "array",
+        "description": "Sections: exactly one `apis`, at most one `database` and `dataservices`.",
+        "items": {"type": "object", "required": ["type"], "properties": {
+            "type": {"enum": ["apis", "database", "dataservices"]},
+            "apis": {"type": "array", "items": {"enum": ["sql", "maps", "do"]}},
+            "tables": {"type": "array", "items": {
+                "type": "object", "required": ["schema", "name", "permissions"],
+                "properties": {"schema": {"type": "string"}, "name": {"type": "string"},
+                               "permissions": {"type": "array", "items": {
+                                   "enum": ["insert", "select", "update", "delete"]}},
+                               "owner": {"type": "boolean"}}}},
+            "schemas": {"type": "array", "items": {
+                "type": "object", "required": ["name", "permissions"],
+                "properties": {"name": {"type": "string"},
+                               "permissions": {"type": "array", "items": {"enum": ["create"]}}}}},
+            "table_metadata": {"type": "array"},
+            "services": {"type": "array", "items": {
+                "enum": ["geocoding", "routing", "isolines", "observatory"]}},
+        }},
+    },
+    "NewKey": {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "grants": _ref("Grants"),
+                       "api_key": {"type": "string"}},
+    },
+    "SqlAnswer": {
+        "type": "object", "required": ["rows", "time", "fields", "total_rows"],
+        "properties": {"rows": {"type": "array", "items": {"type": "object"}},
+                       "time": {"type": "number"}, "fields": {"type": "object"},
+                       "total_rows": {"type": "integer", "minimum": 0}},
+    },
+    "SqlParameters": {
+        "type": "object",
+        "properties": {"q": {"type": "string"}, "format": {"type": "string"},
+                       "filename": {"type": "string"}, "skipfields": {"type": "string"},
+                       "dp": {"type": "integer", "minimum": 0, "maximum": 15},
+                       "rows_per_page": {"type": "integer", "minimum": 1},
+                       "page": {"type": "integer", "minimum": 0},
+                       "api_key": {"type": "string"}, "map_key": {"type": "string"}},
+    },
+    "Dataset": {
+        "type": "object", "required": ["schema", "name", "privacy", "updated_at", "mode"],
+        "properties": {"schema": {"type": "string"}, "name": {"type": "string"},
+                       "privacy": {"enum": ["public", "link", "private"]},
+                       "updated_at": {"type": ["string", "null"]},
+                       "mode": {"enum": ["r", "rw", None]}},
+    },
+    "DatasetList": {
+        "type": "object", "required": ["total", "count", "result", "_links"],
+        "properties": {"total": {"type": "integer"}, "count": {"type": "integer"},
+                       "result": {"type": "array", "items": _ref("Dataset")},
+                       "_links": _ref("Links")},
+    },
+    "PrivacyChange": {
+        "type": "object", "required": ["privacy"],
+        "properties": {"privacy": {"enum": ["public", "link", "private"]},
+                       "schema": {"type": "string"}},
+    },
+    "Health": {
+        "type": "object", "required": ["status", "postgres"],
+        "properties": {"status": {"type": "string"}, "postgres": {"type": "string"},
+                       "version": {"type": "string"}},
+    },
+}
+
+
+def _query(name: str, schema: dict[str, Any], description: str = "") -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema,
+            "description": description}
+
+
+API_KEY = _query("api_key", {"type": "string"}, "The key's token (also Basic or Bearer).")
+KEY_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+            "description": "The key's name, URL-encoded."}
+TABLE_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+USERNAME = {"name": "username", "in": "path", "required": True, "schema": {"type": "string"}}
+SQL_QUERY_PARAMETERS = [
+    _query("q", {"type": "string"}, "The SQL."),
+    _query("format", {"type": "string"}, "json (default), csv or geojson; case-insensitive."),
+    _query("filename", {"type": "string"}),
+    _query("skipfields", {"type": "string"}),
+    _query("dp", {"type": "integer", "minimum": 0, "maximum": 15}),
+    _query("rows_per_page", {"type": "integer", "minimum": 1}),
+    _query("page", {"type": "integer", "minimum": 0}),
+    _query("callback", {"type": "string"}, "JSONP: errors are then answered 200."),
+    API_KEY,
+    _query("map_key", {"type": "string"}),
+]
+COMMON_AUTH = {"404": _auth_error("Unknown user or key."),
+               "503": _auth_error("PostgreSQL is unavailable.")}
+SQL_RESPONSES = {
+    "200": {"description": "The last statement's result, streamed (or a JSONP wrapper).",
+            "content": {JSON: {"schema": {"oneOf": [
+                _ref("SqlAnswer"),
+                {"type": "object", "required": ["type", "features"],
+                 "properties": {"type": {"const": "FeatureCollection"},
+                                "features": {"type": "array"}}}]}},
+                        "text/csv": {"schema": {"type": "string"}},
+                        "text/javascript": {"schema": {"type": "string"}}}},
+    "400": _data_error("Bad parameters, or PostgreSQL refused the SQL."),
+    "401": _data_error("Unknown token, or the key was revoked."),
+    "403": _data_error("No `sql` grant, Basic user mismatch, or permission denied."),
+    "404": _data_error("Unknown user."),
+    "413": _data_error("Request body too large."),
+    "429": _data_error("Time limit reached, or no database connection became free."),
+    "503": _data_error("PostgreSQL is unavailable."),
+}
+
+# (path, method, operation); every path is served under each user prefix.
+OPERATIONS: list[tuple[str, str, dict[str, Any]]] = [
+    ("/api/v3/api_keys", "get", {
+        "summary": "List keys (E1). Non-master keys see only themselves.",
+        "parameters": [API_KEY, _query("page", {"type": "integer", "minimum": 1}),
+                       _query("per_page", {"type": "integer", "minimum": 1, "maximum": 1000}),
+                       _query("order", {"enum": ["type", "name", "updated_at"]}),
+                       _query("order_direction", {"enum": ["asc", "desc"]}),
+                       _query("type", {"type": "string"},
+                              "Comma-separated subset of master, default, regular.")],
+        "responses": {"200": _json(_ref("ApiKeyList"), "A page of keys."),
+                      "400": _auth_error("Wrong list parameter."), "401": EMPTY_401,
+                      **COMMON_AUTH}}),
+    ("/api/v3/api_keys", "post", {
+        "summary": "Create a regular key (E3), master key only.",
+        "parameters": [API_KEY],
+        "requestBody": {"required": True, "content": {JSON: {"schema": _ref("NewKey")}}},
+        "responses": {"201": _json(_ref("ApiKey"), "The new key, with its token."),
+                      "400": _auth_error("The body is not a JSON object."), "401": EMPTY_401,
+                      "403": _auth_error("Key quota reached."),
+                      "413": _auth_error("Request body too large."),
+                      "422": _auth_error("Validation failed: …"), **COMMON_AUTH}}),
+    ("/api/v3/api_keys/{name}", "get", {
+        "summary": "Show a key (E2). Non-master keys only themselves.",
+        "parameters": [KEY_NAME, API_KEY],
+        "responses": {"200": _json(_ref("ApiKey"), "The key."), "401": EMPTY_401,
+                      **COMMON_AUTH}}),
+    ("/api/v3/api_keys/{name}", "delete", {
+        "summary": "Delete a regular key (E4), master key only.",
+        "parameters": [KEY_NAME, API_KEY],
+        "responses": {"204": {"description": "Deleted; empty body."}, "401": EMPTY_401,
+                      "403": _auth_error("Master and default keys cannot be deleted."),
+                      **COMMON_AUTH}}),
+    ("/api/v3/api_keys/{name}/token/regenerate", "post", {
+        "summary": "Give a key a new token (E5), master key only.",
+        "parameters": [KEY_NAME, API_KEY],
+        "responses": {"200": _json(_ref("ApiKey"), "The key with its new token."),
+                      "401": EMPTY_401, "403": _auth_error("The default key's token is fixed."),
+                      "413": _auth_error("Request body too large."), **COMMON_AUTH}}),
+    ("/api/v2/sql", "get", {"summary": "Run SQL as the key's role.",
+                            "parameters": SQL_QUERY_PARAMETERS, "responses": SQL_RESPONSES}),
+    ("/api/v2/sql", "post", {
+        "summary": "Run SQL as the key's role (parameters in the body win).",
+        "parameters": SQL_QUERY_PARAMETERS,
+        "requestBody": {"content": {
+            "application/x-www-form-urlencoded": {"schema": _ref("SqlParameters")},
+            JSON: {"schema": _ref("SqlParameters")}}},
+        "responses": SQL_RESPONSES}),
+    ("/api/v1/sql", "get", {"summary": "SQL API v1 path: the same as v2.",
+                            "parameters": SQL_QUERY_PARAMETERS, "responses": SQL_RESPONSES}),
+    ("/api/v1/sql", "post", {
+        "summary": "SQL API v1 path: the same as v2.", "parameters": SQL_QUERY_PARAMETERS,
+        "requestBody": {"content": {
+            "application/x-www-form-urlencoded": {"schema": _ref("SqlParameters")},
+            JSON: {"schema": _ref("SqlParameters")}}},
+        "responses": SQL_RESPONSES}),
+    ("/api/v4/datasets", "get", {
+        "summary": "List datasets (master, or keys created with table_metadata).",
+        "parameters": [API_KEY, _query("page", {"type": "integer", "minimum": 1}),
+                       _query("per_page", {"type": "integer", "minimum": 1, "maximum": 1000})],
+        "responses": {"200": _json(_ref("DatasetList"), "A page of datasets."),
+                      "400": _auth_error("Wrong list parameter."),
+                      "401": _auth_error("No valid key."), "403": _auth_error("Not allowed."),
+                      **COMMON_AUTH}}),
+    ("/api/v4/datasets/{name}", "patch", {
+        "summary": "Change a table's privacy (master key only).",
+        "parameters": [TABLE_NAME, API_KEY],
+        "requestBody": {"required": True, "content": {JSON: {"schema": _ref("PrivacyChange")}}},
+        "responses": {"200": _json(_ref("Dataset"), "The dataset after the change."),
+                      "400": _auth_error("Wrong privacy or body."),
+                      "401": _auth_error("No valid key."),
+                      "403": _auth_error("Not the master key."),
+                      "413": _auth_error("Request body too large."), **COMMON_AUTH}}),
+]
+GLOBAL_OPERATIONS: list[tuple[str, str, dict[str, Any]]] = [
+    ("/health", "get", {"summary": "Liveness: 200 once PostgreSQL answers.",
+                        "responses": {"200": _json(_ref("Health"), "Healthy."),
+                                      "503": _json(_ref("Health"), "PostgreSQL unreachable.")}}),
+    ("/openapi.json", "get", {"summary": "This document.",
+                              "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1.")}}),
+]
+
+
+def _operation_id(path: str, method: str) -> str:
+    cleaned = "".join(c if c.isalnum() else "_" for c in path).strip("_")
+    slash = "_slash" if path.endswith("/") else ""
+    return f"{method}_{cleaned}{slash}"
+
+
+def build_document() -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    for path, method, operation in OPERATIONS:
+        for variant in user_routes(path):
+            entry = dict(operation, operationId=_operation_id(variant, method))
+            if "{username}" in variant:
+                entry["parameters"] = [USERNAME, *operation.get("parameters", [])]
+            else:
+                entry["description"] = "The user comes from the first label of the Host header."
+            paths.setdefault(variant, {})[method] = entry
+    for path, method, operation in GLOBAL_OPERATIONS:
+        paths.setdefault(path, {})[method] = dict(operation,
+                                                  operationId=_operation_id(path, method))
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "grantkey", "version": __version__,
+                 "description": "CARTO-compatible Auth API v3, SQL API v2 and datasets, "
+                                "where every API key is a PostgreSQL role."},
+        "paths": paths,
+        "components": {"schemas": SCHEMAS, "securitySchemes": {
+            "basic": {"type": "http", "scheme": "basic"},
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "api_key": {"type": "apiKey", "in": "query", "name": "api_key"}}},
+        "security": [{"basic": []}, {"bearer": []}, {"api_key": []}, {}],
+    }
+
+
+DOCUMENT = build_document()
+
+
+async def openapi(request: Request) -> Response:
+    return json_response(DOCUMENT)
