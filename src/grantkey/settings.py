@@ -65,6 +65,7 @@ class Settings:
     max_keys_per_user: int = 0
     key_cache_size: int = 10_000
     max_body_bytes: int = 1_048_576
+    max_query_bytes: int = 262_144
     log_level: str = "info"
     sql_timeout: float = 25.0
     sql_master_timeout: float = 25.0
@@ -86,6 +87,7 @@ class Settings:
             max_keys_per_user=_env_int(env, "GRANTKEY_MAX_KEYS_PER_USER", 0),
             key_cache_size=_env_int(env, "GRANTKEY_KEY_CACHE_SIZE", 10_000),
             max_body_bytes=_env_int(env, "GRANTKEY_MAX_BODY_BYTES", 1_048_576, minimum=1024),
+            max_query_bytes=_env_int(env, "GRANTKEY_MAX_QUERY_BYTES", 262_144, minimum=1024),
             log_level=env.get("GRANTKEY_LOG_LEVEL") or "info",
             sql_timeout=_env_float(env, "GRANTKEY_SQL_TIMEOUT", 25.0),
             sql_master_timeout=_env_float(env, "GRANTKEY_SQL_MASTER_TIMEOUT", 25.0),
@@ -107,6 +109,7 @@ class Settings:
             "GRANTKEY_MAX_KEYS_PER_USER": str(self.max_keys_per_user),
             "GRANTKEY_KEY_CACHE_SIZE": str(self.key_cache_size),
             "GRANTKEY_MAX_BODY_BYTES": str(self.max_body_bytes),
+            "GRANTKEY_MAX_QUERY_BYTES": str(self.max_query_bytes),
             "GRANTKEY_LOG_LEVEL": self.log_level,
             "GRANTKEY_SQL_TIMEOUT": str(self.sql_timeout),
             "GRANTKEY_SQL_MASTER_TIMEOUT": str(self.sql_master_timeout),

@@ -88,3 +88,27 @@ def test_unknown_routes_and_methods_answer_json(http: httpx.Client, account: Acc
     assert missing.status_code == 404 and missing.json() == {"error": ["Not Found"]}
     wrong = http.put(account.keys_url, params=account.master())
     assert wrong.status_code == 405 and "Allow" in wrong.headers
+
+
+def test_sql_query_over_the_size_limit_is_400(http: httpx.Client, account: Account) -> None:
+    q = "SELECT 1 -- " + "x" * 300_000
+    response = http.post(account.sql_url, data={"q": q, "api_key": account.master_token})
+    assert response.status_code == 400
+    assert response.json() == {"error": ["The sql query is too long: the limit is 262144 bytes"]}
+
+
+def test_sql_query_with_a_nul_byte_is_400(http: httpx.Client, account: Account) -> None:
+    response = http.post(account.sql_url, json={"q": "SELECT 1\x00", "api_key":
+                                                account.master_token})
+    assert response.status_code == 400 and "NUL" in response.json()["error"][0]
+
+
+@pytest.mark.parametrize(("name", "value"), [("rows_per_page", "10000000000"),
+                                             ("rows_per_page", "0"), ("page", "-1"),
+                                             ("dp", "99"), ("dp", "x")])
+def test_absurd_sql_paging_parameters_are_400(
+    http: httpx.Client, account: Account, name: str, value: str
+) -> None:
+    response = account.sql(http, "SELECT 1", account.master_token, **{name: value})
+    assert response.status_code == 400
+    assert response.json()["error"][0].startswith(f"Invalid {name} parameter")

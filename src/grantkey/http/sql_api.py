@@ -58,6 +58,9 @@ def parse_sql_params(call: Call) -> SqlParams:
         raise BadInput("You must indicate a sql query")
     if "\x00" in query:
         raise BadInput("The sql query contains a NUL character")
+    limit = call.services.settings.max_query_bytes
+    if len(query.encode("utf-8", "surrogatepass")) > limit:
+        raise BadInput(f"The sql query is too long: the limit is {limit} bytes")
     raw_format = _text(params.get("format"))
     fmt = (raw_format or "json").lower()
     if fmt not in WRITERS:
