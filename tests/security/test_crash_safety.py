@@ -105,37 +105,49 @@ def test_server_killed_during_key_churn_leaves_everything_whole(
         survivor.stop()
 
 
+USER_STEPS = ["user.reserved", "user.roles_created", "user.database_created",
+              "user.keys_inserted", "user.database_prepared"]
+KEY_STEPS = ["key.validated", "key.role_created", "key.privileges_granted", "key.row_inserted"]
+
+
+def cli(*args: str, admin_url: str, crash_at: str | None = None) -> int:
+    env = {**os.environ, "GRANTKEY_SECRET": TEST_SECRET}
+    if crash_at:
+        env["GRANTKEY_CRASH_AT"] = crash_at
+    return subprocess.run([sys.executable, "-m", "grantkey.cli", *args, "--database-url",
+                           admin_url], env=env, capture_output=True, timeout=120).returncode
+
+
 @pytest.mark.slow
-def test_cli_killed_during_user_creation_is_repaired_at_start_up(
+def test_cli_killed_at_each_step_of_user_creation_is_repaired_at_start_up(
     data_dir: Path, admin_url: str, server: ServerProcess,
 ) -> None:
-    chooser = random.Random(11)
-    env = {**os.environ, "GRANTKEY_SECRET": TEST_SECRET}
-    names = []
-    for attempt in range(8):
-        name = f"killed-{os.getpid()}-{attempt}"
-        names.append(name)
-        creator = subprocess.Popen(
-            [sys.executable, "-m", "grantkey.cli", "users", "create", name, "--database-url",
-             admin_url], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(chooser.uniform(0.3, 1.2))  # the CLI's imports take ~0.3 s
-        creator.send_signal(signal.SIGKILL)
-        creator.wait()
+    names = [f"crash-{os.getpid()}-{i}" for i in range(len(USER_STEPS))]
+    for name, step in zip(names, USER_STEPS, strict=True):
+        assert cli("users", "create", name, admin_url=admin_url, crash_at=step) == -signal.SIGKILL
     with psycopg.connect(admin_url, dbname="grantkey") as conn:
         states = dict(conn.execute("SELECT username, state FROM users WHERE username = ANY(%s)",
                                    [names]).fetchall())
-    interrupted = [n for n in names if states.get(n) != "ready"]
-    print(f"\nuser creations killed before the end: {len(interrupted)} of {len(names)}; "
-          f"left half-made: {sum(1 for n in names if states.get(n) == 'creating')}")
-    assert interrupted, "no kill landed inside a user creation: adjust the delays"
-    restarted = start_server(data_dir, admin_url, "after-kills")  # runs the repair
+    assert states == dict.fromkeys(names, "creating"), "each crash left a half-made user"
+    restarted = start_server(data_dir, admin_url, "after-user-crashes")  # runs the repair
     restarted.stop()
     assert problems(admin_url) == []
     with psycopg.connect(admin_url, dbname="grantkey") as conn:
-        ready = [u for (u,) in conn.execute(
-            "SELECT username FROM users WHERE username = ANY(%s)", [names])]
-    for username in ready:  # fully made before the kill: usable, then cleaned up
-        subprocess.run([sys.executable, "-m", "grantkey.cli", "users", "delete", username,
-                        "--yes", "--database-url", admin_url], env=env, check=True,
-                       capture_output=True)
+        left = conn.execute("SELECT count(*) FROM users WHERE username = ANY(%s)",
+                            [names]).fetchone()
+    assert left == (0,)
+
+
+@pytest.mark.slow
+def test_cli_killed_at_each_step_of_key_creation_leaves_nothing(
+    account: Account, admin_url: str, owner_sql: object,
+) -> None:
+    owner_sql(account, "CREATE TABLE crashed (id serial PRIMARY KEY)")  # type: ignore[operator]
+    for step in KEY_STEPS:
+        code = cli("keys", "create", account.username, "doomed", "--table",
+                   "public.crashed:select,insert", admin_url=admin_url, crash_at=step)
+        assert code == -signal.SIGKILL
+        assert problems(admin_url) == []
+    assert cli("keys", "create", account.username, "doomed", "--table",
+               "public.crashed:select", admin_url=admin_url) == 0
     assert problems(admin_url) == []

@@ -14,7 +14,7 @@ from grantkey.db.sql_errors import connection_lost, translate
 from grantkey.db.sql_exec import Column, Execution
 from grantkey.domain.keys import Principal
 from grantkey.domain.secrets_box import SecretBox
-from grantkey.errors import LoginRefused, Unauthorized
+from grantkey.errors import DatabaseUnavailable, LoginRefused, Unauthorized
 from grantkey.services.resolver import KeyResolver
 
 
@@ -73,6 +73,9 @@ class SqlService:
         except LoginRefused:
             self.resolver.cache.evict(principal.user.id, principal.key.token_digest)
             raise Unauthorized("the key's role refused the login") from None
+        except DatabaseUnavailable:
+            await self._lost(principal)  # a login cut short by a revocation is a 401
+            raise
         limit = self.master_time_limit if principal.is_master else self.time_limit
         execution = Execution(conn, query, limit, self._terminate)
         started = time.monotonic()

@@ -1,0 +1,45 @@
+"""The floor: the same query and JSON shape with no key handling at all.
+
+A bare Starlette route on one pooled connection (per worker) logged in as the master's
+role. Served by uvicorn exactly like grantkey (same worker count), see throughput.py.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import orjson
+from psycopg_pool import AsyncConnectionPool
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+pool = AsyncConnectionPool(os.environ.get("BENCH_FLOOR_CONNINFO", ""), min_size=1, max_size=1,
+                           open=False, kwargs={"autocommit": True})
+
+
+async def floor(request: Request) -> Response:
+    started = time.monotonic()
+    async with pool.connection() as conn:
+        cur = await conn.execute(request.query_params["q"])
+        rows = await cur.fetchall()
+        names = [c.name for c in cur.description or []]
+        fields = {c.name: {"type": "number", "pgtype": "int4"} for c in cur.description or []}
+    body = {"rows": [dict(zip(names, row, strict=True)) for row in rows],
+            "time": round(time.monotonic() - started, 3), "fields": fields,
+            "total_rows": len(rows)}
+    return Response(orjson.dumps(body), media_type="application/json; charset=utf-8")
+
+
+@asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    await pool.open()
+    yield
+    await pool.close()
+
+
+app = Starlette(routes=[Route("/floor", floor)], lifespan=lifespan)

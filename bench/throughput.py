@@ -1,0 +1,186 @@
+"""SQL API throughput and p99 latency against the floor, side by side in one run (issue 5, 1-2).
+
+Run: python bench/throughput.py [--duration 15] [--runs 3] [--keys 1000]
+Needs wrk (Debian: apt-get install wrk). Both servers run with --workers 2 on 127.0.0.1;
+wrk uses 2 threads and 64 connections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+import psycopg
+from common import BenchServer, machine
+
+from grantkey.cli.embedded import EmbeddedPostgres
+from grantkey.domain.secrets_box import SecretBox
+
+HERE = Path(__file__).parent
+QUERIES = {"SELECT 1": "SELECT 1 AS x", "10 rows": "SELECT id FROM ten"}
+WORKERS = 2
+MAX_CONNECTIONS = 40  # per worker
+
+
+def wrk(url: str, duration: int, script: str | None = None) -> dict[str, float]:
+    command = ["wrk", "-t2", "-c64", f"-d{duration}s", "--latency", url]
+    if script:
+        command[1:1] = ["-s", script]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+    latency = float(p99.group(1)) * scale[p99.group(2)] if p99 else float("nan")
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    return {"rps": rps, "p99_ms": latency, "non2xx": float(bad.group(1)) if bad else 0.0,
+            "socket_errors": 1.0 if errors else 0.0}
+
+
+def lua(body: str) -> str:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as handle:
+        handle.write(body)
+    return handle.name
+
+
+def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]} | {
+        "non2xx": sum(r["non2xx"] for r in runs)}
+
+
+def setup(server: BenchServer, keys: int) -> dict[str, object]:
+    created = server.cli("users", "create", "bench")
+    master = str(created["master_token"])
+    sql = f"{server.url}/user/bench/api/v2/sql"
+    http = httpx.Client(timeout=60)
+    http.post(sql, data={"api_key": master,
+                         "q": "CREATE TABLE ten AS SELECT g AS id FROM generate_series(1, 10) g"})
+    http.patch(f"{server.url}/user/bench/api/v4/datasets/ten", params={"api_key": master},
+               json={"privacy": "public"})
+    grants = [{"type": "apis", "apis": ["sql"]}, {"type": "database", "tables": [
+        {"schema": "public", "name": "ten", "permissions": ["select"]}]}]
+    url = f"{server.url}/user/bench/api/v3/api_keys"
+    tokens = [http.post(url, params={"api_key": master},
+                        json={"name": f"k{i}", "grants": grants}).json()["token"]
+              for i in range(keys)]
+    embedded = EmbeddedPostgres(server.data_dir)
+    with psycopg.connect(embedded.admin_url, dbname="grantkey") as conn:
+        database, owner = conn.execute(
+            "SELECT database, owner_role FROM users WHERE username = 'bench'").fetchone()
+    secret = (server.data_dir / "secret").read_text().strip().encode()
+    password = SecretBox(secret).role_password(owner, master)
+    floor_conninfo = (f"host={embedded.socket_dir} port=5432 dbname={database} user={owner} "
+                      f"password={password}")
+    return {"master": master, "tokens": tokens, "sql": sql, "floor": floor_conninfo,
+            "admin": embedded.admin_url}
+
+
+def start_floor(conninfo: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = 18765
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "floor_app:app", "--workers", str(WORKERS),
+         "--port", str(port), "--no-access-log", "--log-level", "warning"],
+        cwd=HERE, env={**os.environ, "BENCH_FLOOR_CONNINFO": conninfo})
+    url = f"http://127.0.0.1:{port}/floor"
+    for _ in range(100):
+        try:
+            if httpx.get(url, params={"q": "SELECT 1 AS x"}).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError("floor did not start")
+
+
+def max_key_sessions(admin_url: str, stop: threading.Event, seen: list[int]) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        while not stop.is_set():
+            (count,) = conn.execute("SELECT count(*) FROM pg_stat_activity "
+                                    "WHERE usename ~ '^gk_.*_k'").fetchone()
+            seen.append(int(count))
+            time.sleep(0.1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--duration", type=int, default=15)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--keys", type=int, default=1000)
+    args = parser.parse_args()
+    env = {"GRANTKEY_SQL_MAX_CONNECTIONS": str(MAX_CONNECTIONS)}
+    rows: list[tuple[str, str, dict[str, float]]] = []
+    with BenchServer(workers=WORKERS, env=env) as server:
+        ready = setup(server, args.keys)
+        floor, floor_url = start_floor(str(ready["floor"]))
+        try:
+            tokens = list(ready["tokens"])  # type: ignore[call-overload]
+            token = tokens[0]
+            basic = base64.b64encode(f"bench:{token}".encode()).decode()
+            basic_script = lua(f'wrk.headers["Authorization"] = "Basic {basic}"\n')
+            listing = ", ".join(f'"{t}"' for t in tokens)
+            for label, q in QUERIES.items():
+                sql = f"{ready['sql']}?q={quote(q)}"
+                many = lua(f"tokens = {{{listing}}}\ni = 0\nrequest = function()\n"
+                           f"  i = i + 1\n  return wrk.format('GET', '{urlpath(sql)}&api_key=' "
+                           f".. tokens[(i % #tokens) + 1])\nend\n")
+                configs = [
+                    ("floor", f"{floor_url}?q={quote(q)}", None),
+                    ("regular key, Basic", sql, basic_script),
+                    ("regular key, query string", f"{sql}&api_key={token}", None),
+                    ("no key (default public)", sql, None),
+                    (f"{len(tokens)} keys round-robin", sql, many),
+                ]
+                for name, url, script in configs:
+                    seen: list[int] = []
+                    stop = threading.Event()
+                    sampler = threading.Thread(target=max_key_sessions,
+                                               args=(ready["admin"], stop, seen))
+                    sampler.start()
+                    runs = [wrk(url, args.duration, script) for _ in range(args.runs)]
+                    stop.set()
+                    sampler.join()
+                    result = median_of(runs) | {"max_sessions": float(max(seen or [0]))}
+                    rows.append((label, name, result))
+                    print(label, name, result, flush=True)
+        finally:
+            floor.terminate()
+            floor.wait(30)
+    report(rows, args)
+
+
+def urlpath(url: str) -> str:
+    return "/" + url.split("/", 3)[3]
+
+
+def report(rows: list[tuple[str, str, dict[str, float]]], args: argparse.Namespace) -> None:
+    lines = ["# SQL API throughput against the floor", "",
+             *(f"- {k}: {v}" for k, v in machine().items()),
+             f"- wrk -t2 -c64 -d{args.duration}s, medians of {args.runs} runs; both servers "
+             f"--workers {WORKERS}; key-role connection cap {WORKERS} x {MAX_CONNECTIONS}", "",
+             "| query | client | req/s | ratio to floor | p99 ms | p99 / floor | non-2xx | "
+             "max key-role sessions |", "|---|---|---|---|---|---|---|---|"]
+    floors = {label: r for label, name, r in rows if name == "floor"}
+    for label, name, r in rows:
+        base = floors[label]
+        lines.append(f"| {label} | {name} | {r['rps']:,.0f} | {r['rps'] / base['rps']:.2f} | "
+                     f"{r['p99_ms']:.2f} | {r['p99_ms'] / base['p99_ms']:.2f} | "
+                     f"{r['non2xx']:.0f} | {r['max_sessions']:.0f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = HERE / "results" / f"throughput-{time.strftime('%Y-%m-%d')}.md"
+    out.write_text(text)
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
