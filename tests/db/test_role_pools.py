@@ -140,3 +140,25 @@ def test_sql_api_answers_429_when_no_connection_frees_up(
         slow.join()
     after = httpx.get(url, params={"q": "SELECT 1 AS x", "api_key": other.token}, timeout=30)
     assert after.status_code == 200
+
+
+def test_clients_that_disconnect_mid_query_do_not_leak_connections(
+    account: Account, make_key: Callable[..., KeyHandle], tiny_server: ServerProcess,
+) -> None:
+    """The pool holds one connection: a single leaked slot would make every later call 429."""
+    key = make_key(account, "quitter", apis_only("sql"))
+    url = f"{tiny_server.url}/user/{account.username}/api/v2/sql"
+    for _ in range(3):  # gone while the query runs
+        with pytest.raises(httpx.TimeoutException):
+            httpx.get(url, params={"q": "SELECT pg_sleep(1)", "api_key": key.token}, timeout=0.3)
+        time.sleep(1.2)
+    for _ in range(3):  # gone while the answer streams
+        with httpx.stream("GET", url, params={
+            "q": "SELECT g, repeat('x', 200) FROM generate_series(1, 200000) g",
+            "api_key": key.token}, timeout=30) as response:
+            assert response.status_code == 200
+            next(response.iter_bytes())
+    time.sleep(0.5)
+    for _ in range(5):
+        after = httpx.get(url, params={"q": "SELECT 1 AS x", "api_key": key.token}, timeout=30)
+        assert after.status_code == 200, after.text

@@ -152,7 +152,9 @@ class Execution:
             self._watchdog.cancel()
         if self.conn.closed:
             return False
-        if not self.finished and self.conn.info.transaction_status == TransactionStatus.ACTIVE:
+        if self.conn.info.transaction_status == TransactionStatus.ACTIVE:
+            # interrupted mid-command (the client went away): stop it, never reuse the session
             with contextlib.suppress(psycopg.Error):
                 await self.conn.cancel_safe(timeout=CANCEL_GRACE_SECONDS)
+            return False
         return not self.timed_out

@@ -6,11 +6,13 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from psycopg import sql
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from grantkey.errors import BadInput, Forbidden, GrantkeyError
 from grantkey.http.context import Call, endpoint, user_routes
@@ -128,6 +130,22 @@ async def _body(running: RunningQuery, options: SqlParams,
         await finish(running)
 
 
+class QueryResponse(StreamingResponse):
+    """A streamed answer that always gives its connection back, even when the client
+    disconnects before the body starts (an unstarted generator never runs its finally)."""
+
+    def __init__(self, running: RunningQuery, finish: Finisher, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.running = running
+        self.finish = finish
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.finish(self.running)
+
+
 async def run_sql(call: Call) -> Response:
     if not call.principal.allows_api("sql"):
         raise Forbidden("forbidden")
@@ -136,8 +154,9 @@ async def run_sql(call: Call) -> Response:
         await call.services.datasets.require_postgis(call.user)
     running = await call.services.sql.start(call.principal, effective_query(options))
     media = "text/javascript; charset=utf-8" if options.callback else MEDIA_TYPES[options.format]
-    return StreamingResponse(
-        _body(running, options, call.services.sql.finish), media_type=media,
+    finish = call.services.sql.finish
+    return QueryResponse(
+        running, finish, content=_body(running, options, finish), media_type=media,
         headers={"Content-Disposition": _disposition(options), "Vary": "Authorization"},
     )
 

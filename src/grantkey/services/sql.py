@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ class RunningQuery:
     conn: RoleConnection
     type_names: dict[int, str]
     started: float
+    released: bool = False
 
     @property
     def columns(self) -> list[Column]:
@@ -45,6 +47,13 @@ class RunningQuery:
 
     def rows(self) -> AsyncIterator[tuple[Any, ...]]:
         return self.execution.rows()
+
+
+async def _shielded(work: Coroutine[Any, Any, None]) -> None:
+    """Run cleanup to its end even if the awaiting task is cancelled (again)."""
+    task = asyncio.ensure_future(work)
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.shield(task)
 
 
 class SqlService:
@@ -86,11 +95,18 @@ class SqlService:
             if connection_lost(error):
                 await self._lost(principal)
             raise translate(error) from None
+        except BaseException:  # cancelled: the client went away mid-query
+            await _shielded(self._release(execution, target, conn))
+            raise
         names = await self._names(principal.user.database, execution.columns, conn)
         return RunningQuery(execution, target, conn, names, started)
 
     async def finish(self, running: RunningQuery) -> None:
-        await self._release(running.execution, running.target, running.conn)
+        """Give the connection back (once), even while the request is being cancelled."""
+        if running.released:
+            return
+        running.released = True
+        await _shielded(self._release(running.execution, running.target, running.conn))
 
     async def _release(self, execution: Execution, target: RoleTarget,
                        conn: RoleConnection) -> None:
