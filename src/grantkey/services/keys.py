@@ -105,9 +105,15 @@ class KeyService:
         return self.box.encrypt_token(token, key_id.encode()) if self.store_tokens else None
 
     async def _views(self, user: User, records: list[KeyRecord]) -> list[KeyView]:
-        async with self.cluster.user_database(user.database) as conn:
-            live = await privileges.read_live_grants(conn, [r.role for r in records])
-        return [KeyView(user, r, self._token_of(r), live[r.role]) for r in records]
+        # Only regular keys show tables and schemas; the owner role, a member of every key
+        # role, would make reading the master's grants scan every membership.
+        regular = [r.role for r in records if r.type is KeyType.REGULAR]
+        live: dict[str, LiveGrants] = {}
+        if regular:
+            async with self.cluster.user_database(user.database) as conn:
+                live = await privileges.read_live_grants(conn, regular)
+        return [KeyView(user, r, self._token_of(r), live.get(r.role, LiveGrants()))
+                for r in records]
 
     async def master_principal(self, user: User) -> Principal:
         """Act as a user's master key without its token (the CLI, run by the operator)."""
