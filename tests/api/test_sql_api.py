@@ -267,3 +267,31 @@ def test_error_after_streaming_began_cuts_the_answer_short(
     with pytest.raises(json.JSONDecodeError):
         json.loads(response.text)  # cut short: no client can mistake it for a whole answer
     assert city.sql(http, "SELECT 1 AS ok", city.master_token).json()["rows"] == [{"ok": 1}]
+
+
+def test_a_query_is_never_run_twice_even_when_it_raises_a_syntax_error_sqlstate(
+    http: httpx.Client, city: Account, owner_sql: Callable[[Account, str], None],
+) -> None:
+    """Only PostgreSQL's refusal of several statements (before anything runs) is retried
+    with the simple protocol; an error raised while running is answered as it is."""
+    owner_sql(city, "CREATE SEQUENCE runs")
+    response = city.sql(http, "DO $$ BEGIN PERFORM nextval('runs'); "
+                              "RAISE SQLSTATE '42601' USING MESSAGE = 'raised on purpose'; END $$",
+                        city.master_token)
+    assert response.status_code == 400 and "raised on purpose" in response.text
+    counted = city.sql(http, "SELECT last_value, is_called FROM runs", city.master_token)
+    assert counted.json()["rows"] == [{"last_value": 1, "is_called": True}]
+
+
+def test_several_statements_run_exactly_once(http: httpx.Client, city: Account) -> None:
+    response = city.sql(http, "INSERT INTO cities (name) VALUES ('once'); "
+                              "SELECT count(*) AS n FROM cities WHERE name = 'once'",
+                        city.master_token)
+    assert response.json()["rows"] == [{"n": 1}]
+
+
+def test_large_results_count_every_streamed_row(http: httpx.Client, city: Account) -> None:
+    response = city.sql(http, "SELECT g FROM generate_series(1, 4500) g", city.master_token)
+    body = response.json()
+    assert body["total_rows"] == 4500 and len(body["rows"]) == 4500
+    assert body["rows"][-1] == {"g": 4500}

@@ -162,3 +162,52 @@ def test_clients_that_disconnect_mid_query_do_not_leak_connections(
     for _ in range(5):
         after = httpx.get(url, params={"q": "SELECT 1 AS x", "api_key": key.token}, timeout=30)
         assert after.status_code == 200, after.text
+
+
+def test_waiting_requests_are_served_first_come_first_served(
+    account: Account, make_key: Callable[..., KeyHandle], run: Callable[[Awaitable[Any]], Any],
+) -> None:
+    key = make_key(account, "fifo", apis_only("sql"))
+    pools = RolePools(max_connections=1, wait_seconds=5, idle_seconds=60)
+    served: list[int] = []
+
+    async def one(number: int) -> None:
+        conn = await pools.acquire(target(account, key))
+        served.append(number)
+        await asyncio.sleep(0.01)
+        await pools.release(target(account, key), conn, reusable=True)
+
+    async def scenario() -> None:
+        held = await pools.acquire(target(account, key))
+        waiting = []
+        for number in range(5):
+            waiting.append(asyncio.create_task(one(number)))
+            await asyncio.sleep(0.01)  # each one queues behind the previous
+        await pools.release(target(account, key), held, reusable=True)
+        await asyncio.gather(*waiting)
+        assert pools.open_connections == 1
+        await pools.close()
+
+    run(scenario())
+    assert served == [0, 1, 2, 3, 4]
+
+
+def test_a_waiter_that_gives_up_does_not_take_the_connection_with_it(
+    account: Account, make_key: Callable[..., KeyHandle], run: Callable[[Awaitable[Any]], Any],
+) -> None:
+    key = make_key(account, "quit", apis_only("sql"))
+    pools = RolePools(max_connections=1, wait_seconds=5, idle_seconds=60)
+
+    async def scenario() -> None:
+        held = await pools.acquire(target(account, key))
+        quitter = asyncio.create_task(pools.acquire(target(account, key)))
+        patient = asyncio.create_task(pools.acquire(target(account, key)))
+        await asyncio.sleep(0.05)
+        quitter.cancel()  # the client went away while waiting
+        await pools.release(target(account, key), held, reusable=True)
+        conn = await asyncio.wait_for(patient, 5)
+        assert conn is held and pools.open_connections == 1
+        await pools.release(target(account, key), conn, reusable=True)
+        await pools.close()
+
+    run(scenario())

@@ -1,9 +1,11 @@
 """Connections logged in as key roles, pooled per (database, role, password).
 
 Client SQL only ever runs on these. The pool is bounded in total; when it is full, idle
-connections of the least recently used roles are closed first; a request that cannot get
-a connection within a bounded wait fails with PoolExhausted. A connection goes back only
-after ROLLBACK (if a transaction was left open) and DISCARD ALL.
+connections of the least recently used roles are closed first; requests wait in one FIFO
+line, and one that cannot get a connection within a bounded wait fails with PoolExhausted.
+A connection goes back only after ROLLBACK (if a transaction was left open) and DISCARD ALL:
+the DISCARD ALL is sent when the connection is released and its answer read when it is next
+taken (one round trip saved per request; the session is reset either way before reuse).
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import psycopg
 from psycopg.pq import TransactionStatus
 
+from grantkey.db.pg_wire import finish_reset, send_reset
 from grantkey.errors import DatabaseUnavailable, LoginRefused, PoolExhausted
 
 RoleConnection = psycopg.AsyncConnection[tuple[object, ...]]
@@ -39,14 +42,25 @@ class _Idle:
     since: float
 
 
+@dataclass
+class _Waiter:
+    key: tuple[str, str, int]
+    future: asyncio.Future[RoleConnection | None]
+
+
 class RolePools:
+    """Requests that find the pool full wait in one FIFO line. A released connection goes
+    straight to the first waiter for its role; any other change wakes the first waiter to
+    try again (open a connection or close an idle one of the least recently used role)."""
+
     def __init__(self, max_connections: int, wait_seconds: float, idle_seconds: float) -> None:
         self.max_connections = max_connections
         self.wait_seconds = wait_seconds
         self.idle_seconds = idle_seconds
         self._idle: OrderedDict[tuple[str, str, int], list[_Idle]] = OrderedDict()
         self._open = 0
-        self._changed = asyncio.Condition()
+        self._waiters: deque[_Waiter] = deque()
+        self._closing: set[asyncio.Future[None]] = set()
 
     @property
     def open_connections(self) -> int:
@@ -58,43 +72,95 @@ class RolePools:
 
     async def acquire(self, target: RoleTarget) -> RoleConnection:
         deadline = time.monotonic() + self.wait_seconds
+        first_try = True
         while True:
-            reused = self._take_idle(target.key)
-            if reused is not None:
-                return reused
-            async with self._changed:
-                if self._open >= self.max_connections and not await self._evict_lru():
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise PoolExhausted(
-                            f"Too many concurrent queries: no database connection became free "
-                            f"within {self.wait_seconds:g} s. Try again shortly."
-                        )
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._changed.wait(), remaining)
-                    continue
-                self._open += 1
-            try:
-                return await self._connect(target)
-            except BaseException:
-                await self._forget_one()
-                raise
+            if not (first_try and self._waiters):  # newcomers queue behind waiters
+                conn = await self._take_or_open(target)
+                if conn is not None:
+                    return conn
+            first_try = False
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise PoolExhausted(
+                    f"Too many concurrent queries: no database connection became free "
+                    f"within {self.wait_seconds:g} s. Try again shortly."
+                )
+            handed = await self._wait(target.key, remaining)
+            if handed is not None and await self._fit(handed):
+                return handed
+
+    async def _take_or_open(self, target: RoleTarget) -> RoleConnection | None:
+        """An idle connection of this role, else a new one if a slot is (or can be) free."""
+        reused = await self._take_idle(target.key)
+        if reused is not None:
+            return reused
+        victim = None
+        if self._open < self.max_connections:
+            self._open += 1
+        else:
+            victim = self._pop_least_recently_used()  # its slot passes to this request
+            if victim is None:
+                return None
+        try:
+            if victim is not None:
+                with contextlib.suppress(psycopg.Error):
+                    await victim.close()
+            return await self._connect(target)
+        except BaseException:
+            self._forget_one()
+            raise
+
+    async def _wait(self, key: tuple[str, str, int],
+                    timeout: float) -> RoleConnection | None:
+        """A connection handed over, or None when woken to try again or out of time."""
+        waiter = _Waiter(key, asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
+        except BaseException as error:
+            self._abandon(waiter)
+            if isinstance(error, TimeoutError):
+                return None
+            raise
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+            return
+        # handed a connection, or woken, just as it gave up: pass it on
+        handed = waiter.future.result()
+        if handed is not None:
+            self._put_idle(waiter.key, handed)
+        else:
+            self._wake_first()
+
+    def _put_idle(self, key: tuple[str, str, int], conn: RoleConnection) -> None:
+        for waiter in self._waiters:
+            if waiter.key == key:
+                self._waiters.remove(waiter)
+                waiter.future.set_result(conn)
+                return
+        self._idle.setdefault(key, []).append(_Idle(conn, time.monotonic()))
+        self._idle.move_to_end(key)
+        self._wake_first()
+
+    def _wake_first(self) -> None:
+        """Something changed (a slot or an idle connection): the first waiter tries again."""
+        if self._waiters:
+            self._waiters.popleft().future.set_result(None)
 
     async def release(self, target: RoleTarget, conn: RoleConnection, *, reusable: bool) -> None:
         if reusable and not conn.closed:
             try:
                 if conn.info.transaction_status != TransactionStatus.IDLE:
                     await conn.rollback()
-                await conn.execute("DISCARD ALL")
+                await send_reset(conn)
             except psycopg.Error:
                 reusable = False
         if not reusable or conn.closed:
             await self._close(conn)
             return
-        self._idle.setdefault(target.key, []).append(_Idle(conn, time.monotonic()))
-        self._idle.move_to_end(target.key)
-        async with self._changed:
-            self._changed.notify()
+        self._put_idle(target.key, conn)
 
     async def discard_role(self, database: str, role: str) -> None:
         """Close every idle connection of one role (after its key was revoked)."""
@@ -124,29 +190,38 @@ class RolePools:
             await asyncio.sleep(max(1.0, self.idle_seconds / 4))
             await self.close_idle()
 
-    def _take_idle(self, key: tuple[str, str, int]) -> RoleConnection | None:
+    async def _take_idle(self, key: tuple[str, str, int]) -> RoleConnection | None:
         items = self._idle.get(key)
         while items:
             item = items.pop()
             if not items:
                 del self._idle[key]
-            if not item.conn.closed:
+            if await self._fit(item.conn):
                 return item.conn
-            self._open -= 1
+            items = self._idle.get(key)
         return None
 
-    async def _evict_lru(self) -> bool:
-        """Close one idle connection of the least recently used role. Caller holds the lock."""
-        for key in list(self._idle):
-            items = self._idle[key]
+    async def _fit(self, conn: RoleConnection) -> bool:
+        """Finish the reset of a connection taken from the pool; close it if it failed."""
+        try:
+            fit = await finish_reset(conn)
+        except BaseException:  # cancelled meanwhile: the connection must not leak
+            closing = asyncio.ensure_future(self._close(conn))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+            raise
+        if not fit:
+            await self._close(conn)
+        return fit
+
+    def _pop_least_recently_used(self) -> RoleConnection | None:
+        """Take one idle connection of the least recently used role, keeping its slot."""
+        for key, items in self._idle.items():
             item = items.pop(0)
             if not items:
                 del self._idle[key]
-            self._open -= 1
-            with contextlib.suppress(psycopg.Error):
-                await item.conn.close()
-            return True
-        return False
+            return item.conn
+        return None
 
     async def _connect(self, target: RoleTarget) -> RoleConnection:
         try:
@@ -163,12 +238,11 @@ class RolePools:
     async def _close(self, conn: RoleConnection) -> None:
         with contextlib.suppress(psycopg.Error):
             await conn.close()
-        await self._forget_one()
+        self._forget_one()
 
-    async def _forget_one(self) -> None:
-        async with self._changed:
-            self._open -= 1
-            self._changed.notify()
+    def _forget_one(self) -> None:
+        self._open -= 1
+        self._wake_first()
 
     async def close(self) -> None:
         for key in list(self._idle):

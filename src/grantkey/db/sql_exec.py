@@ -1,29 +1,28 @@
 """Running one client query on a key role's connection, streamed, under a time limit.
 
-A query is first declared as a server-side cursor (psycopg sends `DECLARE … CURSOR FOR
-<query>` with the extended protocol): that succeeds only for a single SELECT or VALUES,
-whose rows are then fetched in batches and streamed. Anything else — writes, DDL, several
-statements — is refused by PostgreSQL at parse or analysis time, before it runs, and is
-then sent as it is with the simple protocol: several statements run as one implicit
-transaction and the last result is answered (CARTO's rule), held in memory.
+A query is first sent as it is with the extended protocol (one round trip), its rows
+received in chunks and streamed (`StreamingCursor`). PostgreSQL refuses several statements
+in one extended-protocol message while parsing, before anything runs; such a query is then
+sent again with the simple protocol: the statements run as one implicit transaction and the
+last result is answered (CARTO's rule), held in memory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from psycopg.pq import TransactionStatus
 
+from grantkey.db.pg_wire import StreamingCursor
 from grantkey.db.role_pools import RoleConnection
 
 CANCEL_GRACE_SECONDS = 2.0
 BATCH_ROWS = 2000
-CURSOR_NAME = "grantkey_stream"
 
 
 @dataclass(frozen=True)
@@ -41,9 +40,13 @@ def _columns(description: list[psycopg.Column] | None) -> list[Column]:
     return [Column(c.name, c.type_code, int(getattr(c, "_fmod", -1))) for c in description or []]
 
 
-def _fatal(error: psycopg.Error) -> bool:
-    """Errors that end the attempt itself: a cancel, or the session going away."""
-    return isinstance(error, psycopg.errors.QueryCanceled | psycopg.OperationalError)
+def _several_statements(error: psycopg.Error) -> bool:
+    """PostgreSQL's refusal of a multi-statement query in an extended-protocol Parse.
+
+    Told apart from a plain syntax error by where it was raised, not by the (translated)
+    message."""
+    return (isinstance(error, psycopg.errors.SyntaxError)
+            and error.diag.source_function == "exec_parse_message")
 
 
 class Execution:
@@ -57,7 +60,8 @@ class Execution:
         self.query = query
         self.time_limit = time_limit
         self._terminate = terminate
-        self._server: psycopg.AsyncServerCursor[tuple[Any, ...]] | None = None
+        self._cursor: StreamingCursor | None = None
+        self._stream: AsyncGenerator[list[tuple[Any, ...]], None] | None = None
         self._batch: list[tuple[Any, ...]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -65,40 +69,40 @@ class Execution:
         self.finished = False
         self.columns: list[Column] = []
         self.rowcount = 0
-        self._count_rows = False  # streamed rows are counted; a plain result knows its count
+        self._streamed = 0
 
     async def start(self) -> None:
         self._timer = asyncio.get_running_loop().call_later(self.time_limit, self._on_time_limit)
         try:
-            if not await self._start_cursor():
+            try:
+                await self._start_streaming()
+            except psycopg.Error as error:
+                if not _several_statements(error):
+                    raise
                 await self._start_plain()
         except psycopg.errors.QueryCanceled:
             raise self._timeout_or_cancel() from None
 
-    async def _start_cursor(self) -> bool:
-        await self.conn.execute("BEGIN")
-        cursor = self.conn.cursor(name=CURSOR_NAME, scrollable=False)
-        try:
-            await cursor.execute(self.query)
-        except psycopg.Error as error:
-            if _fatal(error):
-                raise
-            await self.conn.execute("ROLLBACK")  # nothing ran: not a single SELECT, or invalid
-            return False
-        self._server = cursor
-        self._count_rows = True
-        self.columns = _columns(cursor.description)
-        self._batch = list(await cursor.fetchmany(BATCH_ROWS))
-        if len(self._batch) < BATCH_ROWS:
-            await self._end_cursor()
-        return True
+    async def _start_streaming(self) -> None:
+        self._cursor = StreamingCursor(self.conn)
+        self._stream = self._cursor.batches(self.query, BATCH_ROWS)
+        await self._next_batch()
+        self.columns = _columns(self._cursor.description)
 
-    async def _end_cursor(self) -> None:
-        assert self._server is not None
-        await self._server.close()
-        await self.conn.execute("COMMIT")
-        self._server = None
-        self.finished = True
+    async def _next_batch(self) -> None:
+        assert self._stream is not None and self._cursor is not None
+        try:
+            self._batch = await anext(self._stream)
+        except StopAsyncIteration:
+            self._batch = []
+        if len(self._batch) < BATCH_ROWS:  # the last one: read the closing result too
+            async for more in self._stream:
+                self._batch.extend(more)
+            self.finished = True
+        self._streamed += len(self._batch)
+        if self.finished:
+            # after chunks of rows libpq's closing result has no command tag: count them
+            self.rowcount = self._streamed or self._cursor.affected_rows
 
     async def _start_plain(self) -> None:
         cursor = self.conn.cursor()
@@ -114,15 +118,11 @@ class Execution:
         while True:
             for row in self._batch:
                 yield row
-            if self._count_rows:
-                self.rowcount += len(self._batch)
             self._batch = []
-            if self._server is None:
+            if self.finished:
                 return
             try:
-                self._batch = list(await self._server.fetchmany(BATCH_ROWS))
-                if len(self._batch) < BATCH_ROWS:
-                    await self._end_cursor()
+                await self._next_batch()
             except psycopg.errors.QueryCanceled:
                 raise self._timeout_or_cancel() from None
 
@@ -146,6 +146,9 @@ class Execution:
 
     async def close(self) -> bool:
         """Stop the timer and any unfinished query; True if the connection may be reused."""
+        if self._stream is not None and not self.finished:
+            with contextlib.suppress(Exception):
+                await self._stream.aclose()
         if self._timer is not None:
             self._timer.cancel()
         if self._watchdog is not None:

@@ -1,4 +1,4 @@
-"""LISTEN for key changes from every grantkey process, and drop those keys from the cache."""
+"""LISTEN for key and user changes from every grantkey process; drop them from the caches."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import psycopg
 
 from grantkey.services.container import Services
-from grantkey.services.revocation import CHANNEL, payload_role
+from grantkey.services.revocation import CHANNEL, deleted_username, payload_role
 
 log = logging.getLogger("grantkey.notifications")
 RETRY_SECONDS = 1.0
@@ -23,15 +23,29 @@ async def listen_for_revocations(services: Services) -> None:
             )
             async with conn:
                 await conn.execute(f"LISTEN {CHANNEL}")
-                services.cache.clear()
+                _forget_everything(services)
                 async for notice in conn.notifies():
-                    services.cache.evict_payload(notice.payload)
-                    target = payload_role(notice.payload)
-                    if target is not None:
-                        await services.pools.discard_role(*target)
+                    await _apply(services, notice.payload)
         except asyncio.CancelledError:
             raise
         except psycopg.Error as error:
             log.warning("revocation listener lost its connection: %s", type(error).__name__)
-        services.cache.clear()
+        _forget_everything(services)  # changes may be missed while disconnected
         await asyncio.sleep(RETRY_SECONDS)
+
+
+def _forget_everything(services: Services) -> None:
+    services.cache.clear()
+    services.users.forget()
+
+
+async def _apply(services: Services, payload: str) -> None:
+    username = deleted_username(payload)
+    if username is not None:
+        services.users.forget(username)
+        services.cache.clear()  # rare: simpler than finding that user's keys
+        return
+    services.cache.evict_payload(payload)
+    target = payload_role(payload)
+    if target is not None:
+        await services.pools.discard_role(*target)

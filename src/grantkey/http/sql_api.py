@@ -114,16 +114,21 @@ def _disposition(options: SqlParams) -> str:
 Finisher = Callable[[RunningQuery], Awaitable[None]]
 
 
+async def _chunks(running: RunningQuery, options: SqlParams) -> AsyncIterator[bytes]:
+    if options.callback:
+        yield options.callback.encode() + b"("
+    async for chunk in WRITERS[options.format](running, options.skipfields):
+        yield chunk
+    if options.callback:
+        yield b");"
+
+
 async def _body(running: RunningQuery, options: SqlParams,
                 finish: Finisher) -> AsyncIterator[bytes]:
     """The answer, streamed. An error after the first bytes can only cut it short."""
     try:
-        if options.callback:
-            yield options.callback.encode() + b"("
-        async for chunk in WRITERS[options.format](running, options.skipfields):
+        async for chunk in _chunks(running, options):
             yield chunk
-        if options.callback:
-            yield b");"
     except Exception as error:  # the status line is gone; end the body early
         log.warning("SQL answer cut short: %s", type(error).__name__)
     finally:
@@ -154,10 +159,16 @@ async def run_sql(call: Call) -> Response:
         await call.services.datasets.require_postgis(call.user)
     running = await call.services.sql.start(call.principal, effective_query(options))
     media = "text/javascript; charset=utf-8" if options.callback else MEDIA_TYPES[options.format]
+    headers = {"Content-Disposition": _disposition(options), "Vary": "Authorization"}
     finish = call.services.sql.finish
+    if running.execution.finished:
+        # every row is already here: give the connection back first, answer in one piece
+        await finish(running)
+        body = b"".join([chunk async for chunk in _chunks(running, options)])
+        return Response(body, media_type=media, headers=headers)
     return QueryResponse(
         running, finish, content=_body(running, options, finish), media_type=media,
-        headers={"Content-Disposition": _disposition(options), "Vary": "Authorization"},
+        headers=headers,
     )
 
 

@@ -22,7 +22,8 @@ class Services:
         self.cluster = Cluster(admin_url)
         box = SecretBox(load_secret(settings))
         self.cache = KeyCache(settings.key_cache_size)
-        self.users = UserService(self.cluster, box, settings.store_tokens)
+        self.users = UserService(self.cluster, box, settings.store_tokens,
+                                 cache_size=settings.key_cache_size)
         self.revoker = Revoker(self.cluster, self.cache)
         self.keys = KeyService(
             self.cluster, box, self.revoker,
@@ -34,7 +35,8 @@ class Services:
         self.revoker.pools = self.pools
         self.sql = SqlService(self.cluster, self.pools, self.resolver, box,
                               time_limit=settings.sql_timeout,
-                              master_time_limit=settings.sql_master_timeout)
+                              master_time_limit=settings.sql_master_timeout,
+                              target_cache_size=settings.key_cache_size)
         self.datasets = DatasetService(self.cluster)
 
     async def open(self, *, migrate: bool = True) -> None:

@@ -54,6 +54,18 @@ def payload(user: User, record: KeyRecord) -> str:
     return f"{user.id}:{record.token_digest.hex()}:{user.database}:{record.role}"
 
 
+USER_DELETED = "user-deleted:"
+
+
+def user_deleted(username: str) -> str:
+    """The payload telling every process that a user is going away."""
+    return USER_DELETED + username
+
+
+def deleted_username(message: str) -> str | None:
+    return message[len(USER_DELETED):] if message.startswith(USER_DELETED) else None
+
+
 def payload_role(message: str) -> tuple[str, str] | None:
     """(database, role) named by a payload, if it names them."""
     parts = message.split(":")

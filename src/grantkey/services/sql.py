@@ -16,6 +16,7 @@ from grantkey.db.sql_exec import Column, Execution
 from grantkey.domain.keys import Principal
 from grantkey.domain.secrets_box import SecretBox
 from grantkey.errors import DatabaseUnavailable, LoginRefused, Unauthorized
+from grantkey.services.lru import Lru
 from grantkey.services.resolver import KeyResolver
 
 
@@ -59,7 +60,7 @@ async def _shielded(work: Coroutine[Any, Any, None]) -> None:
 class SqlService:
     def __init__(
         self, cluster: Cluster, pools: RolePools, resolver: KeyResolver, box: SecretBox, *,
-        time_limit: float, master_time_limit: float,
+        time_limit: float, master_time_limit: float, target_cache_size: int = 10_000,
     ) -> None:
         self.cluster = cluster
         self.pools = pools
@@ -68,11 +69,19 @@ class SqlService:
         self.time_limit = time_limit
         self.master_time_limit = master_time_limit
         self._type_names: dict[tuple[str, int], str] = {}
+        # deriving the password and building the conninfo cost more than the query itself
+        self._targets: Lru[tuple[str, str, str], RoleTarget] = Lru(target_cache_size)
 
     def target_for(self, principal: Principal) -> RoleTarget:
         role, database = principal.key.role, principal.user.database
-        password = self.box.role_password(role, principal.token)
-        return RoleTarget(database, role, self.cluster.role_conninfo(database, role, password))
+        cache_key = (database, role, principal.token)
+        target = self._targets.get(cache_key)
+        if target is None:
+            password = self.box.role_password(role, principal.token)
+            target = RoleTarget(database, role,
+                                self.cluster.role_conninfo(database, role, password))
+            self._targets.put(cache_key, target)
+        return target
 
     async def start(self, principal: Principal, query: str) -> RunningQuery:
         """Run `query` up to its first row. Errors here get a proper status."""

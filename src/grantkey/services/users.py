@@ -16,7 +16,9 @@ from grantkey.domain.secrets_box import SecretBox
 from grantkey.domain.tokens import DEFAULT_PUBLIC_TOKEN, digest, new_token
 from grantkey.errors import UserExists, UserNotFound
 from grantkey.faults import checkpoint
+from grantkey.services.lru import Lru
 from grantkey.services.reconcile import USER_LOCK_CLASS
+from grantkey.services.revocation import CHANNEL, user_deleted
 
 BUILTIN_APIS = ("sql", "maps")
 
@@ -28,17 +30,34 @@ class CreatedUser:
 
 
 class UserService:
-    def __init__(self, cluster: Cluster, box: SecretBox, store_tokens: bool) -> None:
+    def __init__(self, cluster: Cluster, box: SecretBox, store_tokens: bool,
+                 cache_size: int = 10_000) -> None:
         self.cluster = cluster
         self.box = box
         self.store_tokens = store_tokens
+        self._known: Lru[str, User] = Lru(cache_size)
 
-    async def get(self, username: str) -> User:
+    async def get(self, username: str, *, cached: bool = False) -> User:
+        """A ready user. `cached` may answer from this process's memory: a deletion
+        reaches every process through NOTIFY (see `forget`); an unknown name is never cached,
+        so a user created elsewhere is found at once."""
+        if cached:
+            known = self._known.get(username)
+            if known is not None:
+                return known
         async with self.cluster.metadata() as conn:
             user = await user_store.find_user(conn, username)
         if user is None:
             raise UserNotFound(username)
+        self._known.put(username, user)
         return user
+
+    def forget(self, username: str | None = None) -> None:
+        """Drop one user (or, with None, every user) from this process's memory."""
+        if username is None:
+            self._known.clear()
+        else:
+            self._known.pop(username)
 
     async def all(self) -> list[User]:
         async with self.cluster.metadata() as conn:
@@ -112,6 +131,9 @@ class UserService:
 
     async def delete(self, username: str) -> None:
         user = await self.get(username)
+        self.forget(username)
         async with self.cluster.metadata() as conn:
             await user_store.mark_deleting(conn, user.id)
+            # delivered at commit: every process stops serving the user from its cache
+            await conn.execute("SELECT pg_notify(%s, %s)", [CHANNEL, user_deleted(username)])
         await user_store.drop_user_everywhere(self.cluster, user.id, user.database)

@@ -1,0 +1,71 @@
+"""The psycopg internals we lean on (grantkey/db/pg_wire.py), against a real PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import psycopg
+import pytest
+
+from grantkey.db.pg_wire import StreamingCursor, finish_reset, send_reset
+from grantkey.db.sql_exec import _several_statements
+from tests.conftest import Account
+
+
+async def _run(conninfo: str, query: str, size: int = 2000) -> tuple[list[int], StreamingCursor]:
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+        cursor = StreamingCursor(conn)
+        sizes = [len(batch) async for batch in cursor.batches(query, size)]
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        return sizes, cursor
+
+
+def test_rows_arrive_in_batches_of_the_requested_size(
+    account: Account, run: Callable[[Awaitable[Any]], Any], admin_url: str,
+) -> None:
+    conninfo = psycopg.conninfo.make_conninfo(admin_url, dbname=account.user.database)
+    sizes, cursor = run(_run(conninfo, "SELECT g FROM generate_series(1, 5000) g"))
+    assert sizes == [2000, 2000, 1000]
+    assert [c.name for c in cursor.description or []] == ["g"]
+
+
+def test_an_empty_result_keeps_its_columns_and_a_write_its_row_count(
+    account: Account, run: Callable[[Awaitable[Any]], Any], admin_url: str,
+) -> None:
+    conninfo = psycopg.conninfo.make_conninfo(admin_url, dbname=account.user.database)
+    sizes, cursor = run(_run(conninfo, "SELECT 1 AS a, 'x'::text AS b WHERE false"))
+    assert sizes == [] and [c.name for c in cursor.description or []] == ["a", "b"]
+    sizes, cursor = run(_run(conninfo, "CREATE TEMP TABLE t AS SELECT 1 AS a"))
+    assert sizes == [] and cursor.description is None
+
+
+def test_several_statements_are_refused_before_running_and_told_from_syntax_errors(
+    account: Account, run: Callable[[Awaitable[Any]], Any], admin_url: str,
+) -> None:
+    conninfo = psycopg.conninfo.make_conninfo(admin_url, dbname=account.user.database)
+    with pytest.raises(psycopg.errors.SyntaxError) as several:
+        run(_run(conninfo, "CREATE TABLE ran (a int); SELECT 1"))
+    assert _several_statements(several.value)
+    with pytest.raises(psycopg.errors.SyntaxError) as typo:
+        run(_run(conninfo, "SELEC 1"))
+    assert not _several_statements(typo.value)
+    with psycopg.connect(conninfo) as conn:  # the refused query did not run at all
+        assert conn.execute("SELECT to_regclass('ran')").fetchone() == (None,)
+
+
+def test_a_reset_sent_on_release_undoes_session_state_before_reuse(
+    account: Account, run: Callable[[Awaitable[Any]], Any], admin_url: str,
+) -> None:
+    conninfo = psycopg.conninfo.make_conninfo(admin_url, dbname=account.user.database)
+
+    async def scenario() -> tuple[bool, object]:
+        async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+            await conn.execute("SET search_path = nowhere")
+            await send_reset(conn)
+            fit = await finish_reset(conn)
+            cur = await conn.execute("SHOW search_path")
+            return fit, (await cur.fetchone() or [None])[0]
+
+    fit, path = run(scenario())
+    assert fit and path == '"$user", public'
