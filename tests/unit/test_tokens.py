@@ -68,6 +68,6 @@ def test_role_password_depends_on_secret_role_and_token() -> None:
 
 def test_scram_verifier_has_postgresql_format_and_hides_the_password() -> None:
     verifier = scram_verifier("hunter2")
-    assert re.fullmatch(r"SCRAM-SHA-256\$4096:[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+:[A-Za-z0-9+/=]+",
+    assert re.fullmatch(r"SCRAM-SHA-256\$16:[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+:[A-Za-z0-9+/=]+",
                         verifier)
     assert "hunter2" not in verifier
