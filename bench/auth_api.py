@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import httpx
-from common import BenchServer, machine
+from common import BenchServer, machine, write_result
 
 
 def timed(call: object) -> float:
@@ -60,10 +59,7 @@ def main() -> None:
              f"({fill_seconds / max(1, args.keys - args.samples) * 1000:.1f} ms per key)",
              f"- list 20 keys of {args.keys:,}, first page: {statistics.median(first):.1f} ms "
              f"median; page {last_page}: {statistics.median(deep):.1f} ms median (target ≤ 20 ms)"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    (Path(__file__).parent / "results" / f"auth-api-{time.strftime('%Y-%m-%d')}.md"
-     ).write_text(text)
+    write_result("auth-api", lines)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,16 @@ def machine() -> dict[str, str]:
             "commit": commit or "unknown"}
 
 
+def write_result(name: str, lines: list[str]) -> Path:
+    """Print a benchmark's report and keep it as bench/results/<name>-<date>.md."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = Path(__file__).parent / "results" / f"{name}-{time.strftime('%Y-%m-%d')}.md"
+    out.write_text(text)
+    print(f"written to {out}")
+    return out
+
+
 class BenchServer:
     """`grantkey serve` on a fresh data directory; stopped (with PostgreSQL) on exit."""
 

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine
+from common import machine, write_result
 
 from grantkey.cli.embedded import EmbeddedPostgres
 from grantkey.services.container import Services
@@ -80,10 +80,7 @@ def main() -> None:
              f"- cached: {result['cached_us']:.1f} µs median (target ≤ 20 µs)",
              f"- uncached: {result['uncached_us']:.0f} µs median, "
              f"{result['uncached_p99_us']:.0f} µs p99 (target ≤ 2,000 µs)"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    (Path(__file__).parent / "results" / f"key-resolution-{time.strftime('%Y-%m-%d')}.md"
-     ).write_text(text)
+    write_result("key-resolution", lines)
 
 
 if __name__ == "__main__":

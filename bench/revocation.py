@@ -13,10 +13,9 @@ import argparse
 import statistics
 import threading
 import time
-from pathlib import Path
 
 import httpx
-from common import BenchServer, machine
+from common import BenchServer, machine, write_result
 
 GRANTS = [{"type": "apis", "apis": ["sql"]}]
 
@@ -71,10 +70,7 @@ def main() -> None:
              f"- running pg_sleep(30) ended after DELETE returned: "
              f"{statistics.median(ends):.0f} ms median, {max(ends):.0f} ms max over "
              f"{args.sleep_trials} trials (target ≤ 1,000 ms)"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    (Path(__file__).parent / "results" / f"revocation-{time.strftime('%Y-%m-%d')}.md"
-     ).write_text(text)
+    write_result("revocation", lines)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,10 @@ import base64
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from urllib.parse import quote
 
 import httpx
-from common import BenchServer, machine
+from common import BenchServer, machine, write_result
 from stream_memory import tree_rss
 from throughput import lua, wrk
 
@@ -28,7 +27,6 @@ from grantkey.cli.embedded import EmbeddedPostgres
 from grantkey.services.container import Services
 from grantkey.settings import Settings
 
-HERE = Path(__file__).parent
 QUERY = "SELECT id FROM ten"
 GRANTS = [{"type": "apis", "apis": ["sql"]}, {"type": "database", "tables": [
     {"schema": "public", "name": "ten", "permissions": ["select"]}]}]
@@ -167,11 +165,7 @@ def report(args: argparse.Namespace, empty: dict[str, float], full: dict[str, fl
         f"| after each of the {args.keys:,} keys was used once ({use_seconds:.0f} s, "
         f"{failures} failures) | {mb['after']:.1f} |",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = HERE / "results" / f"scale-{time.strftime('%Y-%m-%d')}.md"
-    out.write_text(text)
-    print(f"written to {out}")
+    write_result("scale", lines)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import httpx
-from common import machine
+from common import machine, write_result
 
 
 def serve_until_healthy(data_dir: Path) -> float:
@@ -56,9 +56,7 @@ def main() -> None:
              f"median of {args.runs} (target ≤ 10 s); all: {[round(t, 2) for t in fresh]}",
              f"- existing data directory: {statistics.median(existing):.2f} s median "
              f"(target ≤ 3 s); all: {[round(t, 2) for t in existing]}"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    (Path(__file__).parent / "results" / f"startup-{time.strftime('%Y-%m-%d')}.md").write_text(text)
+    write_result("startup", lines)
 
 
 if __name__ == "__main__":

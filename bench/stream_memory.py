@@ -10,11 +10,10 @@ import argparse
 import statistics
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import psutil
-from common import BenchServer, machine
+from common import BenchServer, machine, write_result
 
 QUERY = ("SELECT g AS id, md5(g::text) AS name, g * 1.5 AS value, now() AS at "
          "FROM generate_series(1, {rows}) AS g")
@@ -80,11 +79,7 @@ def main() -> None:
         lines.append(f"| {fmt} | {r['idle_mb']:.1f} | {r['peak_mb']:.1f} | "
                      f"{r['delta_mb']:.1f} / {r['max_delta_mb']:.1f} | {r['seconds']:.2f} | "
                      f"{r['mb']:.0f} | {args.rows / r['seconds']:,.0f} |")
-    report = "\n".join(lines) + "\n"
-    print(report)
-    out = Path(__file__).parent / "results" / f"stream-memory-{time.strftime('%Y-%m-%d')}.md"
-    out.write_text(report)
-    print(f"written to {out}")
+    write_result("stream-memory", lines)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import httpx
 import psycopg
-from common import BenchServer, machine
+from common import BenchServer, machine, write_result
 
 from grantkey.cli.embedded import EmbeddedPostgres
 from grantkey.domain.secrets_box import SecretBox
@@ -175,11 +175,7 @@ def report(rows: list[tuple[str, str, dict[str, float]]], args: argparse.Namespa
         lines.append(f"| {label} | {name} | {r['rps']:,.0f} | {r['rps'] / base['rps']:.2f} | "
                      f"{r['p99_ms']:.2f} | {r['p99_ms'] / base['p99_ms']:.2f} | "
                      f"{r['non2xx']:.0f} | {r['max_sessions']:.0f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = HERE / "results" / f"throughput-{time.strftime('%Y-%m-%d')}.md"
-    out.write_text(text)
-    print(f"written to {out}")
+    write_result("throughput", lines)
 
 
 if __name__ == "__main__":

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import httpx
 import pytest
 
+from grantkey.services.container import Services
 from tests.conftest import Account, KeyHandle
-from tests.support import apis_only, table_grants
+from tests.support import ServerProcess, apis_only, table_grants
 
 SETUP = """
 CREATE TABLE cities (id serial PRIMARY KEY, name text, pop numeric, area float8, big boolean,
@@ -295,3 +298,18 @@ def test_large_results_count_every_streamed_row(http: httpx.Client, city: Accoun
     body = response.json()
     assert body["total_rows"] == 4500 and len(body["rows"]) == 4500
     assert body["rows"][-1] == {"g": 4500}
+
+
+def test_a_deleted_user_is_404_on_every_worker_although_workers_cache_users(
+    http: httpx.Client, services: Services, run: Callable[[Awaitable[Any]], Any],
+    server: ServerProcess,
+) -> None:
+    created = run(services.users.create("cached-then-deleted"))
+    url = f"{server.url}/user/cached-then-deleted/api/v2/sql"
+    for _ in range(20):  # both workers now hold the user in their cache
+        answer = http.get(url, params={"q": "SELECT 1 AS x", "api_key": created.master_token})
+        assert answer.status_code == 200
+    run(services.users.delete("cached-then-deleted"))
+    time.sleep(0.5)  # NOTIFY is asynchronous
+    statuses = {http.get(url, params={"q": "SELECT 1 AS x"}).status_code for _ in range(20)}
+    assert statuses == {404}
