@@ -90,6 +90,18 @@ async def send_reset(conn: psycopg.AsyncConnection[Row]) -> None:
         await conn.wait(send(conn.pgconn))
 
 
+def send_reset_at_once(conn: psycopg.AsyncConnection[Row]) -> bool:
+    """Send DISCARD ALL without suspending the caller, when nothing else uses the connection
+    and the message fits the socket at once; False if it was not sent."""
+    if conn.closed or conn.lock.locked():
+        return False
+    conn.pgconn.send_query(RESET)
+    if conn.pgconn.flush() != 0:  # partly sent: the connection is not fit for reuse
+        conn.pgconn.finish()
+        return False
+    return True
+
+
 async def finish_reset(conn: psycopg.AsyncConnection[Row]) -> bool:
     """Read the answer of `send_reset`; False if the connection is not fit for reuse."""
     if conn.closed:

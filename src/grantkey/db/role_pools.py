@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg.pq import TransactionStatus
 
-from grantkey.db.pg_wire import finish_reset, send_reset
+from grantkey.db.pg_wire import finish_reset, send_reset, send_reset_at_once
 from grantkey.errors import DatabaseUnavailable, LoginRefused, PoolExhausted
 
 RoleConnection = psycopg.AsyncConnection[tuple[object, ...]]
@@ -161,6 +161,16 @@ class RolePools:
             await self._close(conn)
             return
         self._put_idle(target.key, conn)
+
+    def release_at_once(self, target: RoleTarget, conn: RoleConnection) -> bool:
+        """The common release, without suspending (so it cannot be cancelled halfway): the
+        session is idle and its DISCARD ALL goes out at once. False: use `release`."""
+        if conn.closed or conn.info.transaction_status != TransactionStatus.IDLE:
+            return False
+        if not send_reset_at_once(conn):
+            return False
+        self._put_idle(target.key, conn)
+        return True
 
     async def discard_role(self, database: str, role: str) -> None:
         """Close every idle connection of one role (after its key was revoked)."""

@@ -144,15 +144,18 @@ class Execution:
         if not self.finished and not self.conn.closed:
             await self._terminate(pid)
 
+    def stop_timers(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+
     async def close(self) -> bool:
         """Stop the timer and any unfinished query; True if the connection may be reused."""
         if self._stream is not None and not self.finished:
             with contextlib.suppress(Exception):
                 await self._stream.aclose()
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        self.stop_timers()
         if self.conn.closed:
             return False
         if self.conn.info.transaction_status == TransactionStatus.ACTIVE:

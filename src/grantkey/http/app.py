@@ -19,6 +19,7 @@ from grantkey.http import auth_api, datasets_api, sql_api
 from grantkey.http.context import services_of
 from grantkey.http.cors import CorsMiddleware
 from grantkey.http.errors import http_error, json_response, unexpected_error
+from grantkey.http.fast_path import GrantkeyApp
 from grantkey.http.notifications import listen_for_revocations
 from grantkey.http.openapi import openapi
 from grantkey.services.container import Services
@@ -34,7 +35,7 @@ async def health(request: Request) -> Response:
     return json_response({"status": "ok", "postgres": "ok", "version": __version__})
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
+def create_app(settings: Settings | None = None) -> GrantkeyApp:
     """Build the app. Settings come from GRANTKEY_* (serve sets them for every worker)."""
     settings = settings or Settings.from_env()
     if not settings.database_url:
@@ -55,13 +56,15 @@ def create_app(settings: Settings | None = None) -> Starlette:
                     await task
             await services.close()
 
-    app = Starlette(
+    sql_handler = sql_api.handler()
+    app = GrantkeyApp(
         routes=[Route("/health", health, methods=["GET"]),
                 Route("/openapi.json", openapi, methods=["GET"]), *auth_api.routes(),
-                *sql_api.routes(), *datasets_api.routes()],
+                *sql_api.routes(sql_handler), *datasets_api.routes()],
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error, Exception: unexpected_error},
         middleware=[Middleware(CorsMiddleware)],
     )
     app.state.services = services
+    app.sql_handler = sql_handler
     return app

@@ -55,11 +55,12 @@ Handler = Callable[[Call], Awaitable[Response]]
 
 
 ErrorRenderer = Callable[[Request, GrantkeyError], Response]
+RequestHandler = Callable[[Request], Awaitable[Response]]
 
 
 def endpoint(
     family: Family, handler: Handler, on_error: ErrorRenderer | None = None
-) -> Callable[[Request], Awaitable[Response]]:
+) -> RequestHandler:
     """Wrap a handler: resolve who calls, and render any grantkey error in `family`'s shape."""
 
     async def run(request: Request) -> Response:

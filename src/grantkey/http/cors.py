@@ -6,6 +6,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 ALLOW_HEADERS = "Authorization, Content-Type, X-Requested-With"
 ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
+ALLOW_ORIGIN = (b"access-control-allow-origin", b"*")
 
 
 class CorsMiddleware:
@@ -18,7 +19,7 @@ class CorsMiddleware:
             return
         if scope["method"] == "OPTIONS":
             await send({"type": "http.response.start", "status": 200, "headers": [
-                (b"access-control-allow-origin", b"*"),
+                ALLOW_ORIGIN,
                 (b"access-control-allow-headers", ALLOW_HEADERS.encode()),
                 (b"access-control-allow-methods", ALLOW_METHODS.encode()),
                 (b"content-length", b"0"),
@@ -28,8 +29,7 @@ class CorsMiddleware:
 
         async def with_cors(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []),
-                                      (b"access-control-allow-origin", b"*")]
+                message["headers"] = [*message.get("headers", []), ALLOW_ORIGIN]
             await send(message)
 
         await self.app(scope, receive, with_cors)

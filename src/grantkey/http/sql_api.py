@@ -15,7 +15,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from grantkey.errors import BadInput, Forbidden, GrantkeyError
-from grantkey.http.context import Call, endpoint, user_routes
+from grantkey.http.context import Call, RequestHandler, endpoint, user_routes
 from grantkey.http.errors import Family, render_error
 from grantkey.http.formats import EXTENSIONS, GEOJSON_COLUMN, MEDIA_TYPES, WRITERS
 from grantkey.services.sql import RunningQuery
@@ -182,10 +182,13 @@ def jsonp_errors(request: Request, error: GrantkeyError) -> Response:
     return Response(body, status_code=200, media_type="text/javascript; charset=utf-8")
 
 
-def routes() -> list[Route]:
-    handler = endpoint(Family.DATA, run_sql, on_error=jsonp_errors)
+def handler() -> RequestHandler:
+    return endpoint(Family.DATA, run_sql, on_error=jsonp_errors)
+
+
+def routes(sql_handler: RequestHandler) -> list[Route]:
     built = []
     for version in ("v2", "v1"):
         for variant in user_routes(f"/api/{version}/sql"):
-            built.append(Route(variant, handler, methods=["GET", "POST"]))
+            built.append(Route(variant, sql_handler, methods=["GET", "POST"]))
     return built

@@ -115,6 +115,11 @@ class SqlService:
         if running.released:
             return
         running.released = True
+        execution = running.execution
+        if execution.finished and not execution.timed_out:
+            execution.stop_timers()
+            if self.pools.release_at_once(running.target, running.conn):
+                return  # the usual case: no task needed to protect it from cancellation
         await _shielded(self._release(running.execution, running.target, running.conn))
 
     async def _release(self, execution: Execution, target: RoleTarget,
