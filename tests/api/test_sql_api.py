@@ -254,6 +254,18 @@ def test_large_answers_stream_in_batches_with_exact_totals(
     assert len(csv) == 4501 and csv[-1] == "4500"
 
 
+@pytest.mark.parametrize("count", [0, 499, 500, 501, 1000, 2000, 2001])
+def test_json_answers_are_whole_at_every_chunk_boundary(
+    http: httpx.Client, city: Account, count: int
+) -> None:
+    query = f"SELECT g, g * 0.5 AS half FROM generate_series(1, {count}) AS g"
+    body = city.sql(http, query, city.master_token).json()
+    assert body["total_rows"] == count
+    assert body["rows"] == [{"g": g, "half": g * 0.5} for g in range(1, count + 1)]
+    skipped = city.sql(http, query, city.master_token, skipfields="half").json()
+    assert skipped["rows"] == [{"g": g} for g in range(1, count + 1)]
+
+
 def test_error_before_the_first_batch_gets_its_status(http: httpx.Client, city: Account) -> None:
     response = city.sql(http, "SELECT 1 / (g - 100) FROM generate_series(1, 200) AS g",
                         city.master_token)

@@ -44,6 +44,13 @@ class Projection:
             running.type_name(running.columns[i]), running.columns[i].type_modifier)
             for i in self.indexes}
 
+    def records(self, rows: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+        if self.converters.count(None) == len(self.converters) and len(self.indexes) == len(
+                self.running.columns):  # every column, each value as it is
+            names = self.names
+            return [dict(zip(names, row, strict=True)) for row in rows]
+        return [self.record(row) for row in rows]
+
     def record(self, row: tuple[Any, ...]) -> dict[str, Any]:
         record = {}
         for name, index, convert in zip(self.names, self.indexes, self.converters, strict=True):
@@ -53,20 +60,21 @@ class Projection:
 
 
 async def json_chunks(running: RunningQuery, skip: set[str]) -> AsyncIterator[bytes]:
+    """`{"rows":[...],"time":...,"fields":...,"total_rows":...}`, CHUNK_ROWS rows a chunk,
+    each chunk's rows serialised by one orjson call."""
     projection = Projection(running, skip)
-    parts: list[bytes] = [b'{"rows":[']
-    first = True
+    head = b'{"rows":['
+    separator = b""
+    batch: list[tuple[Any, ...]] = []
     async for row in running.rows():
-        parts.append(_dumps(projection.record(row)) if first else b"," + _dumps(
-            projection.record(row)))
-        first = False
-        if len(parts) >= CHUNK_ROWS:
-            yield b"".join(parts)
-            parts = []
+        batch.append(row)
+        if len(batch) >= CHUNK_ROWS:
+            yield head + separator + _dumps(projection.records(batch))[1:-1]
+            head, separator, batch = b"", b",", []
+    rows = separator + _dumps(projection.records(batch))[1:-1] if batch else b""
     tail = {"time": running.elapsed, "fields": projection.fields(),
             "total_rows": running.total_rows}
-    parts.append(b"]," + _dumps(tail)[1:])
-    yield b"".join(parts)
+    yield head + rows + b"]," + _dumps(tail)[1:]
 
 
 async def csv_chunks(running: RunningQuery, skip: set[str]) -> AsyncIterator[bytes]:
