@@ -192,8 +192,10 @@ def test_waiting_requests_are_served_first_come_first_served(
     assert served == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("quits", ["before the release", "just after the hand-over"])
 def test_a_waiter_that_gives_up_does_not_take_the_connection_with_it(
     account: Account, make_key: Callable[..., KeyHandle], run: Callable[[Awaitable[Any]], Any],
+    quits: str,
 ) -> None:
     key = make_key(account, "quit", apis_only("sql"))
     pools = RolePools(max_connections=1, wait_seconds=5, idle_seconds=60)
@@ -203,8 +205,14 @@ def test_a_waiter_that_gives_up_does_not_take_the_connection_with_it(
         quitter = asyncio.create_task(pools.acquire(target(account, key)))
         patient = asyncio.create_task(pools.acquire(target(account, key)))
         await asyncio.sleep(0.05)
-        quitter.cancel()  # the client went away while waiting
-        await pools.release(target(account, key), held, reusable=True)
+        if quits == "before the release":
+            quitter.cancel()  # the client went away while waiting
+            await pools.release(target(account, key), held, reusable=True)
+        else:  # handed the connection, cancelled before it could run again
+            await pools.release(target(account, key), held, reusable=True)
+            quitter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await quitter
         conn = await asyncio.wait_for(patient, 5)
         assert conn is held and pools.open_connections == 1
         await pools.release(target(account, key), conn, reusable=True)

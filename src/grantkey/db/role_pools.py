@@ -112,20 +112,34 @@ class RolePools:
 
     async def _wait(self, key: tuple[str, str, int],
                     timeout: float) -> RoleConnection | None:
-        """A connection handed over, or None when woken to try again or out of time."""
-        waiter = _Waiter(key, asyncio.get_running_loop().create_future())
+        """A connection handed over, or None when woken to try again or out of time.
+
+        A plain future and a timer: no task or shield for each wait (every request that
+        finds the pool full waits here)."""
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(key, loop.create_future())
         self._waiters.append(waiter)
+        timer = loop.call_later(timeout, self._give_up, waiter)
         try:
-            return await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
-        except BaseException as error:
+            return await waiter.future
+        except BaseException:
             self._abandon(waiter)
-            if isinstance(error, TimeoutError):
-                return None
             raise
+        finally:
+            timer.cancel()
+
+    def _give_up(self, waiter: _Waiter) -> None:
+        """Out of time: leave the line (acquire() then finds no time left)."""
+        if not waiter.future.done():
+            self._waiters.remove(waiter)
+            waiter.future.set_result(None)
 
     def _abandon(self, waiter: _Waiter) -> None:
+        """Cancelled while waiting (its future is cancelled too, unless already resolved)."""
         if waiter in self._waiters:
             self._waiters.remove(waiter)
+            return
+        if waiter.future.cancelled():
             return
         # handed a connection, or woken, just as it gave up: pass it on
         handed = waiter.future.result()
@@ -136,7 +150,7 @@ class RolePools:
 
     def _put_idle(self, key: tuple[str, str, int], conn: RoleConnection) -> None:
         for waiter in self._waiters:
-            if waiter.key == key:
+            if waiter.key == key and not waiter.future.done():
                 self._waiters.remove(waiter)
                 waiter.future.set_result(conn)
                 return
@@ -146,8 +160,11 @@ class RolePools:
 
     def _wake_first(self) -> None:
         """Something changed (a slot or an idle connection): the first waiter tries again."""
-        if self._waiters:
-            self._waiters.popleft().future.set_result(None)
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.future.done():  # a cancelled one is leaving the line anyway
+                waiter.future.set_result(None)
+                return
 
     async def release(self, target: RoleTarget, conn: RoleConnection, *, reusable: bool) -> None:
         if reusable and not conn.closed:
