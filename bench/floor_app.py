@@ -1,7 +1,8 @@
 """The floor: the same query and JSON shape with no key handling at all.
 
 A bare Starlette route on one pooled connection (per worker) logged in as the master's
-role. Served by uvicorn exactly like grantkey (same worker count), see throughput.py.
+role; `/floor-unprepared` is the same without psycopg's automatic prepared statements.
+Served by uvicorn exactly like grantkey (same worker count), see throughput.py.
 """
 
 from __future__ import annotations
@@ -18,11 +19,24 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-pool = AsyncConnectionPool(os.environ.get("BENCH_FLOOR_CONNINFO", ""), min_size=1, max_size=1,
-                           open=False, kwargs={"autocommit": True})
+CONNINFO = os.environ.get("BENCH_FLOOR_CONNINFO", "")
+# psycopg prepares a statement run 5 times on one connection; grantkey cannot (DISCARD ALL
+# between requests deallocates prepared statements), so /floor-unprepared shows that part
+pool = AsyncConnectionPool(CONNINFO, min_size=1, max_size=1, open=False,
+                           kwargs={"autocommit": True})
+unprepared_pool = AsyncConnectionPool(CONNINFO, min_size=1, max_size=1, open=False,
+                                      kwargs={"autocommit": True, "prepare_threshold": None})
 
 
 async def floor(request: Request) -> Response:
+    return await answer(request, pool)
+
+
+async def floor_unprepared(request: Request) -> Response:
+    return await answer(request, unprepared_pool)
+
+
+async def answer(request: Request, pool: AsyncConnectionPool) -> Response:
     started = time.monotonic()
     async with pool.connection() as conn:
         cur = await conn.execute(request.query_params["q"])
@@ -38,8 +52,11 @@ async def floor(request: Request) -> Response:
 @asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     await pool.open()
+    await unprepared_pool.open()
     yield
     await pool.close()
+    await unprepared_pool.close()
 
 
-app = Starlette(routes=[Route("/floor", floor)], lifespan=lifespan)
+app = Starlette(routes=[Route("/floor", floor), Route("/floor-unprepared", floor_unprepared)],
+                lifespan=lifespan)

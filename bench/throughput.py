@@ -3,6 +3,12 @@
 Run: python bench/throughput.py [--duration 15] [--runs 3] [--keys 1000]
 Needs wrk (Debian: apt-get install wrk). Both servers run with --workers 2 on 127.0.0.1;
 wrk uses 2 threads and 64 connections.
+
+The configurations of one query run in rounds (floor, then each client; the order of the
+clients reversed every other round), and each ratio is taken against the floor of the same
+round: on a virtual machine whose CPU time is partly stolen by the host, runs made minutes
+apart are not comparable. The report gives the median of those paired ratios and the share
+of CPU time the host stole during the runs.
 """
 
 from __future__ import annotations
@@ -54,9 +60,19 @@ def lua(body: str) -> str:
     return handle.name
 
 
-def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
+def median_of(runs: list[dict[str, float]], floors: list[dict[str, float]]) -> dict[str, float]:
+    """Medians of the runs, and of the ratios to the floor run of the same round."""
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]} | {
-        "non2xx": sum(r["non2xx"] for r in runs)}
+        "non2xx": sum(r["non2xx"] for r in runs),
+        "rps_ratio": statistics.median(r["rps"] / f["rps"] for r, f in zip(runs, floors, strict=True)),
+        "p99_ratio": statistics.median(
+            r["p99_ms"] / f["p99_ms"] for r, f in zip(runs, floors, strict=True))}
+
+
+def stolen_seconds() -> float:
+    """CPU time the hypervisor gave to others (the `steal` column of /proc/stat)."""
+    with open("/proc/stat") as stat:
+        return int(stat.readline().split()[8]) / os.sysconf("SC_CLK_TCK")
 
 
 def setup(server: BenchServer, keys: int) -> dict[str, object]:
@@ -135,27 +151,47 @@ def main() -> None:
                            f".. tokens[(i % #tokens) + 1])\nend\n")
                 configs = [
                     ("floor", f"{floor_url}?q={quote(q)}", None),
+                    ("floor without prepared statements (context)",
+                     f"{floor_url}-unprepared?q={quote(q)}", None),
                     ("regular key, Basic", sql, basic_script),
                     ("regular key, query string", f"{sql}&api_key={token}", None),
                     ("no key (default public)", sql, None),
                     (f"{len(tokens)} keys round-robin", sql, many),
                 ]
-                for name, url, script in configs:
-                    seen: list[int] = []
-                    stop = threading.Event()
-                    sampler = threading.Thread(target=max_key_sessions,
-                                               args=(ready["admin"], stop, seen))
-                    sampler.start()
-                    runs = [wrk(url, args.duration, script) for _ in range(args.runs)]
-                    stop.set()
-                    sampler.join()
-                    result = median_of(runs) | {"max_sessions": float(max(seen or [0]))}
-                    rows.append((label, name, result))
-                    print(label, name, result, flush=True)
+                rows.extend(rounds(label, configs, args, str(ready["admin"])))
         finally:
             floor.terminate()
             floor.wait(30)
     report(rows, args)
+
+
+Config = tuple[str, str, str | None]
+
+
+def rounds(label: str, configs: list[Config], args: argparse.Namespace,
+           admin_url: str) -> list[tuple[str, str, dict[str, float]]]:
+    """Every configuration once per round, the floor first; clients alternate order."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in configs}
+    sessions: dict[str, list[int]] = {name: [] for name, _, _ in configs}
+    stolen: dict[str, float] = dict.fromkeys(runs, 0.0)
+    for number in range(args.runs):
+        clients = configs[1:] if number % 2 == 0 else configs[:0:-1]
+        for name, url, script in [configs[0], *clients]:
+            stop = threading.Event()
+            sampler = threading.Thread(target=max_key_sessions,
+                                       args=(admin_url, stop, sessions[name]))
+            sampler.start()
+            before = stolen_seconds()
+            runs[name].append(wrk(url, args.duration, script))
+            stolen[name] += stolen_seconds() - before
+            stop.set()
+            sampler.join()
+            print(label, name, runs[name][-1], flush=True)
+    floors = runs[configs[0][0]]
+    cpu_seconds = (os.cpu_count() or 1) * args.duration * args.runs
+    return [(label, name, median_of(runs[name], floors) | {
+        "max_sessions": float(max(sessions[name] or [0])),
+        "steal_pct": 100 * stolen[name] / cpu_seconds}) for name, _, _ in configs]
 
 
 def urlpath(url: str) -> str:
@@ -165,16 +201,17 @@ def urlpath(url: str) -> str:
 def report(rows: list[tuple[str, str, dict[str, float]]], args: argparse.Namespace) -> None:
     lines = ["# SQL API throughput against the floor", "",
              *(f"- {k}: {v}" for k, v in machine().items()),
-             f"- wrk -t2 -c64 -d{args.duration}s, medians of {args.runs} runs; both servers "
-             f"--workers {WORKERS}; key-role connection cap {WORKERS} x {MAX_CONNECTIONS}", "",
+             f"- wrk -t2 -c64 -d{args.duration}s, {args.runs} rounds; req/s and p99 are medians "
+             "of the rounds, the ratios medians of each round's ratio to that round's floor; "
+             f"both servers --workers {WORKERS}; key-role connection cap {WORKERS} x "
+             f"{MAX_CONNECTIONS}; steal = CPU time the host took during the runs", "",
              "| query | client | req/s | ratio to floor | p99 ms | p99 / floor | non-2xx | "
-             "max key-role sessions |", "|---|---|---|---|---|---|---|---|"]
-    floors = {label: r for label, name, r in rows if name == "floor"}
+             "max key-role sessions | steal |", "|---|---|---|---|---|---|---|---|---|"]
     for label, name, r in rows:
-        base = floors[label]
-        lines.append(f"| {label} | {name} | {r['rps']:,.0f} | {r['rps'] / base['rps']:.2f} | "
-                     f"{r['p99_ms']:.2f} | {r['p99_ms'] / base['p99_ms']:.2f} | "
-                     f"{r['non2xx']:.0f} | {r['max_sessions']:.0f} |")
+        sessions = "—" if name.startswith("floor") else f"{r['max_sessions']:.0f}"
+        lines.append(f"| {label} | {name} | {r['rps']:,.0f} | {r['rps_ratio']:.2f} | "
+                     f"{r['p99_ms']:.2f} | {r['p99_ratio']:.2f} | "
+                     f"{r['non2xx']:.0f} | {sessions} | {r['steal_pct']:.0f}% |")
     write_result("throughput", lines)
 
 
