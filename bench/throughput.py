@@ -36,7 +36,7 @@ from grantkey.domain.secrets_box import SecretBox
 HERE = Path(__file__).parent
 QUERIES = {"SELECT 1": "SELECT 1 AS x", "10 rows": "SELECT id FROM ten"}
 WORKERS = 2
-MAX_CONNECTIONS = 40  # per worker
+DEFAULT_CAP = 40  # key-role connections per worker
 
 
 def wrk(url: str, duration: int, script: str | None = None) -> dict[str, float]:
@@ -132,8 +132,11 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=15)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--keys", type=int, default=1000)
+    parser.add_argument("--cap", type=int, default=DEFAULT_CAP,
+                        help="GRANTKEY_SQL_MAX_CONNECTIONS of each worker (results of another "
+                             "cap than 40 go to throughput-cap<N>-<date>.md)")
     args = parser.parse_args()
-    env = {"GRANTKEY_SQL_MAX_CONNECTIONS": str(MAX_CONNECTIONS)}
+    env = {"GRANTKEY_SQL_MAX_CONNECTIONS": str(args.cap)}
     rows: list[tuple[str, str, dict[str, float]]] = []
     with BenchServer(workers=WORKERS, env=env) as server:
         ready = setup(server, args.keys)
@@ -204,7 +207,7 @@ def report(rows: list[tuple[str, str, dict[str, float]]], args: argparse.Namespa
              f"- wrk -t2 -c64 -d{args.duration}s, {args.runs} rounds; req/s and p99 are medians "
              "of the rounds, the ratios medians of each round's ratio to that round's floor; "
              f"both servers --workers {WORKERS}; key-role connection cap {WORKERS} x "
-             f"{MAX_CONNECTIONS}; steal = CPU time the host took during the runs", "",
+             f"{args.cap}; steal = CPU time the host took during the runs", "",
              "| query | client | req/s | ratio to floor | p99 ms | p99 / floor | non-2xx | "
              "max key-role sessions | steal |", "|---|---|---|---|---|---|---|---|---|"]
     for label, name, r in rows:
@@ -212,7 +215,7 @@ def report(rows: list[tuple[str, str, dict[str, float]]], args: argparse.Namespa
         lines.append(f"| {label} | {name} | {r['rps']:,.0f} | {r['rps_ratio']:.2f} | "
                      f"{r['p99_ms']:.2f} | {r['p99_ratio']:.2f} | "
                      f"{r['non2xx']:.0f} | {sessions} | {r['steal_pct']:.0f}% |")
-    write_result("throughput", lines)
+    write_result("throughput" if args.cap == DEFAULT_CAP else f"throughput-cap{args.cap}", lines)
 
 
 if __name__ == "__main__":
