@@ -37,6 +37,9 @@ class Projection:
         self.names = [running.columns[i].name for i in self.indexes]
         converters = [json_converter(running.type_name(running.columns[i])) for i in self.indexes]
         self.converters: list[Callable[[Any], Any] | None] = converters
+        # every column, each value as it is: a row is just its names zipped with its values
+        self.plain = (len(self.indexes) == len(running.columns)
+                      and all(convert is None for convert in converters))
 
     def fields(self) -> dict[str, Any]:
         running = self.running
@@ -45,8 +48,7 @@ class Projection:
             for i in self.indexes}
 
     def records(self, rows: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
-        if self.converters.count(None) == len(self.converters) and len(self.indexes) == len(
-                self.running.columns):  # every column, each value as it is
+        if self.plain:
             names = self.names
             return [dict(zip(names, row, strict=True)) for row in rows]
         return [self.record(row) for row in rows]
