@@ -8,7 +8,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from grantkey.db.pg_wire import StreamingCursor, finish_reset, send_reset
+from grantkey.db.pg_wire import CopyRefused, StreamingCursor, finish_reset, send_reset
 from grantkey.db.sql_exec import _several_statements
 from tests.conftest import Account
 
@@ -69,3 +69,29 @@ def test_a_reset_sent_on_release_undoes_session_state_before_reuse(
 
     fit, path = run(scenario())
     assert fit and path == '"$user", public'
+
+
+@pytest.mark.parametrize("query", [
+    "COPY (SELECT 1) TO STDOUT", "COPY (SELECT g FROM generate_series(1, 100000) g) TO STDOUT",
+    "COPY pg_catalog.pg_namespace (nspname) FROM STDIN",
+])
+def test_a_copy_that_reaches_postgresql_is_refused_and_the_session_closed_without_spinning(
+    account: Account, run: Callable[[Awaitable[Any]], Any], admin_url: str, query: str,
+) -> None:
+    """The backstop under the SQL API's own refusal: a session in copy mode answers every
+    read with the same copy result, so a loop waiting for the end never yields."""
+    conninfo = psycopg.conninfo.make_conninfo(admin_url, dbname=account.user.database)
+
+    async def scenario(multi: bool) -> bool:
+        async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+            cursor = StreamingCursor(conn)
+            with pytest.raises(CopyRefused):
+                if multi:  # several statements: psycopg's own execute() meets the copy
+                    await cursor.execute("SELECT 1; " + query)
+                else:
+                    async for _ in cursor.batches(query, 2000):
+                        pass
+            return conn.closed
+
+    assert run(scenario(multi=False))
+    assert run(scenario(multi=True))

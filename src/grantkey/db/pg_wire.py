@@ -11,16 +11,31 @@ psycopg's stream generators (private API): psycopg's minor version is pinned
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
-from typing import Any
+from collections.abc import AsyncGenerator, Generator
+from typing import Any, NoReturn
 
 import psycopg
 from psycopg import pq
 from psycopg.generators import fetch, fetch_many, send
 from psycopg.pq.abc import PGresult
 
+from grantkey.domain.sql_text import COPY_REFUSED
+
 Row = tuple[Any, ...]
 _STATUS = pq.ExecStatus
+_COPY = frozenset({_STATUS.COPY_IN, _STATUS.COPY_OUT, _STATUS.COPY_BOTH})
+
+
+class CopyRefused(Exception):
+    """A statement started a COPY to or from the client; the session was closed under it.
+
+    libpq answers every further read of a session in copy mode with the same copy result,
+    so a loop that waits for the end of the results would spin forever without yielding.
+    Closing the session is the one exit that works for every direction. The SQL API
+    refuses COPY before sending it (`domain.sql_text`); this is the backstop."""
+
+    def __init__(self) -> None:
+        super().__init__(COPY_REFUSED)
 
 
 def chunked_rows_available() -> bool:
@@ -32,6 +47,20 @@ class StreamingCursor(psycopg.AsyncCursor[Row]):
     """`batches()` yields lists of rows; afterwards `final` holds the closing result."""
 
     final: PGresult | None = None
+
+    def _raise_for_result(self, result: PGresult) -> NoReturn:
+        """psycopg's check of each result, with COPY refused (plain `execute()` too)."""
+        if result.status in _COPY:
+            self._pgconn.finish()
+            raise CopyRefused()
+        super()._raise_for_result(result)
+
+    def _rest_of_statement(self, res: PGresult | None) -> Generator[Any, Any, None]:
+        """Read up to the end of this statement's results (ReadyForQuery)."""
+        while res is not None:
+            if res.status in _COPY:
+                self._raise_for_result(res)
+            res = yield from fetch(self._pgconn)
 
     def _stream_fetchone_gen(self, first: bool) -> Any:
         res: PGresult | None = yield from fetch(self._pgconn)
@@ -46,13 +75,12 @@ class StreamingCursor(psycopg.AsyncCursor[Row]):
             return res
         if status in (_STATUS.TUPLES_OK, _STATUS.COMMAND_OK):
             self.final = res
-            while res is not None:  # up to the end of this statement's results
-                res = yield from fetch(self._pgconn)
+            yield from self._rest_of_statement(res)
             return None
-        error = res
-        while res is not None:  # read up to ReadyForQuery: the connection stays usable
-            res = yield from fetch(self._pgconn)
-        return self._raise_for_result(error)
+        if status in _COPY:
+            self._raise_for_result(res)
+        yield from self._rest_of_statement(res)  # the connection stays usable after an error
+        self._raise_for_result(res)
 
     async def batches(self, query: str, size: int) -> AsyncGenerator[list[Row], None]:
         """Run `query` (one statement only: the extended protocol refuses several)."""

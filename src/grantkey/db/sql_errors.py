@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import psycopg
 
+from grantkey.db.pg_wire import CopyRefused
 from grantkey.db.sql_exec import QueryTimedOut
 from grantkey.errors import SqlError
 
@@ -16,6 +17,8 @@ TIMEOUT_MESSAGE = (
 def translate(error: BaseException) -> SqlError:
     if isinstance(error, QueryTimedOut | psycopg.errors.QueryCanceled):
         return SqlError(429, TIMEOUT_MESSAGE)
+    if isinstance(error, CopyRefused):
+        return SqlError(400, str(error))
     if isinstance(error, psycopg.Error):
         diag = error.diag
         message = diag.message_primary or str(error).strip() or type(error).__name__

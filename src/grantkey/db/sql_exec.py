@@ -105,7 +105,7 @@ class Execution:
             self.rowcount = self._streamed or self._cursor.affected_rows
 
     async def _start_plain(self) -> None:
-        cursor = self.conn.cursor()
+        cursor = StreamingCursor(self.conn)  # refuses COPY like the streamed path
         await cursor.execute(self.query)
         while cursor.nextset():
             pass

@@ -14,6 +14,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from grantkey.domain.sql_text import COPY_REFUSED, starts_a_copy
 from grantkey.errors import BadInput, Forbidden, GrantkeyError
 from grantkey.http.context import Call, RequestHandler, endpoint, user_routes
 from grantkey.http.errors import Family, render_error
@@ -63,6 +64,8 @@ def parse_sql_params(call: Call) -> SqlParams:
     limit = call.services.settings.max_query_bytes
     if len(query.encode("utf-8", "surrogatepass")) > limit:
         raise BadInput(f"The sql query is too long: the limit is {limit} bytes")
+    if starts_a_copy(query):
+        raise BadInput(COPY_REFUSED)
     raw_format = _text(params.get("format"))
     fmt = (raw_format or "json").lower()
     if fmt not in WRITERS:
