@@ -46,7 +46,7 @@ def test_nul_byte_in_key_name_is_a_validation_error(http: httpx.Client, account:
     response = http.post(account.keys_url, params=account.master(),
                          json={"name": "a\x00b", "grants": apis_only("sql")})
     assert response.status_code == 422
-    assert "Name can't contain control characters" in response.json()["errors"]
+    assert "Name can't contain control, format or invisible characters" in response.json()["errors"]
 
 
 def test_key_name_of_10000_characters_is_a_validation_error(

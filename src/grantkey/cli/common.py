@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+import unicodedata
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 from grantkey.cli.embedded import EmbeddedPostgres
 from grantkey.errors import BadInput, GrantkeyError, NotFound, ValidationFailed
@@ -90,3 +94,18 @@ def run_with_services(settings: Settings, work: Callable[[Services], Awaitable[T
         fail(f"not found: {error}", 1)
     except GrantkeyError as error:
         fail(str(error) or type(error).__name__, 1)
+
+
+def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    """A table on the terminal. Cells are plain text: never read as rich markup (a key named
+    `[b]Default public` prints as typed), and control or format characters (escape
+    sequences, U+202E) print as `\\u…` escapes."""
+    table = Table(*headers)
+    for row in rows:
+        table.add_row(*(Text(visible(cell)) for cell in row))
+    Console(markup=False, emoji=False, highlight=False).print(table)
+
+
+def visible(value: str) -> str:
+    return "".join(f"\\u{ord(c):04x}" if unicodedata.category(c) in ("Cc", "Cf") else c
+                   for c in value)

@@ -7,10 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
-from grantkey.cli.common import cluster_options, load_settings, run_with_services
+from grantkey.cli.common import cluster_options, load_settings, print_table, run_with_services
 from grantkey.services.container import Services
 from grantkey.services.datasets import PRIVACIES
 
@@ -65,7 +63,6 @@ def list_(username: str, as_json: bool, data_dir: Path, database_url: str | None
     if as_json:
         click.echo(json.dumps(found))
         return
-    table = Table("schema", "name", "privacy", "updated_at")
-    for item in found:
-        table.add_row(item["schema"], item["name"], item["privacy"], item["updated_at"] or "")
-    Console().print(table)
+    print_table(["schema", "name", "privacy", "updated_at"],
+                [[item["schema"], item["name"], item["privacy"], item["updated_at"] or ""]
+                 for item in found])

@@ -7,10 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
-from grantkey.cli.common import cluster_options, fail, load_settings, run_with_services
+from grantkey.cli.common import cluster_options, fail, load_settings, print_table, run_with_services
 from grantkey.services.container import Services
 from grantkey.services.keys import KeyView, ListQuery
 
@@ -41,14 +39,14 @@ def _print_keys(views: list[KeyView], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([view.document() for view in views]))
         return
-    table = Table("name", "type", "apis", "tables", "updated_at")
+    rows = []
     for view in views:
         doc = view.document()
         tables = ", ".join(f"{t['schema']}.{t['name']}:{','.join(t['permissions'])}"
                            for t in doc["grants"][1]["tables"])
-        table.add_row(view.record.name, doc["type"], ",".join(view.record.apis), tables,
-                      doc["updated_at"])
-    Console().print(table)
+        rows.append([view.record.name, doc["type"], ",".join(view.record.apis), tables,
+                     doc["updated_at"]])
+    print_table(["name", "type", "apis", "tables", "updated_at"], rows)
 
 
 @click.group()

@@ -6,10 +6,8 @@ import json
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.table import Table
 
-from grantkey.cli.common import cluster_options, fail, load_settings, run_with_services
+from grantkey.cli.common import cluster_options, fail, load_settings, print_table, run_with_services
 from grantkey.domain.keys import User
 from grantkey.domain.names import check_username
 from grantkey.errors import InvalidUsername
@@ -69,10 +67,9 @@ def list_(as_json: bool, data_dir: Path, database_url: str | None) -> None:
     if as_json:
         click.echo(json.dumps([_user_json(user) for user in found]))
         return
-    table = Table("username", "database", "created_at")
-    for user in found:
-        table.add_row(user.username, user.database, user.created_at.isoformat(timespec="seconds"))
-    Console().print(table)
+    print_table(["username", "database", "created_at"],
+                [[user.username, user.database, user.created_at.isoformat(timespec="seconds")]
+                 for user in found])
 
 
 @users.command("delete")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -73,9 +74,21 @@ def key_name_messages(name: object) -> list[str]:
         messages.append(f"Name is too long (maximum is {KEY_NAME_MAX_LENGTH} characters)")
     if "/" in name:
         messages.append("Name can't contain '/'")
-    if any(ord(c) < 32 for c in name):
-        messages.append("Name can't contain control characters")
+    if any(_hidden(c) for c in name):
+        messages.append("Name can't contain control, format or invisible characters")
+    if name != name.strip():
+        messages.append("Name can't begin or end with spaces")
     return messages
+
+
+# Unicode categories that can make a name look like another one: control (Cc), format
+# (Cf: U+202E right-to-left override, zero-width joiners and spaces, U+FEFF), surrogate,
+# private use and unassigned code points, and line and paragraph separators.
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def _hidden(char: str) -> bool:
+    return unicodedata.category(char) in _HIDDEN_CATEGORIES
 
 
 KEY_NAME_MAX_LENGTH = 255
