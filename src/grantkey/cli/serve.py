@@ -28,7 +28,7 @@ async def _prepare(settings: Settings) -> None:
     services = Services(settings, settings.database_url)
     await services.open(migrate=True)
     try:
-        repair = await reconcile(services.cluster)
+        repair = await reconcile(services.cluster, services.revoker)
         if repair.anything:
             click.echo(f"start-up repair: {repair}", err=True)
     finally:

@@ -6,10 +6,11 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from grantkey.db.cluster import METADATA_DATABASE
+from grantkey.db.cluster import METADATA_DATABASE, admin_conninfo
+from grantkey.db.revocations import REVOCATIONS_DDL
 
 METADATA_SCHEMA = """
-CREATE TABLE IF NOT EXISTS users (
+CREATE TABLE IF NOT EXISTS public.users (
     id          text PRIMARY KEY,
     username    text NOT NULL UNIQUE,
     database    text NOT NULL UNIQUE,
@@ -28,7 +29,7 @@ def maintenance_url(admin_url: str) -> str:
     params.setdefault("dbname", "postgres")
     if params["dbname"] == METADATA_DATABASE:
         params["dbname"] = "postgres"
-    return make_conninfo("", **params)
+    return admin_conninfo(make_conninfo("", **params))
 
 
 async def bootstrap(admin_url: str) -> None:
@@ -47,9 +48,10 @@ async def bootstrap(admin_url: str) -> None:
             )
         await _revoke_public_connect(conn)
     async with await psycopg.AsyncConnection.connect(
-        make_conninfo(admin_url, dbname=METADATA_DATABASE)
+        admin_conninfo(admin_url, dbname=METADATA_DATABASE)
     ) as conn:
         await conn.execute(METADATA_SCHEMA)
+        await conn.execute(REVOCATIONS_DDL)
         await conn.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
 
 

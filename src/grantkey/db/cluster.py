@@ -1,7 +1,12 @@
 """Administrative access to the PostgreSQL cluster.
 
 The admin login (CREATEDB, CREATEROLE) is used only for grantkey's own work: metadata,
-provisioning and key look-ups. Client SQL never runs on these connections.
+provisioning and key look-ups. Client SQL never runs on these connections, and neither
+does tenant code: every admin session starts with the settings in `ADMIN_SESSION`, sent in
+the startup packet, where they outrank whatever a tenant set with `ALTER DATABASE … SET` or
+`ALTER ROLE … SET`. Above all `search_path` holds only `pg_catalog` and `pg_temp`: a
+function or operator a tenant planted in `public` (say `public.starts_with(name, text)`,
+which matches a `name` argument better than the built-in) is then not even visible.
 """
 
 from __future__ import annotations
@@ -20,6 +25,19 @@ from psycopg_pool import AsyncConnectionPool
 from grantkey.errors import DatabaseUnavailable
 
 METADATA_DATABASE = "grantkey"
+ADMIN_SESSION = {
+    "search_path": "pg_catalog,pg_temp",
+    "default_transaction_read_only": "off",
+    "default_transaction_isolation": "read\\ committed",
+    "statement_timeout": "0",
+    "lock_timeout": "0",
+    "idle_in_transaction_session_timeout": "0",
+    "DateStyle": "ISO",
+    "IntervalStyle": "postgres",
+    "TimeZone": "UTC",
+    "bytea_output": "hex",
+}
+ADMIN_OPTIONS = " ".join(f"-c {name}={value}" for name, value in ADMIN_SESSION.items())
 AdminConnection = psycopg.AsyncConnection[dict[str, Any]]
 
 
@@ -34,12 +52,14 @@ class Cluster:
         self._pools_lock = asyncio.Lock()
 
     def conninfo(self, dbname: str, **overrides: Any) -> str:
-        return make_conninfo(self.admin_url, dbname=dbname, **overrides)
+        """An admin connection string, with the pinned session settings."""
+        return admin_conninfo(self.admin_url, dbname=dbname, **overrides)
 
     def role_conninfo(self, dbname: str, role: str, password: str) -> str:
         """Where a key's own role logs in: same server, its own name and password."""
         params = conninfo_to_dict(self.admin_url)
         params.pop("passfile", None)
+        params.pop("options", None)
         params.update(dbname=dbname, user=role, password=password)
         return make_conninfo("", **params)
 
@@ -116,6 +136,16 @@ class Cluster:
                 yield conn
             finally:
                 await conn.close()
+
+
+def admin_conninfo(admin_url: str, **overrides: Any) -> str:
+    """`admin_url` with `overrides` and the pinned admin session settings (after any
+    options the URL had, so ours win)."""
+    params = conninfo_to_dict(admin_url)
+    params.update(overrides)
+    given = params.get("options")
+    params["options"] = f"{given} {ADMIN_OPTIONS}" if given else ADMIN_OPTIONS
+    return make_conninfo("", **params)
 
 
 @asynccontextmanager

@@ -13,16 +13,16 @@ from grantkey.db.privileges import GRANTABLE_RELKINDS, HIDDEN_SCHEMAS
 _LISTED = """
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN grantkey_meta.datasets d ON d.table_oid = c.oid
-WHERE c.relkind = ANY(%(relkinds)s) AND n.nspname <> ALL(%(hidden)s)
-  AND NOT starts_with(n.nspname, 'pg_')
+WHERE c.relkind::text = ANY(%(relkinds)s::text[]) AND n.nspname::text <> ALL(%(hidden)s::text[])
+  AND NOT pg_catalog.starts_with(n.nspname::text, 'pg_'::text)
 """
 _PRIVACY = """
-CASE WHEN NOT has_table_privilege(%(public_role)s, c.oid, 'SELECT') THEN 'private'
+CASE WHEN NOT pg_catalog.has_table_privilege(%(public_role)s::name, c.oid, 'SELECT'::text) THEN 'private'
      ELSE coalesce(d.privacy, 'public') END
 """
 _MODE = """
-CASE WHEN has_table_privilege(%(caller)s, c.oid, 'INSERT, UPDATE, DELETE') THEN 'rw'
-     WHEN has_table_privilege(%(caller)s, c.oid, 'SELECT') THEN 'r' END
+CASE WHEN pg_catalog.has_table_privilege(%(caller)s::name, c.oid, 'INSERT, UPDATE, DELETE'::text) THEN 'rw'
+     WHEN pg_catalog.has_table_privilege(%(caller)s::name, c.oid, 'SELECT'::text) THEN 'r' END
 """
 
 

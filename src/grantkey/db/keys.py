@@ -40,11 +40,6 @@ def record_from_row(row: dict[str, Any]) -> KeyRecord:
     )
 
 
-async def lock_user_keys(conn: AdminConnection) -> None:
-    """Serialise key changes of one user (each user has its own database)."""
-    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('grantkey.keys'))")
-
-
 async def insert_key(conn: AdminConnection, key: KeyRecord) -> None:
     await conn.execute(
         "INSERT INTO grantkey_meta.api_keys (id, name, type, role, token_digest, sealed_token, "
@@ -84,7 +79,7 @@ async def list_keys(
     order: str, descending: bool, limit: int, offset: int,
 ) -> tuple[int, list[KeyRecord]]:
     """One page of keys, master first, then default, then regular; and the exact total."""
-    where: sql.Composable = sql.SQL("type = ANY(%(types)s)")
+    where: sql.Composable = sql.SQL("type = ANY(%(types)s::text[])")
     if only_id is not None:
         where = sql.SQL("{} AND id = %(only_id)s").format(where)
     params = {"types": types, "only_id": only_id, "limit": limit, "offset": offset}
@@ -142,24 +137,5 @@ async def set_role_password(conn: AdminConnection, role: str, password: str) -> 
     )
 
 
-async def drop_key_role(conn: AdminConnection, role: str, owner_role: str) -> None:
-    """Tables the key created survive, owned by the user."""
-    ident = sql.Identifier(role)
-    await conn.execute(
-        sql.SQL("REASSIGN OWNED BY {} TO {}").format(ident, sql.Identifier(owner_role))
-    )
-    await conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
-    await conn.execute(sql.SQL("DROP ROLE {}").format(ident))
-
-
-async def role_oid(conn: AdminConnection, role: str) -> int:
-    cur = await conn.execute("SELECT oid FROM pg_roles WHERE rolname = %s", [role])
-    row = await cur.fetchone()
-    return int(row["oid"]) if row else 0
-
-
-async def terminate_sessions(conn: AdminConnection, oid: int) -> None:
-    """By OID: once a role is dropped, pg_stat_activity no longer shows its name."""
-    await conn.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usesysid = %s", [oid]
-    )
+async def delete_key_row_by_role(conn: AdminConnection, role: str) -> None:
+    await conn.execute("DELETE FROM grantkey_meta.api_keys WHERE role = %s", [role])

@@ -49,19 +49,23 @@ class _Wanted:
     grant: sql.Composed
 
 
+# (A multi-argument unnest() in FROM is syntax, not a function: it cannot be qualified and
+# needs not be; the pinned search path keeps any other unnest out of sight.)
 _RESOLVE_TABLES = """
 SELECT w.position, c.oid, c.relnamespace AS schema_oid
 FROM unnest(%(schemas)s::text[], %(names)s::text[]) WITH ORDINALITY AS w(schema, name, position)
-LEFT JOIN pg_namespace n ON n.nspname = w.schema AND n.nspname <> ALL(%(hidden)s)
-     AND NOT starts_with(n.nspname, 'pg_')
-LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = w.name
-     AND c.relkind = ANY(%(relkinds)s)
+LEFT JOIN pg_namespace n ON n.nspname OPERATOR(pg_catalog.=) w.schema
+     AND n.nspname::text <> ALL(%(hidden)s::text[])
+     AND NOT pg_catalog.starts_with(n.nspname::text, 'pg_'::text)
+LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname OPERATOR(pg_catalog.=) w.name
+     AND c.relkind::text = ANY(%(relkinds)s::text[])
 ORDER BY w.position
 """
 _RESOLVE_SCHEMAS = """
-SELECT w.name, n.oid FROM unnest(%(names)s::text[]) AS w(name)
-LEFT JOIN pg_namespace n ON n.nspname = w.name AND n.nspname <> ALL(%(hidden)s)
-     AND NOT starts_with(n.nspname, 'pg_')
+SELECT w.name, n.oid FROM pg_catalog.unnest(%(names)s::text[]) AS w(name)
+LEFT JOIN pg_namespace n ON n.nspname OPERATOR(pg_catalog.=) w.name
+     AND n.nspname::text <> ALL(%(hidden)s::text[])
+     AND NOT pg_catalog.starts_with(n.nspname::text, 'pg_'::text)
 """
 _OWNED_SEQUENCES = """
 SELECT s.oid, n.nspname, s.relname FROM pg_depend d
@@ -81,7 +85,7 @@ SELECT w.role, r.oid IS NOT NULL AS present,
                 false) AS live
 FROM unnest(%(roles)s::text[], %(catalogs)s::text[], %(oids)s::oid[], %(privileges)s::text[])
      AS w(role, catalog, object_oid, privilege)
-LEFT JOIN pg_roles r ON r.rolname = w.role
+LEFT JOIN pg_roles r ON r.rolname OPERATOR(pg_catalog.=) w.role
 """
 
 
@@ -168,52 +172,50 @@ async def apply_grants(
         sql.SQL(", ").join(sql.Identifier(w.role) for w in wanted), sql.Identifier(key_role)))
 
 
-async def drop_orphan_privilege_roles(conn: AdminConnection, user_id: str) -> int:
-    """Privilege roles whose object is gone (dropped table or schema). Returns how many."""
+async def orphan_privilege_roles(conn: AdminConnection, user_id: str) -> list[str]:
+    """Privilege roles whose object is gone (dropped table or schema)."""
     cur = await conn.execute(
-        "SELECT r.rolname FROM pg_roles r WHERE starts_with(r.rolname, %s) "
-        "AND r.rolname ~ %s "
+        "SELECT r.rolname FROM pg_roles r WHERE pg_catalog.starts_with(r.rolname::text, %s::text) "
+        "AND r.rolname::text OPERATOR(pg_catalog.~) %s::text "
         "AND NOT EXISTS (SELECT 1 FROM pg_class c, aclexplode(c.relacl) a "
         "                WHERE c.relacl IS NOT NULL AND a.grantee = r.oid) "
         "AND NOT EXISTS (SELECT 1 FROM pg_namespace n, aclexplode(n.nspacl) a "
         "                WHERE n.nspacl IS NOT NULL AND a.grantee = r.oid)",
         [names.user_role_prefix(user_id), PRIVILEGE_ROLE_PATTERN],
     )
-    orphans = [row["rolname"] for row in await cur.fetchall()]
-    for role in orphans:
-        await conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
-    return len(orphans)
+    return [row["rolname"] for row in await cur.fetchall()]
 
 
 _HOLDERS = """
-WITH keys AS (SELECT oid AS key_oid, rolname FROM pg_roles WHERE rolname = ANY(%(roles)s)),
+WITH keys AS (SELECT oid AS key_oid, rolname FROM pg_roles
+              WHERE rolname OPERATOR(pg_catalog.=) ANY(%(roles)s::text[])),
 holders AS (
     SELECT k.rolname, k.key_oid AS holder FROM keys k
     UNION ALL
     SELECT k.rolname, m.roleid FROM keys k
     JOIN pg_auth_members m ON m.member = k.key_oid
-    JOIN pg_roles p ON p.oid = m.roleid AND p.rolname ~ %(pattern)s
+    JOIN pg_roles p ON p.oid = m.roleid AND p.rolname::text OPERATOR(pg_catalog.~) %(pattern)s::text
 )
 """
 
 _TABLE_GRANTS = _HOLDERS + """
 SELECT h.rolname AS role, n.nspname AS schema, c.relname AS name,
-       array_agg(DISTINCT lower(a.privilege_type)) AS permissions, false AS owner
+       array_agg(DISTINCT pg_catalog.lower(a.privilege_type)) AS permissions, false AS owner
 FROM holders h
-JOIN pg_class c ON c.relacl IS NOT NULL AND c.relkind = ANY(%(relkinds)s)
+JOIN pg_class c ON c.relacl IS NOT NULL AND c.relkind::text = ANY(%(relkinds)s::text[])
 JOIN pg_namespace n ON n.oid = c.relnamespace
 CROSS JOIN LATERAL aclexplode(c.relacl) a
 WHERE a.grantee = h.holder
 GROUP BY 1, 2, 3
 UNION ALL
 SELECT k.rolname, n.nspname, c.relname, %(owner_privileges)s, true
-FROM keys k JOIN pg_class c ON c.relowner = k.key_oid AND c.relkind = ANY(%(relkinds)s)
+FROM keys k JOIN pg_class c ON c.relowner = k.key_oid AND c.relkind::text = ANY(%(relkinds)s::text[])
 JOIN pg_namespace n ON n.oid = c.relnamespace
 """
 
 _SCHEMA_GRANTS = _HOLDERS + """
 SELECT h.rolname AS role, n.nspname AS name,
-       array_agg(DISTINCT lower(a.privilege_type)) AS permissions
+       array_agg(DISTINCT pg_catalog.lower(a.privilege_type)) AS permissions
 FROM holders h
 JOIN pg_namespace n ON n.nspacl IS NOT NULL
 CROSS JOIN LATERAL aclexplode(n.nspacl) a

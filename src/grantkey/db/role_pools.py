@@ -23,6 +23,10 @@ from grantkey.db.pg_wire import finish_reset, send_reset, send_reset_at_once
 from grantkey.errors import DatabaseUnavailable, LoginRefused, PoolExhausted
 
 RoleConnection = psycopg.AsyncConnection[tuple[object, ...]]
+# libpq's messages when PostgreSQL refuses a key role's login: a changed password, a
+# dropped role, a role that lost LOGIN (a revocation in progress).
+LOGIN_REFUSALS = ("password authentication failed", "does not exist",
+                  "is not permitted to log in")
 
 
 @dataclass(frozen=True)
@@ -257,10 +261,16 @@ class RolePools:
                 target.conninfo, autocommit=True, prepare_threshold=None)
         except psycopg.OperationalError as error:
             text = str(error)
-            if "password authentication failed" in text or "does not exist" in text:
+            if any(refusal in text for refusal in LOGIN_REFUSALS):
                 raise LoginRefused("the key's role refused the login") from None
             raise DatabaseUnavailable(f"PostgreSQL is unavailable: {type(error).__name__}") from None
         return conn
+
+    async def probe_login(self, target: RoleTarget) -> None:
+        """Log in once outside the pool and leave: LoginRefused if PostgreSQL refuses."""
+        conn = await self._connect(target)
+        with contextlib.suppress(psycopg.Error):
+            await conn.close()
 
     async def _close(self, conn: RoleConnection) -> None:
         with contextlib.suppress(psycopg.Error):

@@ -6,6 +6,7 @@ from typing import Any
 
 from psycopg import sql
 
+from grantkey.db import revocations
 from grantkey.db.cluster import AdminConnection, Cluster
 from grantkey.domain.keys import User
 from grantkey.domain.names import USERNAME_PATTERN
@@ -53,20 +54,20 @@ async def find_user(conn: AdminConnection, username: str) -> User | None:
     if not USERNAME_PATTERN.fullmatch(username):
         return None  # also keeps NUL bytes and odd encodings away from PostgreSQL
     cur = await conn.execute(
-        "SELECT * FROM users WHERE username = %s AND state = 'ready'", [username]
+        "SELECT * FROM public.users WHERE username = %s AND state = 'ready'", [username]
     )
     row = await cur.fetchone()
     return None if row is None else user_from_row(row)
 
 
 async def list_users(conn: AdminConnection) -> list[User]:
-    cur = await conn.execute("SELECT * FROM users WHERE state = 'ready' ORDER BY username")
+    cur = await conn.execute("SELECT * FROM public.users WHERE state = 'ready' ORDER BY username")
     return [user_from_row(row) for row in await cur.fetchall()]
 
 
 async def reserve_user(conn: AdminConnection, user: User) -> None:
     await conn.execute(
-        "INSERT INTO users (id, username, database, owner_role, public_role, state) "
+        "INSERT INTO public.users (id, username, database, owner_role, public_role, state) "
         "VALUES (%s, %s, %s, %s, %s, 'creating')",
         [user.id, user.username, user.database, user.owner_role, user.public_role],
     )
@@ -118,32 +119,36 @@ async def harden_database(conn: AdminConnection, user: User) -> None:
 
 
 async def mark_ready(conn: AdminConnection, user_id: str) -> None:
-    await conn.execute("UPDATE users SET state = 'ready' WHERE id = %s", [user_id])
+    await conn.execute("UPDATE public.users SET state = 'ready' WHERE id = %s", [user_id])
 
 
 async def mark_deleting(conn: AdminConnection, user_id: str) -> None:
-    await conn.execute("UPDATE users SET state = 'deleting' WHERE id = %s", [user_id])
+    await conn.execute("UPDATE public.users SET state = 'deleting' WHERE id = %s", [user_id])
 
 
 async def drop_user_everywhere(cluster: Cluster, user_id: str, database: str) -> None:
-    """Remove a user's database, every role named for it, and its row. Idempotent."""
+    """Remove a user's database, every role named for it, and its row. Idempotent. The row
+    goes last, only once every role is gone, so a failure is retried at start-up."""
     await cluster.forget_database(database)
     async with cluster.autocommit() as conn:
         await conn.execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database))
         )
-        await drop_roles_with_prefix(conn, f"gk_{user_id}_")
-        await conn.execute("DELETE FROM users WHERE id = %s", [user_id])
+    await drop_user_roles(cluster, user_id)
+    async with cluster.autocommit() as conn:
+        await conn.execute("DELETE FROM public.users WHERE id = %s", [user_id])
 
 
-async def drop_roles_with_prefix(conn: AdminConnection, prefix: str) -> None:
-    cur = await conn.execute(
-        "SELECT rolname FROM pg_roles WHERE starts_with(rolname, %s)", [prefix]
-    )
-    roles = [row["rolname"] for row in await cur.fetchall()]
-    for role in roles:
-        await conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role]
-        )
-    for role in roles:
-        await conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+async def drop_user_roles(cluster: Cluster, user_id: str) -> None:
+    """Every role named for the user: logins stopped, sessions ended, what other databases
+    grant them dropped (another tenant may have granted them something), then the role."""
+    async with cluster.autocommit() as conn:
+        cur = await conn.execute(
+            "SELECT rolname::text AS rolname, oid FROM pg_catalog.pg_roles "
+            "WHERE pg_catalog.starts_with(rolname::text, %s::text)", [f"gk_{user_id}_"])
+        roles = [(row["rolname"], int(row["oid"])) for row in await cur.fetchall()]
+        for role, oid in roles:
+            await conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(sql.Identifier(role)))
+            await revocations.terminate_sessions(conn, oid)
+    for role, oid in roles:
+        await revocations.drop_role_everywhere(cluster, role, oid)

@@ -24,6 +24,9 @@ async def listen_for_revocations(services: Services) -> None:
             async with conn:
                 await conn.execute(f"LISTEN {CHANNEL}")
                 _forget_everything(services)
+                # revocations decided while no LISTEN was in place were not heard: act on
+                # every one whose cleanup is still owed (the rest have no role left)
+                await _end_pending_revocations(services)
                 async for notice in conn.notifies():
                     await _apply(services, notice.payload)
         except asyncio.CancelledError:
@@ -48,4 +51,14 @@ async def _apply(services: Services, payload: str) -> None:
     services.cache.evict_payload(payload)
     target = payload_role(payload)
     if target is not None:
-        await services.pools.discard_role(*target)
+        database, role, oid = target
+        await services.pools.discard_role(database, role)
+        # the revoking process may have died right after its commit: end the role's
+        # sessions from here too (every process does; it is idempotent)
+        await services.revoker.end_sessions(oid)
+
+
+async def _end_pending_revocations(services: Services) -> None:
+    for database, role, oid in await services.revoker.pending_roles():
+        await services.pools.discard_role(database, role)
+        await services.revoker.end_sessions(oid)

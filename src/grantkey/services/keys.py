@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from grantkey.db import keys as key_store
 from grantkey.db import privileges
+from grantkey.db import revocations as revocation_store
 from grantkey.db.cluster import AdminConnection, Cluster
 from grantkey.db.privileges import LiveGrants
 from grantkey.domain import names
@@ -154,8 +157,7 @@ class KeyService:
         token = new_token("regular")
         key_id = names.new_id()
         role = names.key_role(user.id, key_id)
-        async with self.cluster.user_database(user.database) as conn:
-            await key_store.lock_user_keys(conn)
+        async with self._key_lock(user), self.cluster.user_database(user.database) as conn:
             if not name_problems and await key_store.find_by_name(conn, name) is not None:
                 name_problems.append("Name has already been taken")
             if name_problems or grant_problems:
@@ -186,48 +188,61 @@ class KeyService:
             )
             await key_store.insert_key(conn, record)
             checkpoint("key.row_inserted")
-            await privileges.drop_orphan_privilege_roles(conn, user.id)
             stored = await key_store.find_by_name(conn, name)
             live = await privileges.read_live_grants(conn, [role])
         assert stored is not None
+        await self.revoker.drop_orphan_privilege_roles(user.id, user.database)
         return KeyView(user, stored, token, live[role])
 
+    @asynccontextmanager
+    async def _key_lock(self, user: User) -> AsyncIterator[None]:
+        """One user's key changes, one at a time; the lock lives in the metadata database,
+        out of every client's reach, and is held until the block ends."""
+        async with self.cluster.metadata() as meta:
+            await revocation_store.lock_user_keys(meta, user.id)
+            yield
+
     async def delete(self, principal: Principal, name: str) -> None:
+        """Decided in one metadata transaction (no login, no password, NOTIFY at commit);
+        the key's row goes right after; the role is removed best effort (see Revoker)."""
         _require_master(principal)
         user = principal.user
-        async with self.cluster.user_database(user.database) as conn:
-            record = await _locked_key(conn, name, allowed=(KeyType.REGULAR,))
-            oid = await key_store.role_oid(conn, record.role)
-            await key_store.delete_key_row(conn, record.id)
-            await key_store.drop_key_role(conn, record.role, user.owner_role)
-            checkpoint("key.deleted_before_commit")
-            await privileges.drop_orphan_privilege_roles(conn, user.id)
-        await self.revoker.revoked(user, record, oid)
+        async with self._key_lock(user):
+            async with self.cluster.user_database(user.database) as conn:
+                record = await _find_key(conn, name, allowed=(KeyType.REGULAR,))
+                async with self.revoker.revoking(user, record, password=None) as oid:
+                    checkpoint("key.deleted_before_commit")
+                checkpoint("key.revoked")
+                await key_store.delete_key_row(conn, record.id)
+            await self.revoker.after_commit(user, record, oid)
+            await self.revoker.remove_key_role(user.id, user.database, user.owner_role,
+                                               record.role, oid)
 
     async def regenerate(self, principal: Principal, name: str) -> KeyView:
-        """New token and new role password together; old sessions are terminated."""
+        """The new role password is decided first (the old token stops at that commit);
+        the key's row takes the new token's digest right after. A crash between the two
+        leaves a key that refuses every token until it is regenerated again."""
         _require_master(principal)
         user = principal.user
-        async with self.cluster.user_database(user.database) as conn:
-            record = await _locked_key(conn, name, allowed=(KeyType.MASTER, KeyType.REGULAR))
-            token = new_token(record.type.value)
-            await key_store.update_token(
-                conn, record.id, digest(token), self._seal(token, record.id)
-            )
-            await key_store.set_role_password(
-                conn, record.role, self.box.role_password(record.role, token)
-            )
-            updated = await key_store.find_by_name(conn, name)
-            live = await privileges.read_live_grants(conn, [record.role])
-            oid = await key_store.role_oid(conn, record.role)
-        await self.revoker.revoked(user, record, oid)
+        async with self._key_lock(user):
+            async with self.cluster.user_database(user.database) as conn:
+                record = await _find_key(conn, name, allowed=(KeyType.MASTER, KeyType.REGULAR))
+                token = new_token(record.type.value)
+                password = self.box.role_password(record.role, token)
+                async with self.revoker.revoking(user, record, password=password) as oid:
+                    pass
+                checkpoint("key.regenerated_before_row")
+                await key_store.update_token(
+                    conn, record.id, digest(token), self._seal(token, record.id))
+                updated = await key_store.find_by_name(conn, name)
+                live = await privileges.read_live_grants(conn, [record.role])
+            await self.revoker.after_commit(user, record, oid)
         assert updated is not None
         return KeyView(user, updated, token, live[record.role])
 
 
-async def _locked_key(conn: AdminConnection, name: str, allowed: tuple[KeyType, ...]) -> KeyRecord:
-    """Take the user's key lock, then the named key, which must be of an allowed type."""
-    await key_store.lock_user_keys(conn)
+async def _find_key(conn: AdminConnection, name: str, allowed: tuple[KeyType, ...]) -> KeyRecord:
+    """The named key, which must be of an allowed type (the caller holds the key lock)."""
     record = await key_store.find_by_name(conn, name)
     if record is None:
         raise KeyNotFound(name)

@@ -4,18 +4,30 @@ Key changes are single transactions inside a user's database and need no repair.
 creation and deletion span CREATE/DROP DATABASE, which cannot run in a transaction: a
 user row stays in state `creating` or `deleting` until the last step, so at start-up
 every such row whose creator is gone (its advisory lock is free) is removed with all it
-owns. Databases and roles named for an id that has no user row are dropped too.
+owns. Databases and roles named for an id that has no user row are dropped too, and every
+key revocation whose cleanup is still owed is finished.
+
+Each repair is best effort: one tenant's damage (a role another tenant's grant keeps
+alive, a lock) is logged and skipped, and never stops the server from starting.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 
+import psycopg
 from psycopg import sql
 
 from grantkey.db import users as user_store
 from grantkey.db.cluster import Cluster
+from grantkey.errors import GrantkeyError
+from grantkey.services.revocation import Revoker
+
+log = logging.getLogger("grantkey.reconcile")
 
 USER_LOCK_CLASS = 0x676B  # "gk": the first key of the advisory lock held while provisioning
 _DATABASE = re.compile(r"gk_([0-9a-f]{16})")
@@ -27,44 +39,75 @@ class Repair:
     unfinished_users: list[str] = field(default_factory=list)
     orphan_databases: list[str] = field(default_factory=list)
     orphan_role_owners: list[str] = field(default_factory=list)
+    finished_revocations: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
 
     @property
     def anything(self) -> bool:
-        return bool(self.unfinished_users or self.orphan_databases or self.orphan_role_owners)
+        return bool(self.unfinished_users or self.orphan_databases or self.orphan_role_owners
+                    or self.finished_revocations or self.failed)
 
 
-async def reconcile(cluster: Cluster) -> Repair:
+async def _attempt(repair: Repair, what: str, work: Callable[[], Awaitable[bool | None]]
+                   ) -> bool:
+    """Run one repair; True if it did its work (False: nothing to do, or it failed)."""
+    try:
+        result = await work()
+    except (GrantkeyError, psycopg.Error) as error:
+        log.warning("start-up repair of %s failed, left for the next start: %s", what, error)
+        repair.failed.append(what)
+        return False
+    return result is not False
+
+
+async def reconcile(cluster: Cluster, revoker: Revoker | None = None) -> Repair:
     repair = Repair()
     async with cluster.autocommit() as conn:
-        cur = await conn.execute("SELECT id, database FROM users WHERE state <> 'ready'")
+        cur = await conn.execute("SELECT id, database FROM public.users WHERE state <> 'ready'")
         pending = await cur.fetchall()
-        cur = await conn.execute("SELECT id FROM users")
+        cur = await conn.execute("SELECT id FROM public.users")
         known = {row["id"] for row in await cur.fetchall()}
         cur = await conn.execute("SELECT datname FROM pg_database")
         databases = [row["datname"] for row in await cur.fetchall()]
-        cur = await conn.execute("SELECT rolname FROM pg_roles WHERE starts_with(rolname, 'gk_')")
+        cur = await conn.execute(
+            "SELECT rolname FROM pg_roles WHERE pg_catalog.starts_with(rolname::text, 'gk_'::text)")
         roles = [row["rolname"] for row in await cur.fetchall()]
+        cur = await conn.execute("SELECT id, owner_role FROM public.users WHERE state = 'ready'")
+        owners = {row["id"]: row["owner_role"] for row in await cur.fetchall()}
     for row in pending:
-        async with cluster.autocommit() as conn:
-            cur = await conn.execute(
-                "SELECT pg_try_advisory_lock(%s, hashtext(%s)) AS free", [USER_LOCK_CLASS, row["id"]]
-            )
-            lock = await cur.fetchone()
-            if lock is None or not lock["free"]:
-                continue  # its creator is still at work
-            await user_store.drop_user_everywhere(cluster, row["id"], row["database"])
-            repair.unfinished_users.append(row["id"])
+        user_id, database = row["id"], row["database"]
+        if await _attempt(repair, f"unfinished user {user_id}",
+                          partial(_drop_unfinished, cluster, user_id, database)):
+            repair.unfinished_users.append(user_id)
     for datname in databases:
         match = _DATABASE.fullmatch(datname)
-        if match and match.group(1) not in known:
-            async with cluster.autocommit() as conn:
-                await conn.execute(
-                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(datname))
-                )
+        if match and match.group(1) not in known and await _attempt(
+                repair, f"orphan database {datname}",
+                partial(_drop_database, cluster, datname)):
             repair.orphan_databases.append(datname)
-    owners = {m.group(1) for role in roles if (m := _ROLE.fullmatch(role))} - known
-    for user_id in sorted(owners):
-        async with cluster.autocommit() as conn:
-            await user_store.drop_roles_with_prefix(conn, f"gk_{user_id}_")
-        repair.orphan_role_owners.append(user_id)
+    strays = {m.group(1) for role in roles if (m := _ROLE.fullmatch(role))} - known
+    for user_id in sorted(strays):
+        if await _attempt(repair, f"roles of gone user {user_id}",
+                          partial(user_store.drop_user_roles, cluster, user_id)):
+            repair.orphan_role_owners.append(user_id)
+    if revoker is not None:
+        repair.finished_revocations = await revoker.finish_pending(owners)
     return repair
+
+
+async def _drop_unfinished(cluster: Cluster, user_id: str, database: str) -> bool:
+    async with cluster.autocommit() as conn:
+        cur = await conn.execute(
+            "SELECT pg_try_advisory_lock(%s, pg_catalog.hashtext(%s::text)) AS free",
+            [USER_LOCK_CLASS, user_id])
+        lock = await cur.fetchone()
+        if lock is None or not lock["free"]:
+            return False  # its creator is still at work
+        await user_store.drop_user_everywhere(cluster, user_id, database)
+        return True
+
+
+async def _drop_database(cluster: Cluster, datname: str) -> None:
+    async with cluster.autocommit() as conn:
+        await conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(datname)))

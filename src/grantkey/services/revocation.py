@@ -1,13 +1,25 @@
-"""What happens after a key's token stops being valid: caches, sessions, other servers."""
+"""What happens after a key's token stops being valid: caches, sessions, other servers,
+and the removal of a deleted key's role (best effort, retried at start-up)."""
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import psycopg
 
 from grantkey.db import keys as key_store
+from grantkey.db import privileges
+from grantkey.db import revocations as store
 from grantkey.db.cluster import Cluster
 from grantkey.db.role_pools import RolePools
+from grantkey.domain import names
 from grantkey.domain.keys import KeyRecord, Principal, User
+from grantkey.errors import GrantkeyError
+
+log = logging.getLogger("grantkey.revocation")
 
 CHANNEL = "grantkey_keys"
 
@@ -50,8 +62,8 @@ class KeyCache:
         return len(self._entries)
 
 
-def payload(user: User, record: KeyRecord) -> str:
-    return f"{user.id}:{record.token_digest.hex()}:{user.database}:{record.role}"
+def payload(user: User, record: KeyRecord, role_oid: int) -> str:
+    return f"{user.id}:{record.token_digest.hex()}:{user.database}:{record.role}:{role_oid}"
 
 
 USER_DELETED = "user-deleted:"
@@ -66,23 +78,133 @@ def deleted_username(message: str) -> str | None:
     return message[len(USER_DELETED):] if message.startswith(USER_DELETED) else None
 
 
-def payload_role(message: str) -> tuple[str, str] | None:
-    """(database, role) named by a payload, if it names them."""
+def payload_role(message: str) -> tuple[str, str, int] | None:
+    """(database, role, role OID) named by a payload, if it names them."""
     parts = message.split(":")
-    return (parts[2], parts[3]) if len(parts) == 4 else None
+    if len(parts) != 5 or not parts[4].isascii() or not parts[4].isdigit():
+        return None
+    return parts[2], parts[3], int(parts[4])
 
 
 class Revoker:
+    """Revocation in three steps. `revoking()` is the decisive transaction on the metadata
+    database (no login, no password, a pending-cleanup row, a NOTIFY delivered at commit);
+    `after_commit()` acts in this process and ends the role's sessions cluster-wide; and
+    `remove_key_role()` removes the role without raising anyone's privileges. Every other
+    process acts on the NOTIFY (and, after a lost LISTEN connection, on the pending rows),
+    so a crash after the commit skips nothing that matters."""
+
     def __init__(self, cluster: Cluster, cache: KeyCache) -> None:
         self.cluster = cluster
         self.cache = cache
         self.pools: RolePools | None = None
 
-    async def revoked(self, user: User, record: KeyRecord, role_oid: int) -> None:
-        """Called after the change committed: PostgreSQL already refuses the old login."""
+    @asynccontextmanager
+    async def revoking(self, user: User, record: KeyRecord, *, password: str | None
+                       ) -> AsyncIterator[int]:
+        """Decide the revocation of `record` (delete: `password` None; regenerate: the new
+        role password). Yields the role's OID; commits when the block ends."""
+        async with self.cluster.metadata() as meta:
+            oid = await store.role_oid(meta, record.role)
+            if password is None:
+                await store.disable_login(meta, record.role)
+                await store.record_pending(meta, record.role, user.id, user.database, oid)
+            else:
+                await key_store.set_role_password(meta, record.role, password)
+            await store.notify(meta, CHANNEL, payload(user, record, oid))
+            yield oid
+
+    async def after_commit(self, user: User, record: KeyRecord, role_oid: int) -> None:
+        """PostgreSQL already refuses the old login: forget it here, end its sessions."""
         self.cache.evict(user.id, record.token_digest)
         if self.pools is not None:
             await self.pools.discard_role(user.database, record.role)
-        async with self.cluster.metadata() as conn:
-            await key_store.terminate_sessions(conn, role_oid)
-            await conn.execute("SELECT pg_notify(%s, %s)", [CHANNEL, payload(user, record)])
+        await self.end_sessions(role_oid)
+
+    async def end_sessions(self, role_oid: int) -> None:
+        """Terminate every session of a role, cluster-wide. Never raises (every process
+        does it on the NOTIFY too, and the cleanup again)."""
+        try:
+            async with self.cluster.metadata() as conn:
+                await store.terminate_sessions(conn, role_oid)
+        except (GrantkeyError, psycopg.Error) as error:
+            log.warning("could not end the sessions of a revoked role: %s", error)
+
+    async def _pending(self) -> list[dict[str, object]]:
+        """The revocations whose cleanup is still owed (none, logged, if unreadable)."""
+        try:
+            async with self.cluster.metadata() as meta:
+                return await store.pending(meta)
+        except (GrantkeyError, psycopg.Error) as error:
+            log.warning("pending revocations could not be read: %s", error)
+            return []
+
+    async def pending_roles(self) -> list[tuple[str, str, int]]:
+        """(database, role, OID) of every revocation whose cleanup is still owed."""
+        return [(str(r["database"]), str(r["role"]), int(str(r["role_oid"])))
+                for r in await self._pending()]
+
+    async def remove_key_role(self, user_id: str, database: str, owner_role: str, role: str,
+                              role_oid: int) -> bool:
+        """Best effort, idempotent: the key's row, its code, its grants to strangers, its
+        privileges in every database, its role. False (and logged) if anything is left;
+        the pending row then stays for the start-up repair."""
+        try:
+            async with self.cluster.metadata() as meta:
+                await store.terminate_sessions(meta, role_oid)
+            if await self._exists(role):
+                async with self.cluster.user_database(database) as conn:
+                    await key_store.delete_key_row_by_role(conn, role)
+                    await store.drop_key_code(conn, role_oid)
+                    await store.revoke_foreign_grants(conn, role_oid,
+                                                      names.user_role_prefix(user_id))
+                    await store.hand_over_and_drop_owned(conn, role, owner_role)
+                await store.drop_role_everywhere(self.cluster, role, role_oid)
+            else:
+                async with self.cluster.user_database(database) as conn:
+                    await key_store.delete_key_row_by_role(conn, role)
+            async with self.cluster.metadata() as meta:
+                await store.forget_pending(meta, role)
+        except (GrantkeyError, psycopg.Error) as error:
+            log.warning("removing revoked role %s is left for the start-up repair: %s",
+                        role, error)
+            return False
+        await self.drop_orphan_privilege_roles(user_id, database)
+        return True
+
+    async def _exists(self, role: str) -> bool:
+        async with self.cluster.metadata() as meta:
+            return await store.role_oid(meta, role) != 0
+
+    async def drop_orphan_privilege_roles(self, user_id: str, database: str) -> None:
+        """Privilege roles whose table or schema is gone; each one best effort (a role a
+        key made own something is cleaned of it first, in every database)."""
+        try:
+            async with self.cluster.user_database(database) as conn:
+                orphans = await privileges.orphan_privilege_roles(conn, user_id)
+            for role in orphans:
+                async with self.cluster.metadata() as meta:
+                    oid = await store.role_oid(meta, role)
+                if oid:
+                    await store.drop_role_everywhere(self.cluster, role, oid)
+        except (GrantkeyError, psycopg.Error) as error:
+            log.warning("orphan privilege roles of user %s left for later: %s", user_id, error)
+
+    async def finish_pending(self, owners: dict[str, str]) -> list[str]:
+        """Start-up repair: finish every revocation a crash or a failure left owed.
+        `owners` maps user ids to owner roles. Never raises."""
+        finished = []
+        for row in await self._pending():
+            role, user_id = str(row["role"]), str(row["user_id"])
+            owner = owners.get(user_id)
+            if owner is None:  # the user is gone: its roles go with the user
+                try:
+                    async with self.cluster.metadata() as meta:
+                        await store.forget_pending(meta, role)
+                except (GrantkeyError, psycopg.Error):
+                    continue
+                continue
+            if await self.remove_key_role(user_id, str(row["database"]), owner, role,
+                                          int(str(row["role_oid"]))):
+                finished.append(role)
+        return finished

@@ -92,7 +92,7 @@ class SqlService:
             self.resolver.cache.evict(principal.user.id, principal.key.token_digest)
             raise Unauthorized("the key's role refused the login") from None
         except DatabaseUnavailable:
-            await self._lost(principal)  # a login cut short by a revocation is a 401
+            await self._lost(principal, target)  # a login cut short by a revocation: 401
             raise
         limit = self.master_time_limit if principal.is_master else self.time_limit
         execution = Execution(conn, query, limit, self._terminate)
@@ -102,7 +102,7 @@ class SqlService:
         except Exception as error:
             await self._release(execution, target, conn)
             if connection_lost(error):
-                await self._lost(principal)
+                await self._lost(principal, target)
             raise translate(error) from None
         except BaseException:  # cancelled: the client went away mid-query
             await _shielded(self._release(execution, target, conn))
@@ -127,9 +127,17 @@ class SqlService:
         reusable = await execution.close()
         await self.pools.release(target, conn, reusable=reusable)
 
-    async def _lost(self, principal: Principal) -> None:
-        """The session ended under the query: a revoked key answers 401."""
+    async def _lost(self, principal: Principal, target: RoleTarget) -> None:
+        """The session ended under the query: a revoked key answers 401. PostgreSQL's login
+        is the last word (a revocation commits before any session of the role is ended,
+        while the key's row may change an instant later)."""
         self.resolver.cache.evict(principal.user.id, principal.key.token_digest)
+        try:
+            await self.pools.probe_login(target)
+        except LoginRefused:
+            raise Unauthorized("the key's role refused the login") from None
+        except DatabaseUnavailable:
+            pass
         await self.resolver.resolve(principal.user, principal.token, fresh=True)
 
     async def _terminate(self, pid: int) -> None:
@@ -154,7 +162,7 @@ class SqlService:
         if unknown:
             async with self.cluster.user_database(database) as admin:
                 cur = await admin.execute(
-                    "SELECT oid, typname FROM pg_type WHERE oid = ANY(%s)", [unknown])
+                    "SELECT oid, typname FROM pg_type WHERE oid = ANY(%s::oid[])", [unknown])
                 for row in await cur.fetchall():
                     self._type_names[(database, row["oid"])] = row["typname"]
                     names[row["oid"]] = row["typname"]

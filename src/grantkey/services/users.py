@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -14,13 +15,14 @@ from grantkey.domain import names
 from grantkey.domain.keys import DEFAULT_NAME, MASTER_NAME, KeyRecord, KeyType, User
 from grantkey.domain.secrets_box import SecretBox
 from grantkey.domain.tokens import DEFAULT_PUBLIC_TOKEN, digest, new_token
-from grantkey.errors import UserExists, UserNotFound
+from grantkey.errors import GrantkeyError, UserExists, UserNotFound
 from grantkey.faults import checkpoint
 from grantkey.services.lru import Lru
 from grantkey.services.reconcile import USER_LOCK_CLASS
 from grantkey.services.revocation import CHANNEL, user_deleted
 
 BUILTIN_APIS = ("sql", "maps")
+log = logging.getLogger("grantkey.users")
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ class UserService:
         async with self.cluster.autocommit() as lock:
             # Held until provisioning ends, so start-up repair leaves this user alone.
             await lock.execute(
-                "SELECT pg_advisory_lock(%s, hashtext(%s))", [USER_LOCK_CLASS, user.id]
+                "SELECT pg_advisory_lock(%s, pg_catalog.hashtext(%s::text))", [USER_LOCK_CLASS, user.id]
             )
             try:
                 checkpoint("user.reserved")
@@ -136,4 +138,8 @@ class UserService:
             await user_store.mark_deleting(conn, user.id)
             # delivered at commit: every process stops serving the user from its cache
             await conn.execute("SELECT pg_notify(%s, %s)", [CHANNEL, user_deleted(username)])
-        await user_store.drop_user_everywhere(self.cluster, user.id, user.database)
+        try:
+            await user_store.drop_user_everywhere(self.cluster, user.id, user.database)
+        except (GrantkeyError, psycopg.Error) as error:  # the user is gone for every API
+            log.warning("cleanup of deleted user %s left for the start-up repair: %s",
+                        user.id, error)

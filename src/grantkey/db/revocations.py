@@ -1,0 +1,182 @@
+"""Revoking a key role, and removing it afterwards without raising anyone's privileges.
+
+Revocation is decided in one transaction on the metadata database, which no tenant can
+reach: the role loses LOGIN and its password (role attributes are cluster-wide), a row in
+`public.revocations` records the cleanup still owed, and a NOTIFY tells every grantkey
+process at commit. Nothing there waits on a lock a tenant can take.
+
+Removing the role afterwards is best effort and idempotent (`remove_key_role`), retried at
+start-up while its row remains. It never hands a key's code to anyone: the key's
+functions, procedures, aggregates, operators, views, materialized views, and the rules and
+triggers on its tables are dropped; its tables, sequences and types go to the user's owner
+role (CARTO keeps the tables a key created), minus the grants the key made on them to
+PUBLIC or to roles outside its user; the privileges granted *to* the role are dropped in
+every database that names it.
+"""
+
+from __future__ import annotations
+
+from psycopg import sql
+
+from grantkey.db.cluster import AdminConnection, Cluster
+
+REVOCATIONS_DDL = """
+CREATE TABLE IF NOT EXISTS public.revocations (
+    role      text PRIMARY KEY,
+    user_id   text NOT NULL,
+    database  text NOT NULL,
+    role_oid  oid NOT NULL,
+    since     timestamptz NOT NULL DEFAULT now()
+)
+"""
+KEYS_LOCK_CLASS = 0x676C  # the first key of each user's key-management advisory lock
+CLEANUP_LOCK_TIMEOUT = "5s"
+
+
+async def lock_user_keys(meta: AdminConnection, user_id: str) -> None:
+    """Serialise one user's key changes, on the metadata database (clients cannot reach
+    it, so they cannot hold this lock)."""
+    await meta.execute("SELECT pg_catalog.pg_advisory_xact_lock(%s, pg_catalog.hashtext(%s::text))",
+                       [KEYS_LOCK_CLASS, user_id])
+
+
+async def role_oid(conn: AdminConnection, role: str) -> int:
+    cur = await conn.execute(
+        "SELECT oid FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) %s::text", [role])
+    row = await cur.fetchone()
+    return int(row["oid"]) if row else 0
+
+
+async def disable_login(meta: AdminConnection, role: str) -> None:
+    await meta.execute(sql.SQL("ALTER ROLE {} NOLOGIN PASSWORD NULL").format(sql.Identifier(role)))
+
+
+async def record_pending(meta: AdminConnection, role: str, user_id: str, database: str,
+                         oid: int) -> None:
+    await meta.execute(
+        "INSERT INTO public.revocations (role, user_id, database, role_oid) "
+        "VALUES (%s, %s, %s, %s) ON CONFLICT (role) DO NOTHING", [role, user_id, database, oid])
+
+
+async def pending(meta: AdminConnection) -> list[dict[str, object]]:
+    cur = await meta.execute(
+        "SELECT role, user_id, database, role_oid FROM public.revocations ORDER BY since")
+    return list(await cur.fetchall())
+
+
+async def forget_pending(meta: AdminConnection, role: str) -> None:
+    await meta.execute("DELETE FROM public.revocations WHERE role = %s", [role])
+
+
+async def terminate_sessions(conn: AdminConnection, oid: int) -> None:
+    """By OID: once a role is dropped, pg_stat_activity no longer shows its name."""
+    await conn.execute(
+        "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity "
+        "WHERE usesysid = %s::oid", [oid])
+
+
+async def notify(meta: AdminConnection, channel: str, payload: str) -> None:
+    """Delivered when (and only if) the transaction commits."""
+    await meta.execute("SELECT pg_catalog.pg_notify(%s, %s)", [channel, payload])
+
+
+# Objects a key owns in its own database that are code someone else could run, and how to
+# drop each (the identity comes from PostgreSQL's own reg* output, quoted by PostgreSQL).
+_KEY_CODE = """
+SELECT 'ROUTINE' AS kind, p.oid::pg_catalog.regprocedure::text AS identity
+  FROM pg_catalog.pg_proc p WHERE p.proowner = %(oid)s::oid AND p.prokind <> 'a'
+UNION ALL
+SELECT 'AGGREGATE', p.oid::pg_catalog.regprocedure::text
+  FROM pg_catalog.pg_proc p WHERE p.proowner = %(oid)s::oid AND p.prokind = 'a'
+UNION ALL
+SELECT 'OPERATOR', o.oid::pg_catalog.regoperator::text
+  FROM pg_catalog.pg_operator o WHERE o.oprowner = %(oid)s::oid
+UNION ALL
+SELECT CASE c.relkind WHEN 'v' THEN 'VIEW' ELSE 'MATERIALIZED VIEW' END,
+       c.oid::pg_catalog.regclass::text
+  FROM pg_catalog.pg_class c WHERE c.relowner = %(oid)s::oid AND c.relkind IN ('v', 'm')
+"""
+_KEY_TABLE_CODE = """
+SELECT 'RULE' AS kind, r.rulename::text AS name, c.oid::pg_catalog.regclass::text AS rel
+  FROM pg_catalog.pg_rewrite r JOIN pg_catalog.pg_class c ON c.oid = r.ev_class
+ WHERE c.relowner = %(oid)s::oid AND r.rulename OPERATOR(pg_catalog.<>) '_RETURN'::name
+UNION ALL
+SELECT 'TRIGGER', t.tgname::text, c.oid::pg_catalog.regclass::text
+  FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
+ WHERE c.relowner = %(oid)s::oid AND NOT t.tgisinternal
+"""
+# Grants on the key's own relations to PUBLIC (grantee 0) or to roles not of this user.
+_FOREIGN_GRANTS = """
+SELECT DISTINCT c.oid::pg_catalog.regclass::text AS rel, a.grantee::oid AS grantee,
+       r.rolname::text AS rolname
+  FROM pg_catalog.pg_class c CROSS JOIN LATERAL pg_catalog.aclexplode(c.relacl) a
+  LEFT JOIN pg_catalog.pg_roles r ON r.oid = a.grantee
+ WHERE c.relowner = %(oid)s::oid AND c.relacl IS NOT NULL
+   AND (a.grantee = 0 OR NOT pg_catalog.starts_with(r.rolname::text, %(prefix)s::text))
+"""
+
+
+async def drop_key_code(conn: AdminConnection, oid: int) -> None:
+    """Drop every piece of code the key owns or attached to its tables (CASCADE: what
+    depends on it, a trigger or a column default calling it, goes too)."""
+    cur = await conn.execute(_KEY_TABLE_CODE, {"oid": oid})
+    for row in await cur.fetchall():
+        await conn.execute(sql.SQL("DROP {} IF EXISTS {} ON {} CASCADE").format(
+            sql.SQL(row["kind"]), sql.Identifier(row["name"]), sql.SQL(row["rel"])))
+    while True:  # dropping one thing can cascade to the next: re-read until none is left
+        cur = await conn.execute(_KEY_CODE, {"oid": oid})
+        rows = await cur.fetchall()
+        if not rows:
+            return
+        await conn.execute(sql.SQL("DROP {} IF EXISTS {} CASCADE").format(
+            sql.SQL(rows[0]["kind"]), sql.SQL(rows[0]["identity"])))
+
+
+async def revoke_foreign_grants(conn: AdminConnection, oid: int, user_prefix: str) -> None:
+    cur = await conn.execute(_FOREIGN_GRANTS, {"oid": oid, "prefix": user_prefix})
+    for row in await cur.fetchall():
+        grantee = sql.SQL("PUBLIC") if row["grantee"] == 0 else sql.Identifier(row["rolname"])
+        await conn.execute(sql.SQL("REVOKE ALL ON {} FROM {} CASCADE").format(
+            sql.SQL(row["rel"]), grantee))
+
+
+async def hand_over_and_drop_owned(conn: AdminConnection, role: str, owner_role: str) -> None:
+    """What is left (tables, sequences, types) goes to the owner; privileges held by the
+    role in this database are dropped."""
+    ident = sql.Identifier(role)
+    await conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
+        sql.Literal(CLEANUP_LOCK_TIMEOUT)))
+    await conn.execute(sql.SQL("REASSIGN OWNED BY {} TO {}").format(
+        ident, sql.Identifier(owner_role)))
+    await conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
+
+
+async def databases_naming(conn: AdminConnection, oid: int) -> list[str]:
+    """Every database whose objects or ACLs name the role (pg_shdepend), connectable."""
+    cur = await conn.execute(
+        "SELECT DISTINCT d.datname::text AS datname FROM pg_catalog.pg_shdepend s "
+        "JOIN pg_catalog.pg_database d ON d.oid = s.dbid "
+        "WHERE s.refclassid = 'pg_catalog.pg_authid'::pg_catalog.regclass "
+        "AND s.refobjid = %s::oid AND d.datallowconn", [oid])
+    return [row["datname"] for row in await cur.fetchall()]
+
+
+async def drop_owned(conn: AdminConnection, role: str) -> None:
+    await conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
+        sql.Literal(CLEANUP_LOCK_TIMEOUT)))
+    await conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+
+
+async def drop_role(conn: AdminConnection, role: str) -> None:
+    await conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+async def drop_role_everywhere(cluster: Cluster, role: str, oid: int) -> None:
+    """Drop what the role holds in every database that names it, then the role."""
+    async with cluster.metadata() as meta:
+        databases = await databases_naming(meta, oid)
+    for database in databases:
+        async with cluster.autocommit(database) as conn, conn.transaction():
+            await drop_owned(conn, role)
+    async with cluster.metadata() as meta:
+        await drop_role(meta, role)
