@@ -18,7 +18,7 @@ from grantkey.cli.embedded import EmbeddedPostgres
 from tests.support import ServerProcess
 
 COMMANDS = [[], ["serve"], ["users"], ["users", "create"], ["users", "list"],
-            ["users", "delete"], ["keys"], ["keys", "list"], ["keys", "create"],
+            ["users", "delete"], ["users", "repair"], ["keys"], ["keys", "list"], ["keys", "create"],
             ["keys", "delete"], ["keys", "regenerate"], ["datasets"],
             ["datasets", "privacy"], ["datasets", "list"]]
 

@@ -4,6 +4,11 @@ A key with schema `create` plants views, functions, triggers and rules, grants w
 owns to PUBLIC, holds its role with a temporary table or a large-object grant from another
 tenant, or gives a large object to a privilege role; none of it survives the key with more
 rights than the key had, and none of it stops the DELETE (or later key management).
+
+The guard (`tests/security/test_key_code_guard.py`) already stops keys creating code and
+clients creating large objects where a superuser installed it; these tests remove the
+guard first, as on a server that could not install it (or a database made before it
+existed), so that the revocation's own defences are tested on their own.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,18 +31,27 @@ from tests.support import TEST_SECRET, ServerProcess, table_grants
 SECRET = "the-secret-row"
 
 
+def remove_guard(admin_url: str, account: Account) -> None:
+    with psycopg.connect(admin_url, dbname=account.user.database, autocommit=True) as conn:
+        conn.execute("DROP EVENT TRIGGER grantkey_guard; DROP EVENT TRIGGER grantkey_guard_owner; "
+                     "GRANT EXECUTE ON FUNCTION lo_create(oid) TO PUBLIC")
+
+
 @pytest.fixture
 def creator(account: Account, owner_sql: Callable[[Account, str], None],
-            make_key: Callable[..., KeyHandle]) -> KeyHandle:
+            make_key: Callable[..., KeyHandle], admin_url: str) -> KeyHandle:
     owner_sql(account, f"CREATE TABLE secrets (s text); INSERT INTO secrets VALUES ('{SECRET}');"
                        "CREATE TABLE cities (name text); INSERT INTO cities VALUES ('Lima')")
-    return make_key(account, "creator", table_grants([("public", "cities", ["select"])],
-                                                     create_schemas=("public",)))
+    key = make_key(account, "creator", table_grants([("public", "cities", ["select"])],
+                                                    create_schemas=("public",)))
+    remove_guard(admin_url, account)
+    return key
 
 
-def as_key(http: httpx.Client, account: Account, key: KeyHandle, q: str) -> None:
+def as_key(http: httpx.Client, account: Account, key: KeyHandle, q: str) -> httpx.Response:
     response = account.sql(http, q, key.token)
     assert response.status_code == 200, response.text
+    return response
 
 
 def delete(http: httpx.Client, account: Account, name: str) -> None:
@@ -117,6 +133,7 @@ def test_another_tenants_large_object_grant_cannot_block_a_deletion(
     make_account: Callable[[], Account],
 ) -> None:
     other = make_account()
+    remove_guard(admin_url, other)
     for grantee in (creator.role, account.user.public_role):
         lo = other.sql(http, "SELECT lo_create(0) AS oid").json()["rows"][0]["oid"]
         granted = other.sql(http, f'GRANT SELECT ON LARGE OBJECT {lo} TO "{grantee}"')
@@ -143,19 +160,20 @@ def test_a_temporary_table_held_by_the_key_cannot_block_its_deletion(
 
 def test_a_large_object_given_to_a_privilege_role_cannot_block_key_management(
     http: httpx.Client, account: Account, owner_sql: Callable[[Account, str], None],
-    make_key: Callable[..., KeyHandle],
+    make_key: Callable[..., KeyHandle], admin_url: str,
 ) -> None:
     owner_sql(account, "CREATE TABLE doomed (a int)")
     reader = make_key(account, "reader", table_grants([("public", "doomed", ["select"])]))
+    remove_guard(admin_url, account)
     with reader.connect() as conn:
         privilege_role = conn.execute(
             "SELECT g.rolname FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid "
             "WHERE m.member = current_user::regrole AND g.rolname ~ '_t[0-9]+_s$'").fetchone()[0]
         lo = conn.execute("SELECT lo_create(0)").fetchone()[0]
         conn.execute(f'ALTER LARGE OBJECT {lo} OWNER TO "{privilege_role}"')
-    owner_sql(account, "DROP TABLE doomed")
+    owner_sql(account, "DROP TABLE doomed; CREATE TABLE spare (a int)")
     created = http.post(account.keys_url, params=account.master(), json={
-        "name": "after", "grants": table_grants([], create_schemas=("public",))})
+        "name": "after", "grants": table_grants([("public", "spare", ["select"])])})
     assert created.status_code == 201, created.text
     delete(http, account, "after")
     delete(http, account, "reader")
@@ -201,3 +219,103 @@ def test_a_cli_killed_right_after_revoking_leaves_no_worker_serving_the_old_toke
         assert not role_exists(admin_url, creator.role)
         listed = httpx.get(account.keys_url, params=account.master()).json()["result"]
         assert "creator" not in [key["name"] for key in listed]
+
+
+# Found by an attacking review (each failed before its fix).
+
+CREATE_ROLE_OF_KEY = ("SELECT g.rolname FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid "
+                      "WHERE m.member = current_user::regrole AND g.rolname ~ '_n[0-9]+_c$'")
+
+
+def test_a_deleted_keys_column_grants_to_public_do_not_survive(
+    http: httpx.Client, account: Account, creator: KeyHandle, admin_url: str,
+) -> None:
+    as_key(http, account, creator, "CREATE TABLE public.mine (a text); "
+           "GRANT SELECT (a), INSERT (a), UPDATE (a) ON public.mine TO PUBLIC")
+    delete(http, account, "creator")
+    owner_query(admin_url, account, f"INSERT INTO public.mine VALUES ('{SECRET}')")
+    anonymous = account.sql(http, "SELECT a FROM public.mine")
+    assert anonymous.status_code == 403 and SECRET not in anonymous.text
+
+
+@pytest.mark.parametrize("via", ["index expression", "security definer"])
+def test_code_a_key_gave_to_a_privilege_role_does_not_outlive_the_key(
+    http: httpx.Client, account: Account, creator: KeyHandle, admin_url: str, via: str,
+) -> None:
+    shared = as_key(http, account, creator, CREATE_ROLE_OF_KEY).json()["rows"][0]["rolname"]
+    as_key(http, account, creator, f"""
+      CREATE TABLE public.loot (who text, s text); GRANT SELECT ON public.loot TO PUBLIC;
+      CREATE FUNCTION public.g() RETURNS int LANGUAGE plpgsql VOLATILE AS $$BEGIN
+        INSERT INTO public.loot SELECT current_user, s FROM public.secrets; RETURN 1;
+      EXCEPTION WHEN others THEN RETURN 0; END$$;
+      CREATE FUNCTION public.h(int) RETURNS int LANGUAGE plpgsql IMMUTABLE AS
+        $$BEGIN PERFORM public.g(); RETURN $1; END$$;
+      CREATE FUNCTION public.run(q text) RETURNS int SECURITY DEFINER LANGUAGE plpgsql
+        AS $$BEGIN EXECUTE q; RETURN 1; END$$;
+      ALTER FUNCTION public.g() OWNER TO "{shared}";
+      ALTER FUNCTION public.h(int) OWNER TO "{shared}";
+      ALTER FUNCTION public.run(text) OWNER TO "{shared}";
+      CREATE TABLE public.idx (a int); INSERT INTO public.idx VALUES (1);
+      CREATE INDEX ON public.idx (public.h(a))""")
+    owner_query(admin_url, account, "TRUNCATE public.loot")
+    delete(http, account, "creator")
+    if via == "index expression":  # what autovacuum does, as the table's owner
+        owner_query(admin_url, account, "ANALYZE public.idx")
+        assert SECRET not in account.sql(http, "SELECT who, s FROM public.loot").text
+    else:
+        anonymous = account.sql(http, "SELECT public.run('CREATE TABLE public.anon_made (x int)')")
+        assert anonymous.status_code != 200
+
+
+def test_a_key_changing_its_own_password_cannot_break_its_deletion(
+    http: httpx.Client, account: Account, make_key: Callable[..., KeyHandle], admin_url: str,
+) -> None:
+    """An uncommitted ALTER ROLE CURRENT_USER (invisible to event triggers) holds the role's
+    catalog row; the decision ends the key's sessions and tries again."""
+    key = make_key(account, "victim", table_grants([]))
+    racer = threading.Thread(target=lambda: account.sql(
+        httpx.Client(timeout=30),
+        "ALTER ROLE CURRENT_USER PASSWORD 'chosen-by-the-key'; SELECT pg_sleep(2)", key.token))
+    racer.start()
+    time.sleep(0.5)
+    deleted = http.delete(f"{account.keys_url}/victim", params=account.master())
+    racer.join()
+    assert deleted.status_code == 204, deleted.text
+    assert not role_exists(admin_url, key.role)
+
+
+def test_a_lock_held_during_cleanup_leaves_nothing_of_the_key_with_rights(
+    account: Account, owner_sql: Callable[[Account, str], None],
+    make_key: Callable[..., KeyHandle], admin_url: str, data_dir: Path,
+) -> None:
+    """An anonymous query on one of the key's tables, longer than the cleanup's lock wait
+    (a server with the default 25 s time limit), makes the cleanup wait and give up; the
+    key's view must still not read what the key could read."""
+    owner_sql(account, f"CREATE TABLE secrets (s text); INSERT INTO secrets VALUES ('{SECRET}')")
+    key = make_key(account, "creator", table_grants([("public", "secrets", ["select"])],
+                                                    create_schemas=("public",)))
+    server = ServerProcess(["--database-url", admin_url, "--data-dir", str(data_dir)],
+                           data_dir / "cleanup-lock.log", {"GRANTKEY_SECRET": TEST_SECRET})
+    try:
+        server.wait_healthy()
+        sql_url = f"{server.url}/user/{account.username}/api/v2/sql"
+        keys_url = f"{server.url}/user/{account.username}/api/v3/api_keys"
+
+        def run(q: str, token: str | None = None) -> httpx.Response:
+            params = {"q": q} if token is None else {"q": q, "api_key": token}
+            return httpx.get(sql_url, params=params, timeout=60)
+
+        public = account.user.public_role
+        assert run(f'CREATE TABLE public.mine (a int); INSERT INTO public.mine VALUES (1); '
+                   f'GRANT SELECT ON public.mine TO "{public}"; '
+                   f'CREATE VIEW public.peek AS SELECT s FROM public.secrets; '
+                   f'GRANT SELECT ON public.peek TO "{public}"', key.token).status_code == 200
+        locker = threading.Thread(target=lambda: run("SELECT pg_sleep(9) FROM public.mine"))
+        locker.start()
+        time.sleep(1)
+        assert httpx.delete(f"{keys_url}/creator", params=account.master()).status_code == 204
+        anonymous = run("SELECT s FROM public.peek")
+        assert SECRET not in anonymous.text, anonymous.text
+        locker.join()
+    finally:
+        server.stop()

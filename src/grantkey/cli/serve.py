@@ -17,6 +17,7 @@ from grantkey.cli.embedded import EmbeddedPostgres
 from grantkey.errors import GrantkeyError
 from grantkey.services.container import Services
 from grantkey.services.reconcile import reconcile
+from grantkey.services.upgrade import upgrade_user_databases
 from grantkey.settings import Settings
 
 log = logging.getLogger("grantkey.serve")
@@ -28,6 +29,12 @@ async def _prepare(settings: Settings) -> None:
     services = Services(settings, settings.database_url)
     await services.open(migrate=True)
     try:
+        upgraded = await upgrade_user_databases(services.cluster)
+        if upgraded:
+            click.echo(f"upgraded {len(upgraded)} user database(s)", err=True)
+        reset = await services.repair.reset_all_settings()
+        if reset:
+            click.echo(f"reset the role settings of {len(reset)} key role(s)", err=True)
         repair = await reconcile(services.cluster, services.revoker)
         if repair.anything:
             click.echo(f"start-up repair: {repair}", err=True)

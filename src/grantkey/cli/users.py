@@ -7,11 +7,19 @@ from pathlib import Path
 
 import click
 
-from grantkey.cli.common import cluster_options, fail, load_settings, print_table, run_with_services
+from grantkey.cli.common import (
+    cluster_options,
+    fail,
+    load_settings,
+    print_table,
+    run_with_services,
+    visible,
+)
 from grantkey.domain.keys import User
 from grantkey.domain.names import check_username
 from grantkey.errors import InvalidUsername
 from grantkey.services.container import Services
+from grantkey.services.repair import RepairReport
 from grantkey.services.users import CreatedUser
 
 
@@ -87,3 +95,27 @@ def delete(name: str, yes: bool, data_dir: Path, database_url: str | None) -> No
 
     run_with_services(settings, work)
     click.echo(f"deleted user {name}")
+
+
+@users.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@cluster_options
+def repair(name: str, as_json: bool, data_dir: Path, database_url: str | None) -> None:
+    """Restore the roles of user NAME's keys: each role's password from its key's token,
+    and any role settings a client made with ALTER ROLE ... SET removed.
+
+    Keys whose token is not stored (GRANTKEY_STORE_TOKENS=false) get their settings reset
+    only; regenerate them to restore their password."""
+    settings = load_settings(data_dir, database_url)
+
+    async def work(services: Services) -> RepairReport:
+        return await services.repair.repair_user(await services.users.get(name))
+
+    report = run_with_services(settings, work)
+    if as_json:
+        click.echo(json.dumps({"restored": report.restored, "unknown_token": report.unknown_token}))
+        return
+    click.echo(f"restored {len(report.restored)} key role(s) of {name}")
+    for key in report.unknown_token:
+        click.echo(f"token not stored, settings reset only: {visible(key)}", err=True)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import dict_row
 
-from grantkey.db.cluster import METADATA_DATABASE, admin_conninfo
-from grantkey.db.revocations import REVOCATIONS_DDL
+from grantkey.db import migrations
+from grantkey.db.cluster import METADATA_DATABASE, AdminConnection, admin_conninfo
+from grantkey.db.revocations import REVOCATIONS_DDL, REVOKED_TOKENS_DDL
 
 METADATA_SCHEMA = """
 CREATE TABLE IF NOT EXISTS public.users (
@@ -48,11 +52,26 @@ async def bootstrap(admin_url: str) -> None:
             )
         await _revoke_public_connect(conn)
     async with await psycopg.AsyncConnection.connect(
-        admin_conninfo(admin_url, dbname=METADATA_DATABASE)
+        admin_conninfo(admin_url, dbname=METADATA_DATABASE), row_factory=dict_row
     ) as conn:
-        await conn.execute(METADATA_SCHEMA)
-        await conn.execute(REVOCATIONS_DDL)
+        await conn.execute("SELECT pg_catalog.pg_advisory_xact_lock(%s, %s)",
+                           list(migrations.MIGRATION_LOCK))
         await conn.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
+        await migrations.run(conn, METADATA_MIGRATIONS, "public.schema_migrations", None)
+
+
+async def _execute(statement: str, conn: AdminConnection) -> None:
+    await conn.execute(statement)
+
+
+METADATA_MIGRATIONS = [
+    migrations.Migration(1, "users", partial(_execute, METADATA_SCHEMA)),
+    migrations.Migration(2, "pending revocations", partial(_execute, REVOCATIONS_DDL)),
+    migrations.Migration(3, "user database versions", partial(
+        _execute, "ALTER TABLE public.users ADD COLUMN IF NOT EXISTS schema_version integer "
+                  "NOT NULL DEFAULT 1")),
+    migrations.Migration(4, "revoked tokens", partial(_execute, REVOKED_TOKENS_DDL)),
+]
 
 
 async def _revoke_public_connect(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:

@@ -38,6 +38,22 @@ ADMIN_SESSION = {
     "bytea_output": "hex",
 }
 ADMIN_OPTIONS = " ".join(f"-c {name}={value}" for name, value in ADMIN_SESSION.items())
+# Pinned on every key-role session the same way: a client can `ALTER ROLE CURRENT_USER SET`
+# its own defaults (statement_timeout = 1, read-only, another search path, another date
+# style) and so break its key for every later session, the default public key above all;
+# settings from the startup packet outrank those. Clients can still SET them per query.
+KEY_SESSION = {
+    "search_path": '"$user",\\ public',  # as PostgreSQL's default shows it
+    "statement_timeout": "0",
+    "lock_timeout": "0",
+    "idle_in_transaction_session_timeout": "0",
+    "default_transaction_read_only": "off",
+    "default_transaction_isolation": "read\\ committed",
+    "DateStyle": "ISO",
+    "IntervalStyle": "postgres",
+    "bytea_output": "hex",
+}
+KEY_OPTIONS = " ".join(f"-c {name}={value}" for name, value in KEY_SESSION.items())
 AdminConnection = psycopg.AsyncConnection[dict[str, Any]]
 
 
@@ -59,8 +75,7 @@ class Cluster:
         """Where a key's own role logs in: same server, its own name and password."""
         params = conninfo_to_dict(self.admin_url)
         params.pop("passfile", None)
-        params.pop("options", None)
-        params.update(dbname=dbname, user=role, password=password)
+        params.update(dbname=dbname, user=role, password=password, options=KEY_OPTIONS)
         return make_conninfo("", **params)
 
     def _pool(self, dbname: str, max_size: int) -> AsyncConnectionPool[AdminConnection]:

@@ -141,3 +141,18 @@ async def finish_reset(conn: psycopg.AsyncConnection[Row]) -> bool:
         return False
     return (bool(results) and all(r.status == _STATUS.COMMAND_OK for r in results)
             and conn.info.transaction_status == pq.TransactionStatus.IDLE)
+
+
+def still_connected(conn: psycopg.AsyncConnection[Row]) -> bool:
+    """False if the server closed an idle session (a restart, `pg_terminate_backend`): its
+    farewell is already waiting in the socket. One non-blocking read, no round trip."""
+    if conn.closed:
+        return False
+    try:
+        conn.pgconn.consume_input()
+    except psycopg.OperationalError:
+        return False
+    if conn.pgconn.status != pq.ConnStatus.OK:
+        return False
+    notice = conn.pgconn.get_result() if not conn.pgconn.is_busy() else None
+    return notice is None

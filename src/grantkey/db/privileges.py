@@ -164,8 +164,9 @@ async def apply_grants(
     for item in wanted:
         if state[item.role]["live"]:
             continue
-        if state[item.role]["present"]:
-            await conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(item.role)))
+        if state[item.role]["present"]:  # IF EXISTS: a cleanup may be dropping it too
+            await conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(
+                sql.Identifier(item.role)))
         await conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(item.role)))
         await conn.execute(item.grant)
     await conn.execute(sql.SQL("GRANT {} TO {}").format(

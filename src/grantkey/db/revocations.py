@@ -29,8 +29,19 @@ CREATE TABLE IF NOT EXISTS public.revocations (
     since     timestamptz NOT NULL DEFAULT now()
 )
 """
+# Token digests whose revocation was decided while the key's row may still name them (a
+# crash between the decision and the row's update): never restored by the role repair.
+REVOKED_TOKENS_DDL = """
+CREATE TABLE IF NOT EXISTS public.revoked_tokens (
+    user_id      text NOT NULL,
+    token_digest bytea NOT NULL,
+    since        timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (user_id, token_digest)
+)
+"""
 KEYS_LOCK_CLASS = 0x676C  # the first key of each user's key-management advisory lock
 CLEANUP_LOCK_TIMEOUT = "5s"
+DECIDE_LOCK_TIMEOUT = "1s"
 
 
 async def lock_user_keys(meta: AdminConnection, user_id: str) -> None:
@@ -51,11 +62,46 @@ async def disable_login(meta: AdminConnection, role: str) -> None:
     await meta.execute(sql.SQL("ALTER ROLE {} NOLOGIN PASSWORD NULL").format(sql.Identifier(role)))
 
 
+async def bounded_lock_wait(meta: AdminConnection) -> None:
+    await meta.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
+        sql.Literal(DECIDE_LOCK_TIMEOUT)))
+
+
+async def leave_every_role(meta: AdminConnection, role: str, oid: int) -> None:
+    """The role leaves its privilege roles and the user's public role (memberships are
+    cluster-wide: this runs on the metadata database, out of tenants' reach)."""
+    cur = await meta.execute(
+        "SELECT r.rolname::text AS rolname FROM pg_catalog.pg_auth_members m "
+        "JOIN pg_catalog.pg_roles r ON r.oid = m.roleid WHERE m.member = %s::oid", [oid])
+    groups = [row["rolname"] for row in await cur.fetchall()]
+    if groups:
+        await meta.execute(sql.SQL("REVOKE {} FROM {} CASCADE").format(
+            sql.SQL(", ").join(sql.Identifier(g) for g in groups), sql.Identifier(role)))
+
+
 async def record_pending(meta: AdminConnection, role: str, user_id: str, database: str,
                          oid: int) -> None:
     await meta.execute(
         "INSERT INTO public.revocations (role, user_id, database, role_oid) "
         "VALUES (%s, %s, %s, %s) ON CONFLICT (role) DO NOTHING", [role, user_id, database, oid])
+
+
+async def tombstone(meta: AdminConnection, user_id: str, token_digest: bytes) -> None:
+    await meta.execute(
+        "INSERT INTO public.revoked_tokens (user_id, token_digest) VALUES (%s, %s) "
+        "ON CONFLICT DO NOTHING", [user_id, token_digest])
+
+
+async def is_tombstoned(meta: AdminConnection, user_id: str, token_digest: bytes) -> bool:
+    cur = await meta.execute("SELECT 1 FROM public.revoked_tokens WHERE user_id = %s "
+                             "AND token_digest = %s", [user_id, token_digest])
+    return await cur.fetchone() is not None
+
+
+async def forget_tombstone(meta: AdminConnection, user_id: str, token_digest: bytes) -> None:
+    """Once the key's row no longer names the digest, nothing can bring the token back."""
+    await meta.execute("DELETE FROM public.revoked_tokens WHERE user_id = %s "
+                       "AND token_digest = %s", [user_id, token_digest])
 
 
 async def pending(meta: AdminConnection) -> list[dict[str, object]]:
@@ -105,20 +151,28 @@ SELECT 'TRIGGER', t.tgname::text, c.oid::pg_catalog.regclass::text
   FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
  WHERE c.relowner = %(oid)s::oid AND NOT t.tgisinternal
 """
-# Grants on the key's own relations to PUBLIC (grantee 0) or to roles not of this user.
-_FOREIGN_GRANTS = """
-SELECT DISTINCT c.oid::pg_catalog.regclass::text AS rel, a.grantee::oid AS grantee,
-       r.rolname::text AS rolname
-  FROM pg_catalog.pg_class c CROSS JOIN LATERAL pg_catalog.aclexplode(c.relacl) a
-  LEFT JOIN pg_catalog.pg_roles r ON r.oid = a.grantee
- WHERE c.relowner = %(oid)s::oid AND c.relacl IS NOT NULL
-   AND (a.grantee = 0 OR NOT pg_catalog.starts_with(r.rolname::text, %(prefix)s::text))
+# Who besides PUBLIC holds grants, table-wide or on a column, on the key's own relations:
+# roles that are not this user's.
+_FOREIGN_GRANTEES = """
+SELECT DISTINCT c.oid::pg_catalog.regclass::text AS rel, r.rolname::text AS rolname
+  FROM pg_catalog.pg_class c
+  LEFT JOIN pg_catalog.pg_attribute att ON att.attrelid = c.oid AND att.attacl IS NOT NULL
+  CROSS JOIN LATERAL pg_catalog.aclexplode(
+      pg_catalog.array_cat(c.relacl, att.attacl)) a
+  JOIN pg_catalog.pg_roles r ON r.oid = a.grantee
+ WHERE c.relowner = %(oid)s::oid
+   AND NOT pg_catalog.starts_with(r.rolname::text, %(prefix)s::text)
+"""
+_OWNED_RELATIONS = """
+SELECT c.oid::pg_catalog.regclass::text AS rel FROM pg_catalog.pg_class c
+ WHERE c.relowner = %(oid)s::oid AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
 """
 
 
 async def drop_key_code(conn: AdminConnection, oid: int) -> None:
-    """Drop every piece of code the key owns or attached to its tables (CASCADE: what
-    depends on it, a trigger or a column default calling it, goes too)."""
+    """Drop every piece of code the role owns or attached to its tables (CASCADE: what
+    depends on it, a trigger, an index or a column default calling it, goes too)."""
+    await bounded_cleanup_wait(conn)
     cur = await conn.execute(_KEY_TABLE_CODE, {"oid": oid})
     for row in await cur.fetchall():
         await conn.execute(sql.SQL("DROP {} IF EXISTS {} ON {} CASCADE").format(
@@ -133,19 +187,29 @@ async def drop_key_code(conn: AdminConnection, oid: int) -> None:
 
 
 async def revoke_foreign_grants(conn: AdminConnection, oid: int, user_prefix: str) -> None:
-    cur = await conn.execute(_FOREIGN_GRANTS, {"oid": oid, "prefix": user_prefix})
+    """No grant the key made on what it owned survives to PUBLIC or to another user's
+    roles (a table-level REVOKE ALL takes the column grants with it)."""
+    await bounded_cleanup_wait(conn)
+    cur = await conn.execute(_OWNED_RELATIONS, {"oid": oid})
     for row in await cur.fetchall():
-        grantee = sql.SQL("PUBLIC") if row["grantee"] == 0 else sql.Identifier(row["rolname"])
+        await conn.execute(sql.SQL("REVOKE ALL ON {} FROM PUBLIC CASCADE").format(
+            sql.SQL(row["rel"])))
+    cur = await conn.execute(_FOREIGN_GRANTEES, {"oid": oid, "prefix": user_prefix})
+    for row in await cur.fetchall():
         await conn.execute(sql.SQL("REVOKE ALL ON {} FROM {} CASCADE").format(
-            sql.SQL(row["rel"]), grantee))
+            sql.SQL(row["rel"]), sql.Identifier(row["rolname"])))
+
+
+async def bounded_cleanup_wait(conn: AdminConnection) -> None:
+    await conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
+        sql.Literal(CLEANUP_LOCK_TIMEOUT)))
 
 
 async def hand_over_and_drop_owned(conn: AdminConnection, role: str, owner_role: str) -> None:
     """What is left (tables, sequences, types) goes to the owner; privileges held by the
     role in this database are dropped."""
     ident = sql.Identifier(role)
-    await conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
-        sql.Literal(CLEANUP_LOCK_TIMEOUT)))
+    await bounded_cleanup_wait(conn)
     await conn.execute(sql.SQL("REASSIGN OWNED BY {} TO {}").format(
         ident, sql.Identifier(owner_role)))
     await conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
@@ -162,8 +226,7 @@ async def databases_naming(conn: AdminConnection, oid: int) -> list[str]:
 
 
 async def drop_owned(conn: AdminConnection, role: str) -> None:
-    await conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
-        sql.Literal(CLEANUP_LOCK_TIMEOUT)))
+    await bounded_cleanup_wait(conn)
     await conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
 
 
@@ -180,3 +243,43 @@ async def drop_role_everywhere(cluster: Cluster, role: str, oid: int) -> None:
             await drop_owned(conn, role)
     async with cluster.metadata() as meta:
         await drop_role(meta, role)
+
+
+async def can_log_in(conn: AdminConnection, role: str) -> bool:
+    cur = await conn.execute(
+        "SELECT rolcanlogin FROM pg_catalog.pg_roles "
+        "WHERE rolname OPERATOR(pg_catalog.=) %s::text", [role])
+    row = await cur.fetchone()
+    return bool(row and row["rolcanlogin"])
+
+
+async def reset_role_settings(conn: AdminConnection, role: str) -> None:
+    """Undo every `ALTER ROLE … [IN DATABASE …] SET` on the role."""
+    cur = await conn.execute(
+        "SELECT d.datname::text AS datname FROM pg_catalog.pg_db_role_setting s "
+        "LEFT JOIN pg_catalog.pg_database d ON d.oid = s.setdatabase "
+        "WHERE s.setrole = (SELECT oid FROM pg_catalog.pg_roles "
+        "                   WHERE rolname OPERATOR(pg_catalog.=) %s::text)", [role])
+    for row in await cur.fetchall():
+        if row["datname"] is None:
+            await conn.execute(sql.SQL("ALTER ROLE {} RESET ALL").format(sql.Identifier(role)))
+        else:
+            await conn.execute(sql.SQL("ALTER ROLE {} IN DATABASE {} RESET ALL").format(
+                sql.Identifier(role), sql.Identifier(row["datname"])))
+
+
+async def roles_with_settings(conn: AdminConnection) -> list[str]:
+    """grantkey's roles that carry `ALTER ROLE … SET` defaults."""
+    cur = await conn.execute(
+        "SELECT DISTINCT r.rolname::text AS rolname FROM pg_catalog.pg_db_role_setting s "
+        "JOIN pg_catalog.pg_roles r ON r.oid = s.setrole "
+        "WHERE pg_catalog.starts_with(r.rolname::text, 'gk_'::text)")
+    return [row["rolname"] for row in await cur.fetchall()]
+
+
+async def privilege_role_oids(conn: AdminConnection, user_prefix: str, pattern: str) -> list[int]:
+    cur = await conn.execute(
+        "SELECT oid FROM pg_catalog.pg_roles "
+        "WHERE pg_catalog.starts_with(rolname::text, %s::text) "
+        "AND rolname::text OPERATOR(pg_catalog.~) %s::text", [user_prefix, pattern])
+    return [int(row["oid"]) for row in await cur.fetchall()]

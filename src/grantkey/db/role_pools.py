@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg.pq import TransactionStatus
 
-from grantkey.db.pg_wire import finish_reset, send_reset, send_reset_at_once
+from grantkey.db.pg_wire import finish_reset, send_reset, send_reset_at_once, still_connected
 from grantkey.errors import DatabaseUnavailable, LoginRefused, PoolExhausted
 
 RoleConnection = psycopg.AsyncConnection[tuple[object, ...]]
@@ -241,6 +241,7 @@ class RolePools:
             self._closing.add(closing)
             closing.add_done_callback(self._closing.discard)
             raise
+        fit = fit and still_connected(conn)
         if not fit:
             await self._close(conn)
         return fit

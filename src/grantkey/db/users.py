@@ -118,8 +118,22 @@ async def harden_database(conn: AdminConnection, user: User) -> None:
         await conn.execute("CREATE EXTENSION IF NOT EXISTS postgis SCHEMA public")
 
 
-async def mark_ready(conn: AdminConnection, user_id: str) -> None:
-    await conn.execute("UPDATE public.users SET state = 'ready' WHERE id = %s", [user_id])
+async def mark_ready(conn: AdminConnection, user_id: str, schema_version: int) -> None:
+    await conn.execute("UPDATE public.users SET state = 'ready', schema_version = %s "
+                       "WHERE id = %s", [schema_version, user_id])
+
+
+async def users_behind(conn: AdminConnection, latest: int) -> list[dict[str, Any]]:
+    """Ready users whose database has not had every migration yet."""
+    cur = await conn.execute(
+        "SELECT id, username, database FROM public.users WHERE state = 'ready' "
+        "AND schema_version < %s ORDER BY username", [latest])
+    return list(await cur.fetchall())
+
+
+async def set_schema_version(conn: AdminConnection, user_id: str, version: int) -> None:
+    await conn.execute("UPDATE public.users SET schema_version = %s WHERE id = %s",
+                       [version, user_id])
 
 
 async def mark_deleting(conn: AdminConnection, user_id: str) -> None:

@@ -8,6 +8,7 @@ from grantkey.db.role_pools import RolePools
 from grantkey.domain.secrets_box import SecretBox
 from grantkey.services.datasets import DatasetService
 from grantkey.services.keys import KeyService
+from grantkey.services.repair import RoleRepair
 from grantkey.services.resolver import KeyResolver
 from grantkey.services.revocation import KeyCache, Revoker
 from grantkey.services.runtime import load_secret
@@ -38,6 +39,8 @@ class Services:
                               master_time_limit=settings.sql_master_timeout,
                               target_cache_size=settings.key_cache_size)
         self.datasets = DatasetService(self.cluster)
+        self.repair = RoleRepair(self.cluster, box)
+        self.sql.repair = self.repair
 
     async def open(self, *, migrate: bool = True) -> None:
         if migrate:
@@ -45,5 +48,6 @@ class Services:
         await self.cluster.open()
 
     async def close(self) -> None:
+        await self.revoker.drain()
         await self.pools.close()
         await self.cluster.close()

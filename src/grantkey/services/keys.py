@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from grantkey.db import keys as key_store
-from grantkey.db import privileges
+from grantkey.db import migrations, privileges
 from grantkey.db import revocations as revocation_store
 from grantkey.db.cluster import AdminConnection, Cluster
 from grantkey.db.privileges import LiveGrants
@@ -29,6 +29,9 @@ from grantkey.faults import checkpoint
 from grantkey.services.revocation import Revoker
 
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S +0000"
+NO_GUARD_MESSAGE = (
+    "Grants schema create is not available on this server: keys that create tables need "
+    "a guard against creating code, which only a PostgreSQL superuser can install")
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,8 @@ class KeyService:
             ):
                 raise QuotaReached("You have reached the limit of API keys for your plan")
             plan = plan_grants(grants)
+            if plan.create_schemas and not await migrations.guard_installed(conn):
+                raise ValidationFailed([NO_GUARD_MESSAGE])
             checkpoint("key.validated")
             await key_store.create_key_role(
                 conn, role, self.box.role_password(role, token), user.public_role, user.owner_role
@@ -210,13 +215,12 @@ class KeyService:
         async with self._key_lock(user):
             async with self.cluster.user_database(user.database) as conn:
                 record = await _find_key(conn, name, allowed=(KeyType.REGULAR,))
-                async with self.revoker.revoking(user, record, password=None) as oid:
-                    checkpoint("key.deleted_before_commit")
+                oid = await self.revoker.decide(user, record, password=None)
                 checkpoint("key.revoked")
                 await key_store.delete_key_row(conn, record.id)
             await self.revoker.after_commit(user, record, oid)
-            await self.revoker.remove_key_role(user.id, user.database, user.owner_role,
-                                               record.role, oid)
+            await self.revoker.settled(user, record)
+        await self.revoker.clean_up(user.id, user.database, user.owner_role, record.role, oid)
 
     async def regenerate(self, principal: Principal, name: str) -> KeyView:
         """The new role password is decided first (the old token stops at that commit);
@@ -229,14 +233,14 @@ class KeyService:
                 record = await _find_key(conn, name, allowed=(KeyType.MASTER, KeyType.REGULAR))
                 token = new_token(record.type.value)
                 password = self.box.role_password(record.role, token)
-                async with self.revoker.revoking(user, record, password=password) as oid:
-                    pass
+                oid = await self.revoker.decide(user, record, password=password)
                 checkpoint("key.regenerated_before_row")
                 await key_store.update_token(
                     conn, record.id, digest(token), self._seal(token, record.id))
                 updated = await key_store.find_by_name(conn, name)
                 live = await privileges.read_live_grants(conn, [record.role])
             await self.revoker.after_commit(user, record, oid)
+            await self.revoker.settled(user, record)
         assert updated is not None
         return KeyView(user, updated, token, live[record.role])
 

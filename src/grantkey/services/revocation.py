@@ -3,10 +3,10 @@ and the removal of a deleted key's role (best effort, retried at start-up)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import psycopg
 
@@ -17,9 +17,12 @@ from grantkey.db.cluster import Cluster
 from grantkey.db.role_pools import RolePools
 from grantkey.domain import names
 from grantkey.domain.keys import KeyRecord, Principal, User
-from grantkey.errors import GrantkeyError
+from grantkey.errors import DatabaseUnavailable, GrantkeyError
+from grantkey.faults import checkpoint
 
 log = logging.getLogger("grantkey.revocation")
+DECIDE_ATTEMPTS = 5
+CLEANUP_ANSWER_SECONDS = 2.0
 
 CHANNEL = "grantkey_keys"
 
@@ -98,21 +101,46 @@ class Revoker:
         self.cluster = cluster
         self.cache = cache
         self.pools: RolePools | None = None
+        self._cleanups: set[asyncio.Task[bool]] = set()
 
-    @asynccontextmanager
-    async def revoking(self, user: User, record: KeyRecord, *, password: str | None
-                       ) -> AsyncIterator[int]:
-        """Decide the revocation of `record` (delete: `password` None; regenerate: the new
-        role password). Yields the role's OID; commits when the block ends."""
-        async with self.cluster.metadata() as meta:
-            oid = await store.role_oid(meta, record.role)
-            if password is None:
-                await store.disable_login(meta, record.role)
-                await store.record_pending(meta, record.role, user.id, user.database, oid)
-            else:
-                await key_store.set_role_password(meta, record.role, password)
-            await store.notify(meta, CHANNEL, payload(user, record, oid))
-            yield oid
+    async def decide(self, user: User, record: KeyRecord, *, password: str | None) -> int:
+        """Decide the revocation of `record` and commit (delete: `password` None, and the
+        role also leaves every role it was a member of, so whatever it leaves behind runs
+        with no rights; regenerate: the new role password). Returns the role's OID.
+
+        A client can hold its own role's catalog row (an uncommitted `ALTER ROLE
+        CURRENT_USER …`): the decision waits at most a second for it, then ends the role's
+        sessions and tries again."""
+        for attempt in range(1, DECIDE_ATTEMPTS + 1):
+            try:
+                async with self.cluster.metadata() as meta:
+                    await store.bounded_lock_wait(meta)
+                    oid = await store.role_oid(meta, record.role)
+                    await store.tombstone(meta, user.id, record.token_digest)
+                    if password is None:
+                        await store.disable_login(meta, record.role)
+                        await store.leave_every_role(meta, record.role, oid)
+                        await store.record_pending(meta, record.role, user.id, user.database,
+                                                   oid)
+                        checkpoint("key.deleted_before_commit")
+                    else:
+                        await key_store.set_role_password(meta, record.role, password)
+                    await store.notify(meta, CHANNEL, payload(user, record, oid))
+                return oid
+            except (DatabaseUnavailable, psycopg.errors.InternalError_) as error:
+                # a lock wait that timed out reaches here as DatabaseUnavailable (every
+                # OperationalError does); "tuple concurrently updated" as an InternalError
+                cause = error.__cause__ if isinstance(error, DatabaseUnavailable) else error
+                if not isinstance(cause, psycopg.errors.LockNotAvailable
+                                  | psycopg.errors.InternalError_):
+                    raise
+                if attempt == DECIDE_ATTEMPTS:
+                    raise DatabaseUnavailable(
+                        "the key's role stayed locked by its own sessions; try again") from error
+                async with self.cluster.metadata() as meta:
+                    oid = await store.role_oid(meta, record.role)
+                await self.end_sessions(oid)
+        raise AssertionError("unreachable")
 
     async def after_commit(self, user: User, record: KeyRecord, role_oid: int) -> None:
         """PostgreSQL already refuses the old login: forget it here, end its sessions."""
@@ -120,6 +148,14 @@ class Revoker:
         if self.pools is not None:
             await self.pools.discard_role(user.database, record.role)
         await self.end_sessions(role_oid)
+
+    async def settled(self, user: User, record: KeyRecord) -> None:
+        """The key's row no longer names the old token: its tombstone can go."""
+        try:
+            async with self.cluster.metadata() as meta:
+                await store.forget_tombstone(meta, user.id, record.token_digest)
+        except (GrantkeyError, psycopg.Error) as error:
+            log.warning("a revoked token's tombstone stays: %s", error)
 
     async def end_sessions(self, role_oid: int) -> None:
         """Terminate every session of a role, cluster-wide. Never raises (every process
@@ -144,6 +180,24 @@ class Revoker:
         return [(str(r["database"]), str(r["role"]), int(str(r["role_oid"])))
                 for r in await self._pending()]
 
+    async def clean_up(self, user_id: str, database: str, owner_role: str, role: str,
+                       role_oid: int) -> None:
+        """`remove_key_role` in the background: waited for up to CLEANUP_ANSWER_SECONDS (the
+        usual case ends well within), so that a tenant's lock on one of the key's tables
+        delays no answer. What is not finished when the process stops is retried at the
+        next start (its row stays in `revocations`)."""
+        task = asyncio.ensure_future(
+            self.remove_key_role(user_id, database, owner_role, role, role_oid))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), CLEANUP_ANSWER_SECONDS)
+
+    async def drain(self) -> None:
+        """Let the background cleanups finish (before the services close)."""
+        if self._cleanups:
+            await asyncio.gather(*self._cleanups, return_exceptions=True)
+
     async def remove_key_role(self, user_id: str, database: str, owner_role: str, role: str,
                               role_oid: int) -> bool:
         """Best effort, idempotent: the key's row, its code, its grants to strangers, its
@@ -152,22 +206,27 @@ class Revoker:
         try:
             async with self.cluster.metadata() as meta:
                 await store.terminate_sessions(meta, role_oid)
+            async with self.cluster.user_database(database) as conn:
+                await key_store.delete_key_row_by_role(conn, role)
             if await self._exists(role):
+                prefix = names.user_role_prefix(user_id)
+                # each step its own transaction: one a tenant's lock times out leaves the
+                # earlier ones done (the role already left every role it was a member of,
+                # so what is left runs with no rights); code goes before anything is
+                # handed to the owner, and a privilege role never keeps code a key gave it
                 async with self.cluster.user_database(database) as conn:
-                    await key_store.delete_key_row_by_role(conn, role)
-                    await store.drop_key_code(conn, role_oid)
-                    await store.revoke_foreign_grants(conn, role_oid,
-                                                      names.user_role_prefix(user_id))
+                    for oid in [role_oid, *await store.privilege_role_oids(
+                            conn, prefix, privileges.PRIVILEGE_ROLE_PATTERN)]:
+                        await store.drop_key_code(conn, oid)
+                async with self.cluster.user_database(database) as conn:
+                    await store.revoke_foreign_grants(conn, role_oid, prefix)
+                async with self.cluster.user_database(database) as conn:
                     await store.hand_over_and_drop_owned(conn, role, owner_role)
                 await store.drop_role_everywhere(self.cluster, role, role_oid)
-            else:
-                async with self.cluster.user_database(database) as conn:
-                    await key_store.delete_key_row_by_role(conn, role)
             async with self.cluster.metadata() as meta:
                 await store.forget_pending(meta, role)
         except (GrantkeyError, psycopg.Error) as error:
-            log.warning("removing revoked role %s is left for the start-up repair: %s",
-                        role, error)
+            log.warning("removing revoked role %s is left for a later retry: %s", role, error)
             return False
         await self.drop_orphan_privilege_roles(user_id, database)
         return True

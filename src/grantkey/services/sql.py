@@ -17,6 +17,7 @@ from grantkey.domain.keys import Principal
 from grantkey.domain.secrets_box import SecretBox
 from grantkey.errors import DatabaseUnavailable, LoginRefused, Unauthorized
 from grantkey.services.lru import Lru
+from grantkey.services.repair import RoleRepair
 from grantkey.services.resolver import KeyResolver
 
 
@@ -71,6 +72,7 @@ class SqlService:
         self._type_names: dict[tuple[str, int], str] = {}
         # deriving the password and building the conninfo cost more than the query itself
         self._targets: Lru[tuple[str, str, str], RoleTarget] = Lru(target_cache_size)
+        self.repair: RoleRepair | None = None
 
     def target_for(self, principal: Principal) -> RoleTarget:
         role, database = principal.key.role, principal.user.database
@@ -86,14 +88,7 @@ class SqlService:
     async def start(self, principal: Principal, query: str) -> RunningQuery:
         """Run `query` up to its first row. Errors here get a proper status."""
         target = self.target_for(principal)
-        try:
-            conn = await self.pools.acquire(target)
-        except LoginRefused:
-            self.resolver.cache.evict(principal.user.id, principal.key.token_digest)
-            raise Unauthorized("the key's role refused the login") from None
-        except DatabaseUnavailable:
-            await self._lost(principal, target)  # a login cut short by a revocation: 401
-            raise
+        conn = await self._acquire(principal, target)
         limit = self.master_time_limit if principal.is_master else self.time_limit
         execution = Execution(conn, query, limit, self._terminate)
         started = time.monotonic()
@@ -102,13 +97,32 @@ class SqlService:
         except Exception as error:
             await self._release(execution, target, conn)
             if connection_lost(error):
-                await self._lost(principal, target)
+                await self._lost(principal, target)  # 401 if the key was revoked
+                raise DatabaseUnavailable(
+                    "the database session ended during the query; it may or may not have "
+                    "run") from None
             raise translate(error) from None
         except BaseException:  # cancelled: the client went away mid-query
             await _shielded(self._release(execution, target, conn))
             raise
         names = await self._names(principal.user.database, execution.columns, conn)
         return RunningQuery(execution, target, conn, names, started)
+
+    async def _acquire(self, principal: Principal, target: RoleTarget) -> RoleConnection:
+        """A session of the key's role. A refused login of a key that is still valid means
+        a client changed the role's password: restore it and try once more."""
+        for attempt in (1, 2):
+            try:
+                return await self.pools.acquire(target)
+            except LoginRefused:
+                self.resolver.cache.evict(principal.user.id, principal.key.token_digest)
+                if attempt == 2 or self.repair is None or not await self.repair.restore_login(
+                        principal):
+                    raise Unauthorized("the key's role refused the login") from None
+            except DatabaseUnavailable:
+                await self._lost(principal, target)  # a login cut short by a revocation: 401
+                raise
+        raise AssertionError("unreachable")
 
     async def finish(self, running: RunningQuery) -> None:
         """Give the connection back (once), even while the request is being cancelled."""
@@ -135,7 +149,8 @@ class SqlService:
         try:
             await self.pools.probe_login(target)
         except LoginRefused:
-            raise Unauthorized("the key's role refused the login") from None
+            if self.repair is None or not await self.repair.restore_login(principal):
+                raise Unauthorized("the key's role refused the login") from None
         except DatabaseUnavailable:
             pass
         await self.resolver.resolve(principal.user, principal.token, fresh=True)

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 import psycopg
 
 from grantkey.db import keys as key_store
+from grantkey.db import migrations
 from grantkey.db import users as user_store
 from grantkey.db.cluster import Cluster
 from grantkey.domain import names
@@ -106,12 +107,13 @@ class UserService:
         checkpoint("user.database_created")
         async with self.cluster.user_database(user.database) as conn:
             await user_store.harden_database(conn, user)
+            version = await migrations.run_user_migrations(conn)
             for record in self._builtin_keys(user, master_token):
                 await key_store.insert_key(conn, record)
             checkpoint("user.keys_inserted")
         checkpoint("user.database_prepared")
         async with self.cluster.metadata() as conn:
-            await user_store.mark_ready(conn, user.id)
+            await user_store.mark_ready(conn, user.id, version)
 
     def _builtin_keys(self, user: User, master_token: str) -> list[KeyRecord]:
         now = datetime.now(UTC)

@@ -1,0 +1,194 @@
+"""Numbered migrations: for the metadata database, and for every user database.
+
+Each database records what it has in a `schema_migrations` table (version, name, time).
+A new user database is made at the current state by `users.harden_database` (version 1)
+and then runs every later migration; an existing one runs, at start-up, each migration it
+has not recorded, in order, each in its own savepoint, under an advisory lock in the
+metadata database so that two servers starting together do not race. A user database made
+before migrations existed is at version 1.
+
+Some migrations need a PostgreSQL superuser (an event trigger, revoking EXECUTE on
+built-in functions). On a server whose admin role is not one, they are skipped (and the
+features that depend on them refused, see `guard_installed`); they run at a later start
+once a superuser is there.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from psycopg import sql
+
+from grantkey.db.cluster import AdminConnection
+
+log = logging.getLogger("grantkey.migrations")
+MIGRATION_LOCK = (0x676B, 0x6D69)  # advisory lock ("gk", "mi") held while migrating
+GUARD_TRIGGER = "grantkey_guard"
+
+# What a regular key (or the default public key) may run: tables and what tables need.
+# Everything else a DDL event trigger sees is refused for them, and so is any DDL run after
+# SET ROLE (objects owned by a shared privilege role would outlive the key).
+KEY_DDL = [
+    "CREATE TABLE", "CREATE TABLE AS", "SELECT INTO", "ALTER TABLE", "DROP TABLE",
+    "CREATE INDEX", "ALTER INDEX", "DROP INDEX", "REINDEX",
+    "CREATE SEQUENCE", "ALTER SEQUENCE", "DROP SEQUENCE",
+    "CREATE VIEW", "ALTER VIEW", "DROP VIEW",
+    "CREATE MATERIALIZED VIEW", "ALTER MATERIALIZED VIEW", "DROP MATERIALIZED VIEW",
+    "REFRESH MATERIALIZED VIEW", "CREATE STATISTICS", "ALTER STATISTICS", "DROP STATISTICS",
+    "COMMENT", "GRANT", "REVOKE", "ALTER DEFAULT PRIVILEGES",
+]
+KEY_ROLE_PATTERN = r"^gk_[0-9a-f]{16}_(k[0-9a-f]+|public)$"
+_GUARD_FUNCTION = """
+CREATE OR REPLACE FUNCTION grantkey_meta.refuse_key_code() RETURNS event_trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $guard$
+BEGIN
+  IF session_user::text OPERATOR(pg_catalog.~) {pattern}
+     AND (tg_tag OPERATOR(pg_catalog.<>) ALL ({allowed}::text[])
+          OR current_user OPERATOR(pg_catalog.<>) session_user) THEN
+    RAISE EXCEPTION 'permission denied: an API key cannot run %', tg_tag
+      USING ERRCODE = '42501',
+            HINT = 'API keys may create tables, indexes, sequences and views; '
+                   'functions, operators, triggers, rules and types need the master key.';
+  END IF;
+END
+$guard$
+"""
+# After the command: nothing a key created or changed may belong to anyone else (ALTER …
+# OWNER TO a shared privilege role would keep it alive, and usable by others, after the
+# key is gone).
+_OWNER_FUNCTION = """
+CREATE OR REPLACE FUNCTION grantkey_meta.refuse_given_away() RETURNS event_trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $guard$
+BEGIN
+  IF session_user::text OPERATOR(pg_catalog.~) {pattern} AND EXISTS (
+       SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() d
+       JOIN pg_catalog.pg_class c ON c.oid = d.objid
+       WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
+         AND c.relowner OPERATOR(pg_catalog.<>) (
+             SELECT r.oid FROM pg_catalog.pg_roles r
+             WHERE r.rolname OPERATOR(pg_catalog.=) session_user)) THEN
+    RAISE EXCEPTION 'permission denied: an API key cannot give away what it owns'
+      USING ERRCODE = '42501';
+  END IF;
+END
+$guard$
+"""
+OWNER_TRIGGER = "grantkey_guard_owner"
+# Large objects are persistent storage outside any table, quota or grant model.
+_LARGE_OBJECT_CREATORS = ["lo_create(oid)", "lo_creat(integer)", "lo_from_bytea(oid, bytea)",
+                          "lo_import(text)", "lo_import(text, oid)"]
+
+Apply = Callable[[AdminConnection], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    apply: Apply
+    needs_superuser: bool = False
+
+
+async def _install_guard(conn: AdminConnection) -> None:
+    await conn.execute(sql.SQL(_GUARD_FUNCTION).format(
+        pattern=sql.Literal(KEY_ROLE_PATTERN), allowed=sql.Literal(KEY_DDL)))
+    await conn.execute("REVOKE ALL ON FUNCTION grantkey_meta.refuse_key_code() FROM PUBLIC")
+    await conn.execute(sql.SQL("DROP EVENT TRIGGER IF EXISTS {}").format(
+        sql.Identifier(GUARD_TRIGGER)))
+    await conn.execute(sql.SQL(
+        "CREATE EVENT TRIGGER {} ON ddl_command_start "
+        "EXECUTE FUNCTION grantkey_meta.refuse_key_code()").format(sql.Identifier(GUARD_TRIGGER)))
+    await conn.execute(sql.SQL(_OWNER_FUNCTION).format(pattern=sql.Literal(KEY_ROLE_PATTERN)))
+    await conn.execute("REVOKE ALL ON FUNCTION grantkey_meta.refuse_given_away() FROM PUBLIC")
+    await conn.execute(sql.SQL("DROP EVENT TRIGGER IF EXISTS {}").format(
+        sql.Identifier(OWNER_TRIGGER)))
+    await conn.execute(sql.SQL(
+        "CREATE EVENT TRIGGER {} ON ddl_command_end "
+        "EXECUTE FUNCTION grantkey_meta.refuse_given_away()").format(
+            sql.Identifier(OWNER_TRIGGER)))
+
+
+async def _close_large_objects(conn: AdminConnection) -> None:
+    for signature in _LARGE_OBJECT_CREATORS:
+        await conn.execute(sql.SQL("REVOKE EXECUTE ON FUNCTION pg_catalog.{} FROM PUBLIC").format(
+            sql.SQL(signature)))
+
+
+USER_MIGRATIONS = [
+    Migration(2, "guard: keys create tables, never code", _install_guard, needs_superuser=True),
+    Migration(3, "clients cannot create large objects", _close_large_objects,
+              needs_superuser=True),
+]
+USER_BASELINE = 1  # what users.harden_database makes
+
+
+async def _is_superuser(conn: AdminConnection) -> bool:
+    cur = await conn.execute("SELECT pg_catalog.current_setting('is_superuser') AS su")
+    row = await cur.fetchone()
+    return row is not None and row["su"] == "on"
+
+
+async def _recorded(conn: AdminConnection, table: str, baseline: int | None) -> set[int]:
+    schema, _, name = table.partition(".")
+    cur = await conn.execute("SELECT pg_catalog.to_regclass(%s) IS NULL AS missing", [table])
+    row = await cur.fetchone()
+    ident = sql.Identifier(schema, name)
+    if row is not None and row["missing"]:
+        await conn.execute(sql.SQL(
+            "CREATE TABLE {} (version integer PRIMARY KEY, name text NOT NULL, "
+            "applied_at timestamptz NOT NULL DEFAULT now())").format(ident))
+        if baseline is not None:
+            await conn.execute(sql.SQL("INSERT INTO {} (version, name) VALUES (%s, %s)").format(
+                ident), [baseline, "baseline"])
+    cur = await conn.execute(sql.SQL("SELECT version FROM {}").format(ident))
+    return {int(r["version"]) for r in await cur.fetchall()}
+
+
+async def run(conn: AdminConnection, migrations: list[Migration], table: str,
+              baseline: int | None) -> list[int]:
+    """Apply, in `conn`'s transaction, every migration `table` has not recorded. Returns
+    the versions applied. A migration that fails rolls back alone and stops the run."""
+    done = await _recorded(conn, table, baseline)
+    superuser = await _is_superuser(conn)
+    schema, _, name = table.partition(".")
+    applied = []
+    for migration in sorted(migrations, key=lambda m: m.version):
+        if migration.version in done:
+            continue
+        if migration.needs_superuser and not superuser:
+            log.info("migration %s (%s) needs a superuser: skipped", migration.version,
+                     migration.name)
+            continue
+        async with conn.transaction():
+            await migration.apply(conn)
+            await conn.execute(sql.SQL("INSERT INTO {} (version, name) VALUES (%s, %s)").format(
+                sql.Identifier(schema, name)), [migration.version, migration.name])
+        applied.append(migration.version)
+    return applied
+
+
+USER_LATEST = max(m.version for m in USER_MIGRATIONS)
+
+
+async def run_user_migrations(conn: AdminConnection) -> int:
+    """Bring one user database up to date. Returns its version: the highest N such that
+    every migration up to N is recorded (below USER_LATEST while a superuser-only one
+    could not run)."""
+    await run(conn, USER_MIGRATIONS, "grantkey_meta.schema_migrations", USER_BASELINE)
+    done = await _recorded(conn, "grantkey_meta.schema_migrations", USER_BASELINE)
+    version = USER_BASELINE
+    for migration in sorted(USER_MIGRATIONS, key=lambda m: m.version):
+        if migration.version not in done:
+            break
+        version = migration.version
+    return version
+
+
+async def guard_installed(conn: AdminConnection) -> bool:
+    """Is the guard that stops keys creating code active in this database?"""
+    cur = await conn.execute(
+        "SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname OPERATOR(pg_catalog.=) %s::text "
+        "AND evtenabled OPERATOR(pg_catalog.<>) 'D'", [GUARD_TRIGGER])
+    return await cur.fetchone() is not None

@@ -1,0 +1,45 @@
+"""Start-up upgrade: every user database gets the migrations it has not had yet.
+
+Run once per start, before the server takes requests, under an advisory lock in the
+metadata database. Only users whose recorded version is behind are visited, so a start
+with nothing to do touches no user database. One database that fails is logged and
+skipped (retried at the next start); it never stops the start.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import psycopg
+
+from grantkey.db import migrations
+from grantkey.db import users as user_store
+from grantkey.db.cluster import Cluster
+from grantkey.errors import GrantkeyError
+
+log = logging.getLogger("grantkey.upgrade")
+
+
+async def upgrade_user_databases(cluster: Cluster) -> dict[str, int]:
+    """Returns {username: version now} for every user database visited."""
+    upgraded: dict[str, int] = {}
+    async with cluster.autocommit() as lock:
+        await lock.execute("SELECT pg_catalog.pg_advisory_lock(%s, %s)",
+                           list(migrations.MIGRATION_LOCK))
+        try:
+            async with cluster.metadata() as meta:
+                behind = await user_store.users_behind(meta, migrations.USER_LATEST)
+            for row in behind:
+                try:
+                    async with cluster.autocommit(row["database"]) as conn, conn.transaction():
+                        version = await migrations.run_user_migrations(conn)
+                    async with cluster.metadata() as meta:
+                        await user_store.set_schema_version(meta, row["id"], version)
+                    upgraded[row["username"]] = version
+                except (GrantkeyError, psycopg.Error) as error:
+                    log.warning("user database of %s not upgraded, retried at the next "
+                                "start: %s", row["username"], error)
+        finally:
+            await lock.execute("SELECT pg_catalog.pg_advisory_unlock(%s, %s)",
+                               list(migrations.MIGRATION_LOCK))
+    return upgraded

@@ -1,0 +1,94 @@
+"""Fixture builder: a data directory made by the previous release of grantkey.
+
+The previous release's source is taken from git history (`git archive`), and its own CLI
+runs with that source first on PYTHONPATH (the dependencies are the same), on the embedded
+PostgreSQL. It makes a user with a table and a regular key (with schema create), the
+objects an upgrade must carry over. Run it by hand to keep a data directory for study:
+
+    .venv/bin/python -m tests.upgrade.previous_release /tmp/old-data
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+from grantkey.cli.embedded import EmbeddedPostgres
+
+# main before numbered migrations existed (2026-11-23): the release CI last landed
+PREVIOUS_RELEASE = "d92998a40c0a480d56acd33e15addc7804db77ef"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class OldInstallation:
+    data_dir: Path
+    username: str
+    master_token: str
+    key_token: str
+
+
+def release_available() -> bool:
+    return subprocess.run(["git", "cat-file", "-e", f"{PREVIOUS_RELEASE}^{{commit}}"], cwd=ROOT,
+                          capture_output=True, check=False).returncode == 0
+
+
+def extract_source(into: Path) -> Path:
+    archive = subprocess.run(["git", "archive", "--format=tar", PREVIOUS_RELEASE, "src"],
+                             cwd=ROOT, capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    return into / "src"
+
+
+def old_cli(source: Path, data_dir: Path, *args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRANTKEY_")}
+    env["PYTHONPATH"] = str(source)
+    result = subprocess.run([sys.executable, "-m", "grantkey.cli", *args, "--data-dir",
+                             str(data_dir)], capture_output=True, text=True, env=env,
+                            timeout=180, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"previous release's CLI failed: {args}: {result.stderr}")
+    return result.stdout
+
+
+def build(data_dir: Path, work: Path) -> OldInstallation:
+    source = extract_source(work)
+    probe = subprocess.run([sys.executable, "-c", "import grantkey; print(grantkey.__file__)"],
+                           env={**os.environ, "PYTHONPATH": str(source)}, capture_output=True,
+                           text=True, check=True).stdout
+    assert probe.startswith(str(source)), f"the old source is not the one imported: {probe}"
+    created = json.loads(old_cli(source, data_dir, "users", "create", "olduser", "--json"))
+    cluster = EmbeddedPostgres(data_dir)
+    cluster.start()
+    try:
+        with psycopg.connect(cluster.admin_url, dbname=created["database"], autocommit=True) as conn:
+            conn.execute(f'SET ROLE "{_owner(conn)}"')
+            conn.execute("CREATE TABLE cities (name text); INSERT INTO cities VALUES ('Lima')")
+    finally:
+        cluster.stop()
+    key = json.loads(old_cli(source, data_dir, "keys", "create", "olduser", "maker", "--api", "sql",
+                             "--table", "public.cities:select", "--schema-create", "public",
+                             "--json"))
+    return OldInstallation(data_dir, "olduser", created["master_token"], key["token"])
+
+
+def _owner(conn: psycopg.Connection[tuple[object, ...]]) -> str:
+    row = conn.execute("SELECT pg_get_userbyid(nspowner) FROM pg_namespace "
+                       "WHERE nspname = 'public'").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[1])
+    made = build(target, target.parent / (target.name + "-source"))
+    print(made)
