@@ -52,7 +52,7 @@ def problems(admin_url: str) -> list[str]:
                 found.append(f"role {role} has no key row")
         for name, role in keys:
             if role.startswith(f"gk_{user_id}_k") and (
-                (role, f"gk_{user_id}_public") not in members
+                (role, f"gk_{user_id}_reader") not in members
                 or (f"gk_{user_id}_owner", role) not in members):
                 found.append(f"key {name} of {username} lacks its memberships")
     return found

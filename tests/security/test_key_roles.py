@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
 import pytest
 
+from grantkey.services.container import Services
 from tests.conftest import Account, KeyHandle, builtin_handle
 from tests.support import table_grants
 
@@ -90,16 +91,17 @@ def test_schema_create_key_cannot_drop_or_alter_what_it_does_not_own(
 
 
 def test_regular_key_reads_a_table_made_public_later(
-    worked: tuple[Account, KeyHandle], owner_sql: Callable[[Account, str], None]
+    worked: tuple[Account, KeyHandle], services: Services,
+    run: Callable[[Awaitable[Any]], Any],
 ) -> None:
     account, key = worked
     with key.connect() as conn:
         denied(conn, "SELECT * FROM national_incomes")
-        owner_sql(account,
-                  f'GRANT SELECT ON national_incomes TO "{account.user.public_role}"')
+        run(services.datasets.change_privacy(account.user, "public", "national_incomes",
+                                             "public"))
         assert conn.execute("SELECT count(*) FROM national_incomes").fetchone() == (1,)
-        owner_sql(account,
-                  f'REVOKE SELECT ON national_incomes FROM "{account.user.public_role}"')
+        run(services.datasets.change_privacy(account.user, "public", "national_incomes",
+                                             "private"))
         denied(conn, "SELECT * FROM national_incomes")
 
 

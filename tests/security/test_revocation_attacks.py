@@ -18,13 +18,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
 import pytest
 
+from grantkey.services import revocation
+from grantkey.services.container import Services
 from tests.conftest import Account, KeyHandle
 from tests.support import TEST_SECRET, ServerProcess, table_grants
 
@@ -319,3 +322,25 @@ def test_a_lock_held_during_cleanup_leaves_nothing_of_the_key_with_rights(
         locker.join()
     finally:
         server.stop()
+
+
+def test_a_cleanup_a_tenants_lock_stopped_is_retried_while_the_server_runs(
+    account: Account, creator: KeyHandle, admin_url: str, services: Services,
+    run: Callable[[Awaitable[Any]], Any], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with creator.connect() as conn:
+        conn.execute("CREATE TABLE public.mine (a int)")
+    holder = psycopg.connect(admin_url, dbname=account.user.database)
+    holder.execute("LOCK TABLE public.mine IN ACCESS EXCLUSIVE MODE")  # open transaction
+    try:
+        master = run(services.keys.master_principal(account.user))
+        run(services.keys.delete(master, "creator"))  # answers; the cleanup waits, gives up
+        run(services.revoker.drain())
+        assert role_exists(admin_url, creator.role)
+    finally:
+        holder.close()
+    monkeypatch.setattr(revocation, "RETRY_SECONDS", 0)
+    assert run(services.revoker.retry_once()) == [creator.role]
+    assert not role_exists(admin_url, creator.role)
+    assert owner_query(admin_url, account, "SELECT pg_get_userbyid(relowner) FROM pg_class "
+                       "WHERE relname = 'mine'") == [(account.user.owner_role,)]

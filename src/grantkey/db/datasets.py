@@ -43,10 +43,41 @@ async def find_table(conn: AdminConnection, schema: str, name: str) -> int | Non
     return None if row is None else int(row["oid"])
 
 
+_ANCESTOR = """
+SELECT p.oid::pg_catalog.regclass::text AS parent FROM pg_catalog.pg_inherits i
+  JOIN pg_catalog.pg_class p ON p.oid = i.inhparent WHERE i.inhrelid = %s::oid LIMIT 1
+"""
+_DESCENDANTS = """
+WITH RECURSIVE tree(oid) AS (
+    SELECT i.inhrelid FROM pg_catalog.pg_inherits i WHERE i.inhparent = %(oid)s::oid
+    UNION
+    SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree t ON i.inhparent = t.oid
+)
+SELECT t.oid, n.nspname::text AS schema, c.relname::text AS name FROM tree t
+  JOIN pg_catalog.pg_class c ON c.oid = t.oid
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+"""
+
+
+async def parent_of(conn: AdminConnection, table_oid: int) -> str | None:
+    """The table this one inherits from or is a partition of, if any."""
+    cur = await conn.execute(_ANCESTOR, [table_oid])
+    row = await cur.fetchone()
+    return None if row is None else str(row["parent"])
+
+
+async def descendants(conn: AdminConnection, table_oid: int) -> list[dict[str, Any]]:
+    """Every table that inherits from this one, or is a partition of it, at any depth."""
+    cur = await conn.execute(_DESCENDANTS, {"oid": table_oid})
+    return list(await cur.fetchall())
+
+
 async def set_privacy(
-    conn: AdminConnection, table_oid: int, schema: str, name: str, privacy: str, public_role: str
+    conn: AdminConnection, table_oid: int, schema: str, name: str, privacy: str, reader_role: str
 ) -> None:
-    table, role = sql.Identifier(schema, name), sql.Identifier(public_role)
+    """Public and link tables: SELECT for the user's reader role (the default public key's
+    role and every key role are its members)."""
+    table, role = sql.Identifier(schema, name), sql.Identifier(reader_role)
     if privacy == "private":
         await conn.execute(sql.SQL("REVOKE SELECT ON {} FROM {}").format(table, role))
         await conn.execute("DELETE FROM grantkey_meta.datasets WHERE table_oid = %s", [table_oid])

@@ -116,12 +116,12 @@ async def update_token(
 
 
 async def create_key_role(
-    conn: AdminConnection, role: str, password: str, public_role: str, owner_role: str
+    conn: AdminConnection, role: str, password: str, reader_role: str, owner_role: str
 ) -> None:
     await conn.execute(
         sql.SQL("CREATE ROLE {} {} PASSWORD {} IN ROLE {}").format(
             sql.Identifier(role), LOGIN_ROLE_OPTIONS, sql.Literal(scram_verifier(password)),
-            sql.Identifier(public_role),
+            sql.Identifier(reader_role),
         )
     )
     await conn.execute(

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from psycopg import sql
 
 from grantkey.db.cluster import AdminConnection
+from grantkey.domain import names
 
 log = logging.getLogger("grantkey.migrations")
 MIGRATION_LOCK = (0x676B, 0x6D69)  # advisory lock ("gk", "mi") held while migrating
@@ -116,10 +117,59 @@ async def _close_large_objects(conn: AdminConnection) -> None:
             sql.SQL(signature)))
 
 
+# Every relation or schema the public login role was granted something on directly: the
+# grants move to the reader role.
+_PUBLIC_ROLE_GRANTS = """
+SELECT 'TABLE' AS kind, c.oid::pg_catalog.regclass::text AS target, a.privilege_type AS privilege
+  FROM pg_catalog.pg_class c CROSS JOIN LATERAL pg_catalog.aclexplode(c.relacl) a
+ WHERE c.relacl IS NOT NULL AND a.grantee = %(role)s::pg_catalog.regrole
+UNION ALL
+SELECT 'SCHEMA', pg_catalog.quote_ident(n.nspname), a.privilege_type
+  FROM pg_catalog.pg_namespace n CROSS JOIN LATERAL pg_catalog.aclexplode(n.nspacl) a
+ WHERE n.nspacl IS NOT NULL AND a.grantee = %(role)s::pg_catalog.regrole
+"""
+
+
+async def _reader_role(conn: AdminConnection) -> None:
+    """Keys stop being members of the default public key's login role: a reader role
+    holds what public tables grant, and both it and the keys join that."""
+    cur = await conn.execute("SELECT pg_catalog.current_database()::text AS db")
+    row = await cur.fetchone()
+    assert row is not None
+    user_id = names.user_id_of_database(row["db"])
+    public, reader = names.public_role(user_id), names.reader_role(user_id)
+    cur = await conn.execute("SELECT 1 FROM pg_catalog.pg_roles "
+                             "WHERE rolname OPERATOR(pg_catalog.=) %s::text", [reader])
+    if await cur.fetchone() is None:
+        await conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(reader)))
+    await conn.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(
+        sql.Identifier(row["db"]), sql.Identifier(reader)))
+    cur = await conn.execute(_PUBLIC_ROLE_GRANTS, {"role": public})
+    for grant in await cur.fetchall():
+        kind, target = sql.SQL(grant["kind"]), sql.SQL(grant["target"])
+        privilege = sql.SQL(grant["privilege"])
+        await conn.execute(sql.SQL("GRANT {} ON {} {} TO {}").format(
+            privilege, kind, target, sql.Identifier(reader)))
+        await conn.execute(sql.SQL("REVOKE {} ON {} {} FROM {}").format(
+            privilege, kind, target, sql.Identifier(public)))
+    await conn.execute(sql.SQL("GRANT {} TO {}").format(
+        sql.Identifier(reader), sql.Identifier(public)))
+    cur = await conn.execute(
+        "SELECT r.rolname::text AS rolname FROM pg_catalog.pg_auth_members m "
+        "JOIN pg_catalog.pg_roles r ON r.oid = m.member "
+        "WHERE m.roleid = %s::pg_catalog.regrole", [public])
+    for member in await cur.fetchall():
+        key = sql.Identifier(member["rolname"])
+        await conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(reader), key))
+        await conn.execute(sql.SQL("REVOKE {} FROM {}").format(sql.Identifier(public), key))
+
+
 USER_MIGRATIONS = [
     Migration(2, "guard: keys create tables, never code", _install_guard, needs_superuser=True),
     Migration(3, "clients cannot create large objects", _close_large_objects,
               needs_superuser=True),
+    Migration(4, "keys read public tables through a reader role, not the public login role",
+              _reader_role),
 ]
 USER_BASELINE = 1  # what users.harden_database makes
 

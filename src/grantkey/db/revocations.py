@@ -104,10 +104,26 @@ async def forget_tombstone(meta: AdminConnection, user_id: str, token_digest: by
                        "AND token_digest = %s", [user_id, token_digest])
 
 
-async def pending(meta: AdminConnection) -> list[dict[str, object]]:
+async def pending(meta: AdminConnection, older_than: float = 0) -> list[dict[str, object]]:
     cur = await meta.execute(
-        "SELECT role, user_id, database, role_oid FROM public.revocations ORDER BY since")
+        "SELECT role, user_id, database, role_oid FROM public.revocations "
+        "WHERE since <= pg_catalog.now() - pg_catalog.make_interval(secs => %s) ORDER BY since",
+        [older_than])
     return list(await cur.fetchall())
+
+
+RETRY_LOCK = (0x676B, 0x7276)  # ("gk", "rv"): one process at a time retries cleanups
+
+
+async def try_retry_lock(conn: AdminConnection) -> bool:
+    cur = await conn.execute("SELECT pg_catalog.pg_try_advisory_lock(%s, %s) AS got",
+                             list(RETRY_LOCK))
+    row = await cur.fetchone()
+    return bool(row and row["got"])
+
+
+async def release_retry_lock(conn: AdminConnection) -> None:
+    await conn.execute("SELECT pg_catalog.pg_advisory_unlock(%s, %s)", list(RETRY_LOCK))
 
 
 async def forget_pending(meta: AdminConnection, role: str) -> None:

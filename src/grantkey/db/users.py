@@ -166,3 +166,9 @@ async def drop_user_roles(cluster: Cluster, user_id: str) -> None:
             await revocations.terminate_sessions(conn, oid)
     for role, oid in roles:
         await revocations.drop_role_everywhere(cluster, role, oid)
+
+
+async def owner_roles(conn: AdminConnection) -> dict[str, str]:
+    """user id → owner role, for every ready user."""
+    cur = await conn.execute("SELECT id, owner_role FROM public.users WHERE state = 'ready'")
+    return {row["id"]: row["owner_role"] for row in await cur.fetchall()}

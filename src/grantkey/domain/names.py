@@ -39,6 +39,17 @@ def public_role(user_id: str) -> str:
     return f"{NAME_PREFIX}{user_id}_public"
 
 
+def reader_role(user_id: str) -> str:
+    """NOLOGIN: SELECT on the user's public and link tables. The default public key's role
+    and every key role are its members; keys are not members of the public login role, so
+    they cannot watch or signal its sessions."""
+    return f"{NAME_PREFIX}{user_id}_reader"
+
+
+def user_id_of_database(database: str) -> str:
+    return database.removeprefix(NAME_PREFIX)
+
+
 def key_role(user_id: str, key_id: str) -> str:
     return f"{NAME_PREFIX}{user_id}_k{key_id}"
 

@@ -46,7 +46,8 @@ def create_app(settings: Settings | None = None) -> GrantkeyApp:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await services.open(migrate=False)
         tasks = [asyncio.create_task(listen_for_revocations(services)),
-                 asyncio.create_task(services.pools.reap_forever())]
+                 asyncio.create_task(services.pools.reap_forever()),
+                 asyncio.create_task(services.revoker.retry_forever())]
         try:
             yield
         finally:

@@ -7,6 +7,7 @@ from typing import Any
 
 from grantkey.db import datasets as dataset_store
 from grantkey.db.cluster import Cluster
+from grantkey.domain import names
 from grantkey.domain.keys import KeyType, Principal, User
 from grantkey.errors import BadInput, Forbidden, NotFound
 
@@ -62,8 +63,17 @@ class DatasetService:
             table_oid = await dataset_store.find_table(conn, schema, name)
             if table_oid is None:
                 raise NotFound(f"Dataset not found: {schema}.{name}")
-            await dataset_store.set_privacy(conn, table_oid, schema, name, privacy,
-                                            user.public_role)
+            parent = await dataset_store.parent_of(conn, table_oid)
+            if parent is not None:
+                raise BadInput(
+                    f"{schema}.{name} inherits from (or is a partition of) {parent}: privacy "
+                    f"applies to a whole inheritance tree, so change the privacy of its root")
+            # reading a parent reads its children's rows: the whole tree shares the privacy
+            reader = names.reader_role(user.id)
+            await dataset_store.set_privacy(conn, table_oid, schema, name, privacy, reader)
+            for child in await dataset_store.descendants(conn, table_oid):
+                await dataset_store.set_privacy(conn, int(child["oid"]), child["schema"],
+                                                child["name"], privacy, reader)
             _, rows = await dataset_store.list_datasets(
                 conn, public_role=user.public_role, caller=user.owner_role, limit=1, offset=0,
                 table_oid=table_oid)

@@ -174,7 +174,8 @@ class KeyService:
                 raise ValidationFailed([NO_GUARD_MESSAGE])
             checkpoint("key.validated")
             await key_store.create_key_role(
-                conn, role, self.box.role_password(role, token), user.public_role, user.owner_role
+                conn, role, self.box.role_password(role, token), names.reader_role(user.id),
+                user.owner_role
             )
             checkpoint("key.role_created")
             try:

@@ -13,6 +13,7 @@ import psycopg
 from grantkey.db import keys as key_store
 from grantkey.db import privileges
 from grantkey.db import revocations as store
+from grantkey.db import users as user_store
 from grantkey.db.cluster import Cluster
 from grantkey.db.role_pools import RolePools
 from grantkey.domain import names
@@ -23,6 +24,7 @@ from grantkey.faults import checkpoint
 log = logging.getLogger("grantkey.revocation")
 DECIDE_ATTEMPTS = 5
 CLEANUP_ANSWER_SECONDS = 2.0
+RETRY_SECONDS = 30.0
 
 CHANNEL = "grantkey_keys"
 
@@ -166,11 +168,11 @@ class Revoker:
         except (GrantkeyError, psycopg.Error) as error:
             log.warning("could not end the sessions of a revoked role: %s", error)
 
-    async def _pending(self) -> list[dict[str, object]]:
+    async def _pending(self, older_than: float = 0) -> list[dict[str, object]]:
         """The revocations whose cleanup is still owed (none, logged, if unreadable)."""
         try:
             async with self.cluster.metadata() as meta:
-                return await store.pending(meta)
+                return await store.pending(meta, older_than)
         except (GrantkeyError, psycopg.Error) as error:
             log.warning("pending revocations could not be read: %s", error)
             return []
@@ -249,11 +251,33 @@ class Revoker:
         except (GrantkeyError, psycopg.Error) as error:
             log.warning("orphan privilege roles of user %s left for later: %s", user_id, error)
 
-    async def finish_pending(self, owners: dict[str, str]) -> list[str]:
-        """Start-up repair: finish every revocation a crash or a failure left owed.
-        `owners` maps user ids to owner roles. Never raises."""
+    async def retry_forever(self) -> None:
+        """In every server process: every RETRY_SECONDS, one of them (an advisory lock
+        decides) retries the cleanups a tenant's lock or a failure left owed."""
+        while True:
+            await asyncio.sleep(RETRY_SECONDS)
+            await self.retry_once()
+
+    async def retry_once(self) -> list[str]:
+        try:
+            async with self.cluster.autocommit() as lock:
+                if not await store.try_retry_lock(lock):
+                    return []
+                try:
+                    async with self.cluster.metadata() as meta:
+                        owners = await user_store.owner_roles(meta)
+                    return await self.finish_pending(owners, older_than=RETRY_SECONDS)
+                finally:
+                    await store.release_retry_lock(lock)
+        except (GrantkeyError, psycopg.Error) as error:
+            log.warning("retrying pending revocations failed: %s", error)
+            return []
+
+    async def finish_pending(self, owners: dict[str, str], older_than: float = 0) -> list[str]:
+        """Finish every revocation a crash or a failure left owed (at start-up, and
+        periodically). `owners` maps user ids to owner roles. Never raises."""
         finished = []
-        for row in await self._pending():
+        for row in await self._pending(older_than):
             role, user_id = str(row["role"]), str(row["user_id"])
             owner = owners.get(user_id)
             if owner is None:  # the user is gone: its roles go with the user
