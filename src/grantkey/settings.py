@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,6 +36,18 @@ def _env_int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) 
         raise SetupError(f"{name} must be a whole number, not {raw!r}") from None
     if value < minimum:
         raise SetupError(f"{name} must be at least {minimum}, not {value}")
+    return value
+
+
+_SIZE = re.compile(r"-1|[0-9]{1,12}(kB|MB|GB|TB)?")
+
+
+def _env_size(env: Mapping[str, str], name: str, default: str) -> str:
+    """A PostgreSQL size: digits with an optional kB, MB, GB or TB unit, or -1 (no limit)."""
+    value = (env.get(name) or default).strip()
+    if not _SIZE.fullmatch(value):
+        raise SetupError(f"{name} must be a size such as 500MB, 2GB or -1 (no limit), "
+                         f"not {value[:40]!r}")
     return value
 
 
@@ -72,6 +85,7 @@ class Settings:
     sql_max_connections: int = 100
     sql_pool_wait: float = 5.0
     sql_idle_seconds: float = 60.0
+    temp_file_limit: str = "1GB"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -94,6 +108,7 @@ class Settings:
             sql_max_connections=_env_int(env, "GRANTKEY_SQL_MAX_CONNECTIONS", 100, minimum=1),
             sql_pool_wait=_env_float(env, "GRANTKEY_SQL_POOL_WAIT", 5.0),
             sql_idle_seconds=_env_float(env, "GRANTKEY_SQL_IDLE_SECONDS", 60.0),
+            temp_file_limit=_env_size(env, "GRANTKEY_TEMP_FILE_LIMIT", "1GB"),
         )
         given = {name: value for name, value in overrides.items() if value is not None}
         return replace(settings, **given)
@@ -116,6 +131,7 @@ class Settings:
             "GRANTKEY_SQL_MAX_CONNECTIONS": str(self.sql_max_connections),
             "GRANTKEY_SQL_POOL_WAIT": str(self.sql_pool_wait),
             "GRANTKEY_SQL_IDLE_SECONDS": str(self.sql_idle_seconds),
+            "GRANTKEY_TEMP_FILE_LIMIT": self.temp_file_limit,
         }
         if self.database_url:
             env["GRANTKEY_DATABASE_URL"] = self.database_url

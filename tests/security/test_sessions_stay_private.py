@@ -58,8 +58,10 @@ def test_a_key_cannot_read_or_end_other_sessions(
         assert pids, "the victim's query was not running"
         for pid in pids:
             ended = account.sql(http, f"SELECT pg_terminate_backend({pid})", watcher.token)
-            assert ended.status_code == 403, ended.text
-            assert "permission denied" in ended.json()["error"][0]
+            # refused: 403 "permission denied to terminate process" (PostgreSQL 16+), 400 "must
+            # be a member of the role whose process is being terminated ..." (15)
+            assert ended.status_code in (400, 403), ended.text
+            assert "permission denied" in ended.text or "must be a member" in ended.text
     finally:
         thread.join()
 

@@ -17,15 +17,17 @@ from grantkey.cli.embedded import EmbeddedPostgres
 from grantkey.errors import GrantkeyError
 from grantkey.services.container import Services
 from grantkey.services.reconcile import reconcile
-from grantkey.services.upgrade import upgrade_user_databases
+from grantkey.services.upgrade import apply_cluster_limits, upgrade_user_databases
 from grantkey.settings import Settings
 
 log = logging.getLogger("grantkey.serve")
 
 
-async def _prepare(settings: Settings) -> None:
+async def _prepare(settings: Settings, *, own_cluster: bool) -> None:
     """Migrate the metadata, create the secret, and repair what a crash left behind."""
     assert settings.database_url is not None
+    if own_cluster:
+        await apply_cluster_limits(settings.database_url, settings.temp_file_limit)
     services = Services(settings, settings.database_url)
     await services.open(migrate=True)
     try:
@@ -78,7 +80,7 @@ def serve(host: str, port: int, workers: int, data_dir: Path, database_url: str 
             click.echo(f"starting the embedded PostgreSQL in {embedded.pgdata} ...", err=True)
             embedded.start()
             settings = replace(settings, database_url=embedded.admin_url)
-        asyncio.run(_prepare(settings))
+        asyncio.run(_prepare(settings, own_cluster=embedded is not None))
         os.environ.update(settings.as_env())
         click.echo(f"grantkey listening on http://{host}:{port}", err=True)
         _stop_cleanly_on_signals()

@@ -94,3 +94,14 @@ async def _revoke_public_connect(conn: psycopg.AsyncConnection[tuple[object, ...
                 sql.Identifier(str(datname))
             )
         )
+
+
+async def apply_cluster_limits(admin_url: str, temp_file_limit: str) -> None:
+    """Limits for a cluster grantkey owns (the embedded one): ALTER SYSTEM, then a reload.
+    `temp_file_limit` can only be changed by a superuser, so clients cannot lift it."""
+    async with await psycopg.AsyncConnection.connect(
+        maintenance_url(admin_url), autocommit=True
+    ) as conn:
+        await conn.execute(sql.SQL("ALTER SYSTEM SET temp_file_limit = {}").format(
+            sql.Literal(temp_file_limit)))
+        await conn.execute("SELECT pg_catalog.pg_reload_conf()")

@@ -22,6 +22,8 @@ def translate(error: BaseException) -> SqlError:
     if isinstance(error, psycopg.Error):
         diag = error.diag
         message = diag.message_primary or str(error).strip() or type(error).__name__
+        # CARTO's rule (carto-compat.md §5): 403 when the message says "permission denied";
+        # other refusals ("must be owner of table t") are 400
         status = 403 if "permission denied" in message else 400
         return SqlError(status, message, hint=diag.message_hint, detail=diag.message_detail,
                         context=diag.context)
@@ -29,8 +31,13 @@ def translate(error: BaseException) -> SqlError:
 
 
 def connection_lost(error: BaseException) -> bool:
-    """The session itself ended (terminated, server gone), not the statement."""
+    """The session itself ended (terminated, server gone), not the statement: an admin or
+    crash shutdown, a connection exception (SQLSTATE class 08), or libpq's own report of a
+    closed connection (no SQLSTATE). Resource limits (class 53, e.g. temp_file_limit) and
+    other OperationalErrors are the statement's."""
     if isinstance(error, psycopg.errors.AdminShutdown | psycopg.errors.CrashShutdown):
         return True
-    return isinstance(error, psycopg.OperationalError) and not isinstance(
-        error, psycopg.errors.QueryCanceled)
+    if not isinstance(error, psycopg.OperationalError):
+        return False
+    state = error.sqlstate
+    return state is None or state.startswith("08")

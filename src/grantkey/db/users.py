@@ -83,6 +83,28 @@ async def create_builtin_roles(
                 sql.Literal(scram_verifier(password)),
             )
         )
+    await act_as_owner(conn, user.owner_role)
+
+
+async def is_superuser(conn: AdminConnection) -> bool:
+    cur = await conn.execute("SELECT pg_catalog.current_setting('is_superuser') AS su")
+    row = await cur.fetchone()
+    return row is not None and row["su"] == "on"
+
+
+async def act_as_owner(conn: AdminConnection, owner_role: str) -> None:
+    """An admin that is not a superuser works inside a user's database through the owner
+    role: it needs that role's privileges (INHERIT) and to create the database for it
+    (SET). PostgreSQL 16 grants a role's creator only ADMIN OPTION; 15 inherits by
+    default."""
+    if await is_superuser(conn):
+        return
+    owner = sql.Identifier(owner_role)
+    if conn.info.server_version >= 160000:
+        await conn.execute(sql.SQL("GRANT {} TO CURRENT_USER WITH INHERIT TRUE, SET TRUE").format(
+            owner))
+    else:
+        await conn.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(owner))
 
 
 async def create_database(conn: AdminConnection, user: User) -> None:
@@ -114,7 +136,7 @@ async def harden_database(conn: AdminConnection, user: User) -> None:
         await conn.execute(statement.as_string(conn))
     await conn.execute(KEYS_TABLE_DDL)
     cur = await conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'postgis'")
-    if await cur.fetchone() is not None:
+    if await cur.fetchone() is not None and await is_superuser(conn):  # not a trusted one
         await conn.execute("CREATE EXTENSION IF NOT EXISTS postgis SCHEMA public")
 
 

@@ -12,7 +12,7 @@ import logging
 
 import psycopg
 
-from grantkey.db import migrations
+from grantkey.db import bootstrap, migrations
 from grantkey.db import users as user_store
 from grantkey.db.cluster import Cluster
 from grantkey.errors import GrantkeyError
@@ -43,3 +43,8 @@ async def upgrade_user_databases(cluster: Cluster) -> dict[str, int]:
             await lock.execute("SELECT pg_catalog.pg_advisory_unlock(%s, %s)",
                                list(migrations.MIGRATION_LOCK))
     return upgraded
+
+
+async def apply_cluster_limits(admin_url: str, temp_file_limit: str) -> None:
+    """For a cluster grantkey owns (the embedded one): bounds on temporary files."""
+    await bootstrap.apply_cluster_limits(admin_url, temp_file_limit)

@@ -1,0 +1,147 @@
+"""grantkey on a PostgreSQL whose admin role is not a superuser (managed PostgreSQL): a role
+with CREATEDB, CREATEROLE and pg_signal_backend. What needs a superuser (the guard against
+key-created code, closing large objects, PostGIS) is skipped and schema create grants are
+refused; everything else holds, attacks included."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from grantkey.cli.embedded import EmbeddedPostgres
+from tests.support import TEST_SECRET, ServerProcess, table_grants
+
+ROLE, PASSWORD = "gk_test_admin", "managed-admin-password-0123456789"
+NO_GUARD = ("Grants schema create is not available on this server: keys that create tables "
+            "need a guard against creating code, which only a PostgreSQL superuser can install")
+
+
+@pytest.fixture(scope="module")
+def cluster(data_dir: Path) -> Iterator[EmbeddedPostgres]:
+    """A cluster of its own, where grantkey's metadata is made by the managed admin."""
+    if os.environ.get("GRANTKEY_TEST_DATABASE_URL"):
+        pytest.skip("needs a private cluster (runs on the embedded one)")
+    private = EmbeddedPostgres(data_dir / "managed-pg")
+    private.start()
+    yield private
+    private.stop()
+
+
+@pytest.fixture(scope="module")
+def admin_url(cluster: EmbeddedPostgres) -> str:
+    """The private cluster's superuser (the provider's, not grantkey's)."""
+    return cluster.admin_url
+
+
+@pytest.fixture(scope="module")
+def managed_url(admin_url: str) -> str:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {ROLE} LOGIN CREATEDB CREATEROLE PASSWORD '{PASSWORD}'")
+        conn.execute(f"GRANT pg_signal_backend TO {ROLE}")
+    params = conninfo_to_dict(admin_url)
+    params.update(user=ROLE, password=PASSWORD)
+    return make_conninfo("", **params)
+
+
+@pytest.fixture(scope="module")
+def managed(managed_url: str, data_dir: Path) -> Iterator[ServerProcess]:
+    home = data_dir / "managed"
+    home.mkdir(exist_ok=True)
+    server = ServerProcess(["--database-url", managed_url, "--data-dir", str(home)],
+                           data_dir / "managed.log", {"GRANTKEY_SECRET": TEST_SECRET})
+    try:
+        server.wait_healthy()
+        yield server
+    finally:
+        server.stop()
+
+
+def cli(managed_url: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "grantkey.cli", *args, "--database-url", managed_url],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "GRANTKEY_SECRET": TEST_SECRET})
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_a_non_superuser_admin_serves_users_and_keys_and_revokes_them(
+    managed: ServerProcess, managed_url: str, admin_url: str,
+) -> None:
+    server = managed
+    user = json.loads(cli(managed_url, "users", "create", "managed-alice", "--json"))
+    master = user["master_token"]
+    base = f"{server.url}/user/managed-alice"
+    sql, keys = f"{base}/api/v2/sql", f"{base}/api/v3/api_keys"
+    with httpx.Client(timeout=30) as http:
+        assert http.get(sql, params={"api_key": master, "q": "CREATE TABLE cities (name text); "
+                        "INSERT INTO cities VALUES ('Lima')"}).status_code == 200
+        refused = http.post(keys, params={"api_key": master}, json={
+            "name": "maker", "grants": table_grants([], create_schemas=("public",))})
+        assert refused.status_code == 422 and refused.json()["errors"].endswith(NO_GUARD)
+        made = http.post(keys, params={"api_key": master}, json={
+            "name": "reader", "grants": table_grants([("public", "cities", ["select"])])})
+        assert made.status_code == 201, made.text
+        token = made.json()["token"]
+        rows = http.get(sql, params={"api_key": token, "q": "SELECT name FROM cities"})
+        assert rows.json()["rows"] == [{"name": "Lima"}]
+        regenerated = http.post(f"{keys}/reader/token/regenerate", params={"api_key": master})
+        assert regenerated.status_code == 200, regenerated.text
+        assert http.get(sql, params={"api_key": token, "q": "SELECT 1"}).status_code == 401
+        token = regenerated.json()["token"]
+        assert http.delete(f"{keys}/reader", params={"api_key": master}).status_code == 204
+        assert http.get(sql, params={"api_key": token, "q": "SELECT 1"}).status_code == 401
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        left = conn.execute("SELECT count(*) FROM pg_roles WHERE rolname ~ %s",
+                            [f"^gk_{user['database'][3:]}_k"]).fetchone()
+        assert left == (0,)
+    cli(managed_url, "users", "delete", "managed-alice", "--yes")
+
+
+def test_attacks_hold_with_a_non_superuser_admin(
+    managed: ServerProcess, managed_url: str, admin_url: str,
+) -> None:
+    """Planted code never runs on the admin's connections; another tenant's large-object
+    grant (large objects stay open without a superuser) cannot block a deletion."""
+    victim = json.loads(cli(managed_url, "users", "create", "managed-bob", "--json"))
+    other = json.loads(cli(managed_url, "users", "create", "managed-eve", "--json"))
+    base = f"{managed.url}/user/managed-bob"
+    sql, keys = f"{base}/api/v2/sql", f"{base}/api/v3/api_keys"
+    eve_sql = f"{managed.url}/user/managed-eve/api/v2/sql"
+    master = {"api_key": victim["master_token"]}
+    with httpx.Client(timeout=30) as http:
+        planted = http.get(sql, params={**master, "q": (
+            "CREATE TABLE public.trap_log (who text); GRANT INSERT ON public.trap_log TO PUBLIC;"
+            "CREATE FUNCTION public.starts_with(a name, b text) RETURNS boolean LANGUAGE plpgsql "
+            "AS $$BEGIN INSERT INTO public.trap_log VALUES (session_user); "
+            "RETURN pg_catalog.starts_with(a::text, b); END$$;"
+            "CREATE TABLE cities (name text)")})
+        assert planted.status_code == 200, planted.text
+        made = http.post(keys, params=master, json={
+            "name": "reader", "grants": table_grants([("public", "cities", ["select"])])})
+        assert made.status_code == 201, made.text
+        role_name = http.get(sql, params={"api_key": made.json()["token"],
+                                          "q": "SELECT current_user AS r"}).json()["rows"][0]["r"]
+        lo = http.get(eve_sql, params={"api_key": other["master_token"],
+                                       "q": "SELECT lo_create(0) AS oid"}).json()["rows"][0]["oid"]
+        granted = http.get(eve_sql, params={"api_key": other["master_token"],
+                                            "q": f'GRANT SELECT ON LARGE OBJECT {lo} TO "{role_name}"'})
+        assert granted.status_code == 200, granted.text
+        assert http.get(keys, params=master).status_code == 200
+        assert http.delete(f"{keys}/reader", params=master).status_code == 204
+        logged = http.get(sql, params={**master, "q": "SELECT count(*) AS n FROM trap_log"})
+        assert logged.json()["rows"] == [{"n": 0}]
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        assert conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s",
+                            [role_name]).fetchone() is None
+    cli(managed_url, "users", "delete", "managed-bob", "--yes")
+    cli(managed_url, "users", "delete", "managed-eve", "--yes")
