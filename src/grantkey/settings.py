@@ -86,6 +86,8 @@ class Settings:
     sql_pool_wait: float = 5.0
     sql_idle_seconds: float = 60.0
     temp_file_limit: str = "1GB"
+    # only for the processes that need it (serve's start, the CLI); never given to workers
+    superuser_url: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -109,6 +111,7 @@ class Settings:
             sql_pool_wait=_env_float(env, "GRANTKEY_SQL_POOL_WAIT", 5.0),
             sql_idle_seconds=_env_float(env, "GRANTKEY_SQL_IDLE_SECONDS", 60.0),
             temp_file_limit=_env_size(env, "GRANTKEY_TEMP_FILE_LIMIT", "1GB"),
+            superuser_url=env.get("GRANTKEY_SUPERUSER_URL") or None,
         )
         given = {name: value for name, value in overrides.items() if value is not None}
         return replace(settings, **given)

@@ -145,3 +145,29 @@ def test_attacks_hold_with_a_non_superuser_admin(
                             [role_name]).fetchone() is None
     cli(managed_url, "users", "delete", "managed-bob", "--yes")
     cli(managed_url, "users", "delete", "managed-eve", "--yes")
+
+
+def test_a_superuser_url_lets_a_non_superuser_admin_install_the_guard(
+    managed: ServerProcess, managed_url: str, admin_url: str,
+) -> None:
+    """GRANTKEY_SUPERUSER_URL: the CLI installs the guard (and closes large objects) as the
+    superuser; everything else still runs as the non-superuser admin."""
+    result = subprocess.run(
+        [sys.executable, "-m", "grantkey.cli", "users", "create", "managed-carol", "--json",
+         "--database-url", managed_url], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "GRANTKEY_SECRET": TEST_SECRET, "GRANTKEY_SUPERUSER_URL": admin_url})
+    assert result.returncode == 0, result.stderr
+    master = {"api_key": json.loads(result.stdout)["master_token"]}
+    base = f"{managed.url}/user/managed-carol"
+    with httpx.Client(timeout=30) as http:
+        made = http.post(f"{base}/api/v3/api_keys", params=master, json={
+            "name": "maker", "grants": table_grants([], create_schemas=("public",))})
+        assert made.status_code == 201, made.text
+        code = http.get(f"{base}/api/v2/sql", params={
+            "api_key": made.json()["token"],
+            "q": "CREATE FUNCTION public.f() RETURNS int LANGUAGE sql AS 'SELECT 1'"})
+        assert code.status_code == 403 and "an API key cannot run" in code.text
+        lo = http.get(f"{base}/api/v2/sql", params={**master, "q": "SELECT lo_create(0)"})
+        assert lo.status_code == 403
+        assert http.delete(f"{base}/api/v3/api_keys/maker", params=master).status_code == 204
+    cli(managed_url, "users", "delete", "managed-carol", "--yes")

@@ -60,8 +60,10 @@ AdminConnection = psycopg.AsyncConnection[dict[str, Any]]
 class Cluster:
     """Pools of admin connections: one to the metadata database, a few per user database."""
 
-    def __init__(self, admin_url: str, *, max_user_pools: int = 32) -> None:
+    def __init__(self, admin_url: str, *, max_user_pools: int = 32,
+                 superuser_url: str | None = None) -> None:
         self.admin_url = admin_url
+        self.superuser_url = superuser_url
         self._max_user_pools = max_user_pools
         self._metadata: AsyncConnectionPool[AdminConnection] | None = None
         self._user_pools: OrderedDict[str, AsyncConnectionPool[AdminConnection]] = OrderedDict()
@@ -139,6 +141,21 @@ class Cluster:
         pool = self._user_pools.pop(dbname, None)
         if pool is not None:
             await pool.close()
+
+    @asynccontextmanager
+    async def superuser_session(self, dbname: str) -> AsyncIterator[AdminConnection]:
+        """A transaction as the superuser, for what nothing else can do (the guard, PostGIS,
+        handing an earlier release's objects to the routine admin). Without a superuser URL
+        it is the admin's own login: callers check `is_superuser` before acting."""
+        url = self.superuser_url or self.admin_url
+        async with _translated():
+            conn = await psycopg.AsyncConnection.connect(
+                admin_conninfo(url, dbname=dbname), row_factory=dict_row)
+            try:
+                async with conn.transaction():
+                    yield conn
+            finally:
+                await conn.close()
 
     @asynccontextmanager
     async def autocommit(self, dbname: str = METADATA_DATABASE) -> AsyncIterator[AdminConnection]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 from psycopg import sql
@@ -82,6 +83,7 @@ _LARGE_OBJECT_CREATORS = ["lo_create(oid)", "lo_creat(integer)", "lo_from_bytea(
                           "lo_import(text)", "lo_import(text, oid)"]
 
 Apply = Callable[[AdminConnection], Awaitable[None]]
+SuperuserSession = Callable[[], AbstractAsyncContextManager[AdminConnection]]
 
 
 @dataclass(frozen=True)
@@ -154,10 +156,12 @@ async def _reader_role(conn: AdminConnection) -> None:
             privilege, kind, target, sql.Identifier(public)))
     await conn.execute(sql.SQL("GRANT {} TO {}").format(
         sql.Identifier(reader), sql.Identifier(public)))
-    cur = await conn.execute(
+    cur = await conn.execute(  # the user's key roles only (not the admin, also a member)
         "SELECT r.rolname::text AS rolname FROM pg_catalog.pg_auth_members m "
         "JOIN pg_catalog.pg_roles r ON r.oid = m.member "
-        "WHERE m.roleid = %s::pg_catalog.regrole", [public])
+        "WHERE m.roleid = %s::pg_catalog.regrole "
+        "AND pg_catalog.starts_with(r.rolname::text, %s::text)",
+        [public, f"gk_{user_id}_k"])
     for member in await cur.fetchall():
         key = sql.Identifier(member["rolname"])
         await conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(reader), key))
@@ -197,36 +201,56 @@ async def _recorded(conn: AdminConnection, table: str, baseline: int | None) -> 
 
 
 async def run(conn: AdminConnection, migrations: list[Migration], table: str,
-              baseline: int | None) -> list[int]:
+              baseline: int | None, superuser: SuperuserSession | None = None) -> list[int]:
     """Apply, in `conn`'s transaction, every migration `table` has not recorded. Returns
-    the versions applied. A migration that fails rolls back alone and stops the run."""
+    the versions applied. A migration that fails rolls back alone and stops the run. One
+    that needs a superuser runs in a `superuser()` session of its own (committed first:
+    such migrations are idempotent), or is skipped where there is none."""
     done = await _recorded(conn, table, baseline)
-    superuser = await _is_superuser(conn)
     schema, _, name = table.partition(".")
     applied = []
     for migration in sorted(migrations, key=lambda m: m.version):
         if migration.version in done:
             continue
-        if migration.needs_superuser and not superuser:
+        if migration.needs_superuser and not await _as_superuser(conn, migration, superuser):
             log.info("migration %s (%s) needs a superuser: skipped", migration.version,
                      migration.name)
             continue
         async with conn.transaction():
-            await migration.apply(conn)
+            if not migration.needs_superuser:
+                await migration.apply(conn)
             await conn.execute(sql.SQL("INSERT INTO {} (version, name) VALUES (%s, %s)").format(
                 sql.Identifier(schema, name)), [migration.version, migration.name])
         applied.append(migration.version)
     return applied
 
 
+async def _as_superuser(conn: AdminConnection, migration: Migration,
+                        superuser: SuperuserSession | None) -> bool:
+    """Apply a superuser-only migration; False if no superuser is at hand."""
+    if superuser is None:
+        if not await _is_superuser(conn):
+            return False
+        async with conn.transaction():
+            await migration.apply(conn)
+        return True
+    async with superuser() as session:
+        if not await _is_superuser(session):
+            return False
+        await migration.apply(session)
+    return True
+
+
 USER_LATEST = max(m.version for m in USER_MIGRATIONS)
 
 
-async def run_user_migrations(conn: AdminConnection) -> int:
+async def run_user_migrations(conn: AdminConnection,
+                              superuser: SuperuserSession | None = None) -> int:
     """Bring one user database up to date. Returns its version: the highest N such that
     every migration up to N is recorded (below USER_LATEST while a superuser-only one
     could not run)."""
-    await run(conn, USER_MIGRATIONS, "grantkey_meta.schema_migrations", USER_BASELINE)
+    await run(conn, USER_MIGRATIONS, "grantkey_meta.schema_migrations", USER_BASELINE,
+              superuser)
     done = await _recorded(conn, "grantkey_meta.schema_migrations", USER_BASELINE)
     version = USER_BASELINE
     for migration in sorted(USER_MIGRATIONS, key=lambda m: m.version):

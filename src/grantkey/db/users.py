@@ -83,7 +83,8 @@ async def create_builtin_roles(
                 sql.Literal(scram_verifier(password)),
             )
         )
-    await act_as_owner(conn, user.owner_role)
+    await inherit_from(conn, user.owner_role, set_role=True)
+    await inherit_from(conn, user.public_role)
 
 
 async def is_superuser(conn: AdminConnection) -> bool:
@@ -92,19 +93,24 @@ async def is_superuser(conn: AdminConnection) -> bool:
     return row is not None and row["su"] == "on"
 
 
-async def act_as_owner(conn: AdminConnection, owner_role: str) -> None:
-    """An admin that is not a superuser works inside a user's database through the owner
-    role: it needs that role's privileges (INHERIT) and to create the database for it
-    (SET). PostgreSQL 16 grants a role's creator only ADMIN OPTION; 15 inherits by
-    default."""
+_INHERIT_AND_SET_16 = sql.SQL("GRANT {} TO CURRENT_USER WITH INHERIT TRUE, SET TRUE")
+_INHERIT_ONLY_16 = sql.SQL("GRANT {} TO CURRENT_USER WITH INHERIT TRUE, SET FALSE")
+
+
+async def inherit_from(conn: AdminConnection, role: str, *, set_role: bool = False) -> None:
+    """An admin that is not a superuser holds the privileges of each user's owner role
+    (to work inside the user's database; `set_role` to create the database for it) and of
+    its public role (so that removing a revoked role can revoke what the public role
+    granted it: DROP OWNED revokes only grants by roles whose privileges the caller holds).
+    PostgreSQL 16+ gives a role's creator only ADMIN OPTION; 15 inherits by default."""
     if await is_superuser(conn):
         return
-    owner = sql.Identifier(owner_role)
+    target = sql.Identifier(role)
     if conn.info.server_version >= 160000:
-        await conn.execute(sql.SQL("GRANT {} TO CURRENT_USER WITH INHERIT TRUE, SET TRUE").format(
-            owner))
+        grant = _INHERIT_AND_SET_16 if set_role else _INHERIT_ONLY_16
+        await conn.execute(grant.format(target))
     else:
-        await conn.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(owner))
+        await conn.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(target))
 
 
 async def create_database(conn: AdminConnection, user: User) -> None:
@@ -135,9 +141,13 @@ async def harden_database(conn: AdminConnection, user: User) -> None:
     for statement in statements:
         await conn.execute(statement.as_string(conn))
     await conn.execute(KEYS_TABLE_DDL)
-    cur = await conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'postgis'")
-    if await cur.fetchone() is not None and await is_superuser(conn):  # not a trusted one
-        await conn.execute("CREATE EXTENSION IF NOT EXISTS postgis SCHEMA public")
+
+
+async def install_postgis(su: AdminConnection) -> None:
+    """PostGIS, where the server has it: a superuser's job (it is not a trusted extension)."""
+    cur = await su.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'postgis'")
+    if await cur.fetchone() is not None and await is_superuser(su):
+        await su.execute("CREATE EXTENSION IF NOT EXISTS postgis SCHEMA public")
 
 
 async def mark_ready(conn: AdminConnection, user_id: str, schema_version: int) -> None:

@@ -20,7 +20,7 @@ from grantkey.settings import Settings
 class Services:
     def __init__(self, settings: Settings, admin_url: str) -> None:
         self.settings = settings
-        self.cluster = Cluster(admin_url)
+        self.cluster = Cluster(admin_url, superuser_url=settings.superuser_url)
         box = SecretBox(load_secret(settings))
         self.cache = KeyCache(settings.key_cache_size)
         self.users = UserService(self.cluster, box, settings.store_tokens,

@@ -75,6 +75,16 @@ def _timestamp(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime(TIMESTAMP_FORMAT)
 
 
+def readable_token(box: SecretBox, record: KeyRecord) -> str | None:
+    """A key's token, where it can be known: the literal for the default public key, the
+    sealed copy for the others (None when tokens are not stored)."""
+    if record.type is KeyType.DEFAULT:
+        return DEFAULT_PUBLIC_TOKEN
+    if record.sealed_token is None:
+        return None
+    return box.decrypt_token(record.sealed_token, record.id.encode())
+
+
 def grants_document(record: KeyRecord, live: LiveGrants) -> list[dict[str, Any]]:
     """CARTO's grants array, rebuilt from live PostgreSQL state, in CARTO's order."""
     database: dict[str, Any] = {"type": "database", "tables": [], "schemas": []}
@@ -101,11 +111,7 @@ class KeyService:
         self.max_keys_per_user = max_keys_per_user
 
     def _token_of(self, record: KeyRecord) -> str | None:
-        if record.type is KeyType.DEFAULT:
-            return DEFAULT_PUBLIC_TOKEN
-        if record.sealed_token is None:
-            return None
-        return self.box.decrypt_token(record.sealed_token, record.id.encode())
+        return readable_token(self.box, record)
 
     def _seal(self, token: str, key_id: str) -> bytes | None:
         return self.box.encrypt_token(token, key_id.encode()) if self.store_tokens else None

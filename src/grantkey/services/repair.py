@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from grantkey.db import keys as key_store
 from grantkey.db import revocations as store
 from grantkey.db.cluster import AdminConnection, Cluster
-from grantkey.domain.keys import KeyRecord, KeyType, Principal, User
+from grantkey.domain.keys import Principal, User
 from grantkey.domain.secrets_box import SecretBox
-from grantkey.domain.tokens import DEFAULT_PUBLIC_TOKEN, digest
+from grantkey.domain.tokens import digest
+from grantkey.services.keys import readable_token
 
 log = logging.getLogger("grantkey.repair")
 
@@ -62,7 +63,7 @@ class RoleRepair:
                     conn, types=["master", "default", "regular"], only_id=None, order="name",
                     descending=False, limit=1_000_000, offset=0)
             for record in records:
-                token = self._token(record)
+                token = readable_token(self.box, record)
                 if token is None:
                     await store.reset_role_settings(meta, record.role)
                     report.unknown_token.append(record.name)
@@ -85,10 +86,3 @@ class RoleRepair:
     async def _restore(self, conn: AdminConnection, role: str, token: str) -> None:
         await key_store.set_role_password(conn, role, self.box.role_password(role, token))
         await store.reset_role_settings(conn, role)
-
-    def _token(self, record: KeyRecord) -> str | None:
-        if record.type is KeyType.DEFAULT:
-            return DEFAULT_PUBLIC_TOKEN
-        if record.sealed_token is None:
-            return None
-        return self.box.decrypt_token(record.sealed_token, record.id.encode())

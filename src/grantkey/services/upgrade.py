@@ -9,6 +9,7 @@ skipped (retried at the next start); it never stops the start.
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import psycopg
 
@@ -32,7 +33,8 @@ async def upgrade_user_databases(cluster: Cluster) -> dict[str, int]:
             for row in behind:
                 try:
                     async with cluster.autocommit(row["database"]) as conn, conn.transaction():
-                        version = await migrations.run_user_migrations(conn)
+                        version = await migrations.run_user_migrations(
+                            conn, partial(cluster.superuser_session, row["database"]))
                     async with cluster.metadata() as meta:
                         await user_store.set_schema_version(meta, row["id"], version)
                     upgraded[row["username"]] = version

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 
 import psycopg
 
@@ -107,7 +108,11 @@ class UserService:
         checkpoint("user.database_created")
         async with self.cluster.user_database(user.database) as conn:
             await user_store.harden_database(conn, user)
-            version = await migrations.run_user_migrations(conn)
+        async with self.cluster.superuser_session(user.database) as su:
+            await user_store.install_postgis(su)
+        async with self.cluster.user_database(user.database) as conn:
+            version = await migrations.run_user_migrations(
+                conn, partial(self.cluster.superuser_session, user.database))
             for record in self._builtin_keys(user, master_token):
                 await key_store.insert_key(conn, record)
             checkpoint("user.keys_inserted")
