@@ -112,3 +112,19 @@ def test_absurd_sql_paging_parameters_are_400(
     response = account.sql(http, "SELECT 1", account.master_token, **{name: value})
     assert response.status_code == 400
     assert response.json()["error"][0].startswith(f"Invalid {name} parameter")
+
+
+@pytest.mark.parametrize("value", ["²", "٣", "９"])
+def test_digits_that_are_not_ascii_answer_400_everywhere(
+    http: httpx.Client, account: Account, value: str,
+) -> None:
+    datasets = f"{account.base_url}/user/{account.username}/api/v4/datasets"
+    for url, params in [
+        (account.keys_url, {"page": value}), (account.keys_url, {"per_page": value}),
+        (datasets, {"page": value}),
+        (account.sql_url, {"q": "SELECT 1", "page": value, "rows_per_page": "1"}),
+        (account.sql_url, {"q": "SELECT 1", "rows_per_page": value}),
+        (account.sql_url, {"q": "SELECT 1", "format": "geojson", "dp": value}),
+    ]:
+        response = http.get(url, params={**account.master(), **params})
+        assert response.status_code == 400, (url, params, response.text)

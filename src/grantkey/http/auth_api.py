@@ -8,6 +8,7 @@ import orjson
 from starlette.responses import Response
 from starlette.routing import Route
 
+from grantkey.domain.numbers import strict_int
 from grantkey.errors import BadInput, BadListParameter
 from grantkey.http.context import Call, endpoint, user_routes
 from grantkey.http.errors import Family, json_response
@@ -31,9 +32,10 @@ def _wrong(name: str, valid: list[str] | None = None) -> BadListParameter:
 def _positive(raw: str | None, name: str, default: int, maximum: int) -> int:
     if raw is None:
         return default
-    if not raw.strip().isdigit() or not 0 < int(raw) <= maximum:
+    value = strict_int(raw)
+    if value is None or not 0 < value <= maximum:
         raise _wrong(name)
-    return int(raw)
+    return value
 
 
 def parse_list_query(query: dict[str, str]) -> ListQuery:

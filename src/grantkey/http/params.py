@@ -9,6 +9,7 @@ import orjson
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
+from grantkey.domain.numbers import strict_int
 from grantkey.errors import BadInput
 from grantkey.http.errors import PayloadTooLarge
 
@@ -28,7 +29,8 @@ class Params:
 
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    size_declared = strict_int(declared) if declared else None
+    if size_declared is not None and size_declared > limit:
         raise PayloadTooLarge(f"Request body too large: the limit is {limit} bytes")
     chunks: list[bytes] = []
     size = 0

@@ -14,6 +14,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from grantkey.domain.numbers import strict_int
 from grantkey.domain.sql_text import COPY_REFUSED, starts_a_copy
 from grantkey.errors import BadInput, Forbidden, GrantkeyError
 from grantkey.http.context import Call, RequestHandler, endpoint, user_routes
@@ -49,9 +50,10 @@ def _integer(raw: object, name: str, minimum: int, maximum: int) -> int | None:
     text = _text(raw)
     if text is None or text == "":
         return None
-    if not text.strip().lstrip("-").isdigit() or not minimum <= int(text) <= maximum:
+    value = strict_int(text)
+    if value is None or not minimum <= value <= maximum:
         raise BadInput(f"Invalid {name} parameter: {text[:40]}")
-    return int(text)
+    return value
 
 
 def parse_sql_params(call: Call) -> SqlParams:
