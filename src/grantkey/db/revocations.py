@@ -16,6 +16,7 @@ every database that names it.
 
 from __future__ import annotations
 
+import psycopg
 from psycopg import sql
 
 from grantkey.db.cluster import AdminConnection, Cluster
@@ -193,13 +194,18 @@ async def drop_key_code(conn: AdminConnection, oid: int) -> None:
     for row in await cur.fetchall():
         await conn.execute(sql.SQL("DROP {} IF EXISTS {} ON {} CASCADE").format(
             sql.SQL(row["kind"]), sql.Identifier(row["name"]), sql.SQL(row["rel"])))
+    dropped: set[tuple[str, str]] = set()
     while True:  # dropping one thing can cascade to the next: re-read until none is left
         cur = await conn.execute(_KEY_CODE, {"oid": oid})
         rows = await cur.fetchall()
         if not rows:
             return
+        target = (str(rows[0]["kind"]), str(rows[0]["identity"]))
+        if target in dropped:  # IF EXISTS found nothing under that name: never loop on it
+            raise psycopg.errors.ObjectInUse(f"could not drop {target[0]} {target[1]}")
+        dropped.add(target)
         await conn.execute(sql.SQL("DROP {} IF EXISTS {} CASCADE").format(
-            sql.SQL(rows[0]["kind"]), sql.SQL(rows[0]["identity"])))
+            sql.SQL(target[0]), sql.SQL(target[1])))
 
 
 async def revoke_foreign_grants(conn: AdminConnection, oid: int, user_prefix: str) -> None:
