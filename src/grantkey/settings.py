@@ -51,6 +51,14 @@ def _env_size(env: Mapping[str, str], name: str, default: str) -> str:
     return value
 
 
+def _env_quota(env: Mapping[str, str], name: str) -> str:
+    """A size more than 0, or -1 (none, the default)."""
+    value = _env_size(env, name, "-1")
+    if re.fullmatch(r"0+(kB|MB|GB|TB)?", value):
+        raise SetupError(f"{name} must be more than 0, or -1 for no quota, not {value!r}")
+    return value
+
+
 def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -86,6 +94,7 @@ class Settings:
     sql_pool_wait: float = 5.0
     sql_idle_seconds: float = 60.0
     temp_file_limit: str = "1GB"
+    storage_quota: str = "-1"  # per user database; -1: none
     # only for the processes that need it (serve's start, the CLI); never given to workers
     superuser_url: str | None = field(default=None, repr=False)
 
@@ -111,6 +120,7 @@ class Settings:
             sql_pool_wait=_env_float(env, "GRANTKEY_SQL_POOL_WAIT", 5.0),
             sql_idle_seconds=_env_float(env, "GRANTKEY_SQL_IDLE_SECONDS", 60.0),
             temp_file_limit=_env_size(env, "GRANTKEY_TEMP_FILE_LIMIT", "1GB"),
+            storage_quota=_env_quota(env, "GRANTKEY_STORAGE_QUOTA"),
             superuser_url=env.get("GRANTKEY_SUPERUSER_URL") or None,
         )
         given = {name: value for name, value in overrides.items() if value is not None}
@@ -135,6 +145,7 @@ class Settings:
             "GRANTKEY_SQL_POOL_WAIT": str(self.sql_pool_wait),
             "GRANTKEY_SQL_IDLE_SECONDS": str(self.sql_idle_seconds),
             "GRANTKEY_TEMP_FILE_LIMIT": self.temp_file_limit,
+            "GRANTKEY_STORAGE_QUOTA": self.storage_quota,
         }
         if self.database_url:
             env["GRANTKEY_DATABASE_URL"] = self.database_url

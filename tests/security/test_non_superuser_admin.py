@@ -171,3 +171,21 @@ def test_a_superuser_url_lets_a_non_superuser_admin_install_the_guard(
         assert lo.status_code == 403
         assert http.delete(f"{base}/api/v3/api_keys/maker", params=master).status_code == 204
     cli(managed_url, "users", "delete", "managed-carol", "--yes")
+
+
+def test_a_storage_quota_without_a_superuser_stops_the_start_with_a_clear_message(
+    managed_url: str, data_dir: Path,
+) -> None:
+    """Its triggers need a superuser: rather than a quota that does not hold, no start."""
+    home = data_dir / "managed-quota"
+    home.mkdir(exist_ok=True)
+    server = ServerProcess(["--database-url", managed_url, "--data-dir", str(home)],
+                           data_dir / "managed-quota.log",
+                           {"GRANTKEY_SECRET": TEST_SECRET, "GRANTKEY_STORAGE_QUOTA": "1GB"})
+    try:
+        server.process.wait(60)
+    finally:
+        server.stop()
+    assert server.process.returncode != 0
+    log = server.log_path.read_text()
+    assert "GRANTKEY_STORAGE_QUOTA needs a PostgreSQL superuser" in log, log[-2000:]

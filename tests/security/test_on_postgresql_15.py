@@ -24,6 +24,7 @@ ON_15 = [
     "tests/security/test_tampered_key_roles.py",
     "tests/security/test_sessions_stay_private.py",
     "tests/security/test_names_cannot_spoof.py",
+    "tests/security/test_storage_quota.py",
     "tests/security/test_key_roles.py",
     "tests/security/test_sql_escapes.py",
     "tests/security/test_revocation.py",

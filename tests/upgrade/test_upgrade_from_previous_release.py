@@ -59,8 +59,14 @@ def test_a_data_directory_of_the_previous_release_is_upgraded_at_start(old: OldI
         database = httpx.get(sql, params={"api_key": old.master_token,
                                           "q": "SELECT current_database() AS d"}).json()
         user_database = database["rows"][0]["d"]
-        assert versions(old, "grantkey", "public.schema_migrations") == [1, 2, 3, 4]
-        assert versions(old, user_database, "grantkey_meta.schema_migrations") == [1, 2, 3, 4]
+        assert versions(old, "grantkey", "public.schema_migrations") == [1, 2, 3, 4, 5]
+        assert versions(old, user_database, "grantkey_meta.schema_migrations") == [
+            1, 2, 3, 4, 5]
+        # the storage quota's trigger reached the old table
+        trigger = httpx.get(sql, params={"api_key": old.master_token, "q":
+                            "SELECT count(*) AS n FROM pg_trigger WHERE tgname = "
+                            "'grantkey_quota' AND tgrelid = 'public.cities'::regclass"}).json()
+        assert trigger["rows"] == [{"n": 1}]
     finally:
         server.stop()
     assert "upgraded 1 user database(s)" in server.log_path.read_text()

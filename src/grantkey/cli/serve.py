@@ -14,10 +14,15 @@ import uvicorn
 
 from grantkey.cli.common import cluster_options, fail, load_settings
 from grantkey.cli.embedded import EmbeddedPostgres
-from grantkey.errors import GrantkeyError
+from grantkey.errors import GrantkeyError, SetupError
 from grantkey.services.container import Services
 from grantkey.services.reconcile import reconcile
-from grantkey.services.upgrade import apply_cluster_limits, upgrade_user_databases
+from grantkey.services.upgrade import (
+    apply_cluster_limits,
+    apply_storage_quotas,
+    superuser_available,
+    upgrade_user_databases,
+)
 from grantkey.settings import Settings
 
 log = logging.getLogger("grantkey.serve")
@@ -31,9 +36,17 @@ async def _prepare(settings: Settings, *, own_cluster: bool) -> None:
     services = Services(settings, settings.database_url)
     await services.open(migrate=True)
     try:
+        if settings.storage_quota != "-1" and not await superuser_available(services.cluster):
+            raise SetupError(
+                "GRANTKEY_STORAGE_QUOTA needs a PostgreSQL superuser to install the triggers "
+                "that enforce it: set GRANTKEY_SUPERUSER_URL, or unset the quota")
         upgraded = await upgrade_user_databases(services.cluster)
         if upgraded:
             click.echo(f"upgraded {len(upgraded)} user database(s)", err=True)
+        quotas = await apply_storage_quotas(services.cluster, settings.storage_quota)
+        if quotas:
+            click.echo(f"storage quota set to {settings.storage_quota} on {len(quotas)} user "
+                       "database(s)", err=True)
         reset = await services.repair.reset_all_settings()
         if reset:
             click.echo(f"reset the role settings of {len(reset)} key role(s)", err=True)

@@ -71,6 +71,9 @@ METADATA_MIGRATIONS = [
         _execute, "ALTER TABLE public.users ADD COLUMN IF NOT EXISTS schema_version integer "
                   "NOT NULL DEFAULT 1")),
     migrations.Migration(4, "revoked tokens", partial(_execute, REVOKED_TOKENS_DDL)),
+    migrations.Migration(5, "storage quota applied to each user database", partial(
+        _execute, "ALTER TABLE public.users ADD COLUMN IF NOT EXISTS storage_quota text "
+                  "NOT NULL DEFAULT '-1'")),
 ]
 
 

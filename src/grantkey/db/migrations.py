@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from psycopg import sql
 
+from grantkey.db import storage_quota
 from grantkey.db.cluster import AdminConnection
 from grantkey.domain import names
 
@@ -47,6 +48,8 @@ CREATE OR REPLACE FUNCTION grantkey_meta.refuse_key_code() RETURNS event_trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $guard$
 BEGIN
   IF session_user::text OPERATOR(pg_catalog.~) {pattern}
+     AND NOT (SELECT r.rolsuper FROM pg_catalog.pg_roles r  -- grantkey's own triggers
+              WHERE r.rolname OPERATOR(pg_catalog.=) current_user)
      AND (tg_tag OPERATOR(pg_catalog.<>) ALL ({allowed}::text[])
           OR current_user OPERATOR(pg_catalog.<>) session_user) THEN
     RAISE EXCEPTION 'permission denied: an API key cannot run %', tg_tag
@@ -168,12 +171,20 @@ async def _reader_role(conn: AdminConnection) -> None:
         await conn.execute(sql.SQL("REVOKE {} FROM {}").format(sql.Identifier(public), key))
 
 
+async def _storage_quota(su: AdminConnection) -> None:
+    await _install_guard(su)  # it lets the quota's own (superuser) triggers through
+    await storage_quota.install(su)
+
+
+QUOTA_VERSION = 5  # from this version on, a user database can hold a storage quota
 USER_MIGRATIONS = [
     Migration(2, "guard: keys create tables, never code", _install_guard, needs_superuser=True),
     Migration(3, "clients cannot create large objects", _close_large_objects,
               needs_superuser=True),
     Migration(4, "keys read public tables through a reader role, not the public login role",
               _reader_role),
+    Migration(QUOTA_VERSION, "storage quota: a trigger on every table", _storage_quota,
+              needs_superuser=True),
 ]
 USER_BASELINE = 1  # what users.harden_database makes
 

@@ -166,7 +166,10 @@ SELECT 'RULE' AS kind, r.rulename::text AS name, c.oid::pg_catalog.regclass::tex
 UNION ALL
 SELECT 'TRIGGER', t.tgname::text, c.oid::pg_catalog.regclass::text
   FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
+  JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
+  JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
  WHERE c.relowner = %(oid)s::oid AND NOT t.tgisinternal
+   AND n.nspname OPERATOR(pg_catalog.<>) 'grantkey_meta'::name  -- the storage quota's
 """
 # Who besides PUBLIC holds grants, table-wide or on a column, on the key's own relations:
 # roles that are not this user's.

@@ -163,6 +163,21 @@ async def users_behind(conn: AdminConnection, latest: int) -> list[dict[str, Any
     return list(await cur.fetchall())
 
 
+async def users_with_other_quota(conn: AdminConnection, size: str,
+                                 version: int) -> list[dict[str, Any]]:
+    """Ready users whose database has the quota triggers (user migration `version`) and
+    a storage quota other than `size`."""
+    cur = await conn.execute(
+        "SELECT id, username, database FROM public.users WHERE state = 'ready' "
+        "AND schema_version >= %s AND storage_quota <> %s ORDER BY username", [version, size])
+    return list(await cur.fetchall())
+
+
+async def record_storage_quota(conn: AdminConnection, user_id: str, size: str) -> None:
+    await conn.execute("UPDATE public.users SET storage_quota = %s WHERE id = %s",
+                       [size, user_id])
+
+
 async def set_schema_version(conn: AdminConnection, user_id: str, version: int) -> None:
     await conn.execute("UPDATE public.users SET schema_version = %s WHERE id = %s",
                        [version, user_id])

@@ -24,7 +24,8 @@ class Services:
         box = SecretBox(load_secret(settings))
         self.cache = KeyCache(settings.key_cache_size)
         self.users = UserService(self.cluster, box, settings.store_tokens,
-                                 cache_size=settings.key_cache_size)
+                                 cache_size=settings.key_cache_size,
+                                 storage_quota=settings.storage_quota)
         self.revoker = Revoker(self.cluster, self.cache)
         self.keys = KeyService(
             self.cluster, box, self.revoker,

@@ -13,7 +13,7 @@ from functools import partial
 
 import psycopg
 
-from grantkey.db import bootstrap, migrations
+from grantkey.db import bootstrap, migrations, storage_quota
 from grantkey.db import users as user_store
 from grantkey.db.cluster import Cluster
 from grantkey.errors import GrantkeyError
@@ -45,6 +45,33 @@ async def upgrade_user_databases(cluster: Cluster) -> dict[str, int]:
             await lock.execute("SELECT pg_catalog.pg_advisory_unlock(%s, %s)",
                                list(migrations.MIGRATION_LOCK))
     return upgraded
+
+
+async def superuser_available(cluster: Cluster) -> bool:
+    """Can grantkey act as a PostgreSQL superuser (its admin, or GRANTKEY_SUPERUSER_URL)?"""
+    async with cluster.superuser_session("postgres") as su:
+        return await user_store.is_superuser(su)
+
+
+async def apply_storage_quotas(cluster: Cluster, size: str) -> dict[str, str]:
+    """Give every user database the storage quota `size` (or none, for -1) where it has
+    another. Returns {username: size} for each database changed; one that fails is logged
+    and retried at the next start."""
+    async with cluster.metadata() as meta:
+        others = await user_store.users_with_other_quota(
+            meta, size, migrations.QUOTA_VERSION)
+    changed: dict[str, str] = {}
+    for row in others:
+        try:
+            async with cluster.user_database(row["database"]) as conn:
+                await storage_quota.set_limit(conn, size)
+            async with cluster.metadata() as meta:
+                await user_store.record_storage_quota(meta, row["id"], size)
+            changed[row["username"]] = size
+        except (GrantkeyError, psycopg.Error) as error:
+            log.warning("storage quota of %s not applied, retried at the next start: %s",
+                        row["username"], error)
+    return changed
 
 
 async def apply_cluster_limits(admin_url: str, temp_file_limit: str) -> None:

@@ -10,7 +10,7 @@ from functools import partial
 import psycopg
 
 from grantkey.db import keys as key_store
-from grantkey.db import migrations
+from grantkey.db import migrations, storage_quota
 from grantkey.db import users as user_store
 from grantkey.db.cluster import Cluster
 from grantkey.domain import names
@@ -35,8 +35,9 @@ class CreatedUser:
 
 class UserService:
     def __init__(self, cluster: Cluster, box: SecretBox, store_tokens: bool,
-                 cache_size: int = 10_000) -> None:
+                 cache_size: int = 10_000, storage_quota: str = "-1") -> None:
         self.cluster = cluster
+        self.storage_quota = storage_quota
         self.box = box
         self.store_tokens = store_tokens
         self._known: Lru[str, User] = Lru(cache_size)
@@ -116,9 +117,14 @@ class UserService:
             for record in self._builtin_keys(user, master_token):
                 await key_store.insert_key(conn, record)
             checkpoint("user.keys_inserted")
+            quota = "-1"
+            if version >= migrations.QUOTA_VERSION:  # else no superuser: `serve` refuses a quota
+                await storage_quota.set_limit(conn, self.storage_quota)
+                quota = self.storage_quota
         checkpoint("user.database_prepared")
         async with self.cluster.metadata() as conn:
             await user_store.mark_ready(conn, user.id, version)
+            await user_store.record_storage_quota(conn, user.id, quota)
 
     def _builtin_keys(self, user: User, master_token: str) -> list[KeyRecord]:
         now = datetime.now(UTC)
