@@ -8,6 +8,7 @@ from grantkey.db.pg_wire import CopyRefused
 from grantkey.db.sql_exec import QueryTimedOut
 from grantkey.errors import SqlError
 
+INSUFFICIENT_PRIVILEGE = "42501"
 TIMEOUT_MESSAGE = (
     "You are over platform's limits: SQL query timeout error. Refactor your query before "
     "running again or contact your administrator for more details."
@@ -22,9 +23,11 @@ def translate(error: BaseException) -> SqlError:
     if isinstance(error, psycopg.Error):
         diag = error.diag
         message = diag.message_primary or str(error).strip() or type(error).__name__
-        # CARTO's rule (carto-compat.md §5): 403 when the message says "permission denied";
-        # other refusals ("must be owner of table t") are 400
-        status = 403 if "permission denied" in message else 400
+        # CARTO's rule (carto-compat.md §5): 403 for "permission denied"; other refusals
+        # ("must be owner of table t", also SQLSTATE 42501) stay 400. Read from the SQLSTATE
+        # too, so that the words inside a value (`SELECT 'permission denied'::int`) are 400.
+        denied = error.sqlstate == INSUFFICIENT_PRIVILEGE and "permission denied" in message
+        status = 403 if denied else 400
         return SqlError(status, message, hint=diag.message_hint, detail=diag.message_detail,
                         context=diag.context)
     return SqlError(400, str(error))
