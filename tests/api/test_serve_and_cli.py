@@ -60,6 +60,24 @@ def test_serve_starts_on_a_fresh_data_dir_with_embedded_postgres(
     assert "scram-sha-256" in hba and "host" not in hba.replace("# Written by grantkey", "")
 
 
+def test_a_second_serve_on_the_same_data_directory_is_refused_and_the_first_keeps_serving(
+    embedded_server: ServerProcess, embedded_dir: Path
+) -> None:
+    env = {k: "" for k in os.environ if k.startswith("GRANTKEY_")}
+    second = ServerProcess(["--data-dir", str(embedded_dir)], embedded_dir.parent / "emb-2nd.log",
+                           env)
+    try:
+        code = second.process.wait(60)
+    finally:
+        second.stop()
+    log = second.log_path.read_text()
+    assert code == 1 and "another `grantkey serve` (pid" in log, log
+    assert str(embedded_server.process.pid) in log
+    assert "Traceback" not in log
+    assert EmbeddedPostgres(embedded_dir).is_running()
+    assert httpx.get(embedded_server.url + "/health").status_code == 200
+
+
 def test_cli_works_while_the_server_runs_and_serve_restarts_keep_data(
     embedded_server: ServerProcess, embedded_dir: Path
 ) -> None:
@@ -84,6 +102,13 @@ def test_cli_works_while_the_server_runs_and_serve_restarts_keep_data(
     assert httpx.get(f"{url}/reader", params={"api_key": key["token"]}).status_code == 401
     keys = json.loads(cli("keys", "list", "cli-user", "--json", data_dir=embedded_dir).stdout)
     assert [k["name"] for k in keys] == ["Master", "Default public", "reader"]
+    missing = cli("datasets", "privacy", "cli-user", "nope", "public", data_dir=embedded_dir)
+    assert missing.returncode == 1 and missing.stderr.strip() == (
+        "error: Dataset not found: public.nope")
+    missing = cli("keys", "delete", "cli-user", "nope", "--yes", data_dir=embedded_dir)
+    assert missing.returncode == 1 and missing.stderr.strip() == "error: no API key named 'nope'"
+    missing = cli("keys", "list", "nobody", data_dir=embedded_dir)
+    assert missing.returncode == 1 and missing.stderr.strip() == "error: no user named 'nobody'"
     assert cli("keys", "delete", "cli-user", "reader", data_dir=embedded_dir).returncode == 2
     assert cli("keys", "delete", "cli-user", "reader", "--yes",
                data_dir=embedded_dir).returncode == 0
@@ -125,3 +150,38 @@ def test_every_command_has_help(command: list[str]) -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "Usage:" in result.stdout
     assert len(result.stdout.splitlines()) > 3
+
+
+@pytest.mark.parametrize("command", [["users", "list"], ["users", "create", "bob"],
+                                     ["keys", "list", "bob"], ["datasets", "list", "bob"]])
+def test_a_mistyped_data_dir_is_refused_and_creates_nothing(
+    command: list[str], tmp_path: Path,
+) -> None:
+    typo = tmp_path / "grantkey-dta"
+    result = cli(*command, data_dir=typo)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        f"error: {typo} holds no grantkey data directory: check --data-dir (or "
+        "GRANTKEY_DATA_DIR), or run `grantkey serve` once to create it there")
+    assert not (typo / "pg").exists()
+
+
+@pytest.mark.parametrize("command", [["users", "list"], ["serve", "--port", "0"]])
+def test_an_unreachable_database_url_prints_one_line(command: list[str], tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRANTKEY_")}
+    env["GRANTKEY_SECRET"] = "c" * 64
+    result = subprocess.run(
+        [sys.executable, "-m", "grantkey.cli", *command, "--data-dir", str(tmp_path),
+         "--database-url", "host=127.0.0.1 port=1 user=nobody dbname=nowhere"],
+        capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: PostgreSQL is unavailable: connection failed"), lines
+    assert "Connection refused" in lines[-1] and "Traceback" not in result.stderr
+
+
+def test_keys_create_refuses_grants_mixed_with_other_grant_options(tmp_path: Path) -> None:
+    result = cli("keys", "create", "bob", "k", "--grants", '[{"type":"apis","apis":["sql"]}]',
+                 "--api", "maps", data_dir=tmp_path)
+    assert result.returncode == 2
+    assert "--grants is the whole grants array" in result.stderr

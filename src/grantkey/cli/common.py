@@ -17,7 +17,14 @@ from rich.table import Table
 from rich.text import Text
 
 from grantkey.cli.embedded import EmbeddedPostgres
-from grantkey.errors import BadInput, GrantkeyError, NotFound, ValidationFailed
+from grantkey.errors import (
+    BadInput,
+    GrantkeyError,
+    KeyNotFound,
+    NotFound,
+    UserNotFound,
+    ValidationFailed,
+)
 from grantkey.services.container import Services
 from grantkey.settings import Settings
 
@@ -62,6 +69,9 @@ def reach_cluster(settings: Settings, *, keep_running: bool = False) -> Iterator
         yield settings
         return
     embedded = EmbeddedPostgres(settings.data_dir)
+    if not embedded.is_initialised():  # a mistyped --data-dir must not make a new cluster
+        fail(f"{settings.data_dir} holds no grantkey data directory: check --data-dir (or "
+             "GRANTKEY_DATA_DIR), or run `grantkey serve` once to create it there", 2)
     started = not embedded.is_running()
     if started:
         click.echo(f"starting the embedded PostgreSQL in {embedded.pgdata} ...", err=True)
@@ -90,8 +100,12 @@ def run_with_services(settings: Settings, work: Callable[[Services], Awaitable[T
             return asyncio.run(main(resolved))
     except (BadInput, ValidationFailed) as error:
         fail(str(error), 2)
-    except NotFound as error:
-        fail(f"not found: {error}", 1)
+    except UserNotFound as error:
+        fail(f"no user named {error.username!r}", 1)
+    except KeyNotFound as error:
+        fail(f"no API key named {error.name!r}", 1)
+    except NotFound as error:  # its message names what is missing
+        fail(str(error), 1)
     except GrantkeyError as error:
         fail(str(error) or type(error).__name__, 1)
 

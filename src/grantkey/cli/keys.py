@@ -19,6 +19,9 @@ def _grants_from_options(
     grants: str | None, apis: tuple[str, ...], tables: tuple[str, ...], schemas: tuple[str, ...]
 ) -> Any:
     if grants is not None:
+        if apis or tables or schemas:
+            fail("--grants is the whole grants array: give the APIs, tables and schemas "
+                 "inside it, not with --api, --table or --schema-create too", 2)
         try:
             return json.loads(grants)
         except json.JSONDecodeError as error:

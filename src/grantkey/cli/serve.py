@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import signal
 from dataclasses import replace
 from pathlib import Path
+from typing import IO
 
 import click
 import uvicorn
@@ -57,6 +59,29 @@ async def _prepare(settings: Settings, *, own_cluster: bool) -> None:
         await services.close()
 
 
+_held_locks: list[IO[str]] = []
+
+
+def _lock_data_dir(data_dir: Path) -> None:
+    """One `grantkey serve` per embedded data directory: a second one would stop the first
+    one's PostgreSQL when it exits. The lock goes with this process (even on kill -9)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = (data_dir / "serve.lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        fail(f"another `grantkey serve` (pid {holder}) is using the data directory {data_dir}: "
+             "stop it first, or give this one another --data-dir", 1)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _held_locks.append(handle)
+
+
 class _Stop(Exception):
     pass
 
@@ -88,6 +113,8 @@ def serve(host: str, port: int, workers: int, data_dir: Path, database_url: str 
     """
     settings = load_settings(data_dir.resolve(), database_url, host=host, port=port, workers=workers)
     embedded = None if settings.database_url else EmbeddedPostgres(settings.data_dir)
+    if embedded is not None:
+        _lock_data_dir(settings.data_dir)
     try:
         if embedded is not None:
             click.echo(f"starting the embedded PostgreSQL in {embedded.pgdata} ...", err=True)

@@ -10,7 +10,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
 from grantkey.db import migrations
-from grantkey.db.cluster import METADATA_DATABASE, AdminConnection, admin_conninfo
+from grantkey.db.cluster import METADATA_DATABASE, AdminConnection, admin_conninfo, translated
 from grantkey.db.revocations import REVOCATIONS_DDL, REVOKED_TOKENS_DDL
 
 METADATA_SCHEMA = """
@@ -38,6 +38,11 @@ def maintenance_url(admin_url: str) -> str:
 
 async def bootstrap(admin_url: str) -> None:
     """Make sure the metadata database exists, is closed to key roles, and is migrated."""
+    async with translated():
+        await _bootstrap(admin_url)
+
+
+async def _bootstrap(admin_url: str) -> None:
     async with await psycopg.AsyncConnection.connect(
         maintenance_url(admin_url), autocommit=True
     ) as conn:
@@ -100,6 +105,11 @@ async def _revoke_public_connect(conn: psycopg.AsyncConnection[tuple[object, ...
 
 
 async def apply_cluster_limits(admin_url: str, temp_file_limit: str) -> None:
+    async with translated():
+        await _apply_cluster_limits(admin_url, temp_file_limit)
+
+
+async def _apply_cluster_limits(admin_url: str, temp_file_limit: str) -> None:
     """Limits for a cluster grantkey owns (the embedded one): ALTER SYSTEM, then a reload.
     `temp_file_limit` can only be changed by a superuser, so clients cannot lift it."""
     async with await psycopg.AsyncConnection.connect(

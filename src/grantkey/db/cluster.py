@@ -111,13 +111,13 @@ class Cluster:
         """A connection to the metadata database inside one transaction."""
         if self._metadata is None:
             raise DatabaseUnavailable("the cluster is not open")
-        async with _translated(), self._metadata.connection() as conn:
+        async with translated(), self._metadata.connection() as conn:
             yield conn
 
     @asynccontextmanager
     async def user_database(self, dbname: str) -> AsyncIterator[AdminConnection]:
         """An admin connection to one user's database inside one transaction."""
-        async with _translated(), (await self._user_pool(dbname)).connection() as conn:
+        async with translated(), (await self._user_pool(dbname)).connection() as conn:
             yield conn
 
     async def _user_pool(self, dbname: str) -> AsyncConnectionPool[AdminConnection]:
@@ -148,7 +148,7 @@ class Cluster:
         handing an earlier release's objects to the routine admin). Without a superuser URL
         it is the admin's own login: callers check `is_superuser` before acting."""
         url = self.superuser_url or self.admin_url
-        async with _translated():
+        async with translated():
             conn = await psycopg.AsyncConnection.connect(
                 admin_conninfo(url, dbname=dbname), row_factory=dict_row)
             try:
@@ -160,7 +160,7 @@ class Cluster:
     @asynccontextmanager
     async def autocommit(self, dbname: str = METADATA_DATABASE) -> AsyncIterator[AdminConnection]:
         """A short-lived autocommit connection, for CREATE/DROP DATABASE."""
-        async with _translated():
+        async with translated():
             conn = await psycopg.AsyncConnection.connect(
                 self.conninfo(dbname), autocommit=True, row_factory=dict_row
             )
@@ -181,8 +181,10 @@ def admin_conninfo(admin_url: str, **overrides: Any) -> str:
 
 
 @asynccontextmanager
-async def _translated() -> AsyncIterator[None]:
+async def translated() -> AsyncIterator[None]:
+    """A connection that fails becomes DatabaseUnavailable, its message on one line."""
     try:
         yield
     except psycopg.OperationalError as error:
-        raise DatabaseUnavailable(f"PostgreSQL is unavailable: {error}") from error
+        detail = " ".join(str(error).split())
+        raise DatabaseUnavailable(f"PostgreSQL is unavailable: {detail}") from error
