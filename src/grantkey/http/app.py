@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -18,7 +18,12 @@ from grantkey.errors import DatabaseUnavailable, SetupError
 from grantkey.http import auth_api, datasets_api, sql_api
 from grantkey.http.context import services_of
 from grantkey.http.cors import CorsMiddleware
-from grantkey.http.errors import http_error, json_response, unexpected_error
+from grantkey.http.errors import (
+    client_disconnected,
+    http_error,
+    json_response,
+    unexpected_error,
+)
 from grantkey.http.fast_path import GrantkeyApp
 from grantkey.http.notifications import listen_for_revocations
 from grantkey.http.openapi import openapi
@@ -63,7 +68,8 @@ def create_app(settings: Settings | None = None) -> GrantkeyApp:
                 Route("/openapi.json", openapi, methods=["GET"]), *auth_api.routes(),
                 *sql_api.routes(sql_handler), *datasets_api.routes()],
         lifespan=lifespan,
-        exception_handlers={HTTPException: http_error, Exception: unexpected_error},
+        exception_handlers={HTTPException: http_error, ClientDisconnect: client_disconnected,
+                            Exception: unexpected_error},
         middleware=[Middleware(CorsMiddleware)],
     )
     app.state.services = services

@@ -7,7 +7,7 @@ from enum import Enum
 
 import orjson
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from grantkey.errors import (
@@ -100,7 +100,17 @@ async def http_error(request: Request, error: Exception) -> Response:
     return json_response({"error": [error.detail]}, error.status_code, dict(error.headers or {}))
 
 
+async def client_disconnected(request: Request, error: Exception) -> Response:
+    """The client went away before its request body was complete: nothing to answer, and
+    not a fault of ours (one line, no traceback)."""
+    log.info("client disconnected during the request body: %s %s", request.method,
+             request.url.path)
+    return Response(status_code=400)
+
+
 async def unexpected_error(request: Request, error: Exception) -> Response:
     """Last resort: log the type, never send a stack trace."""
+    if isinstance(error, ClientDisconnect):
+        return await client_disconnected(request, error)
     log.exception("unexpected error on %s %s", request.method, request.url.path)
     return json_response({"error": ["Internal error"]}, 500)
