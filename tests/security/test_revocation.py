@@ -109,3 +109,44 @@ def test_notifications_from_another_process_evict_the_cache(
         return evicted
 
     assert run(scenario())
+
+
+def test_a_revoked_keys_derived_password_leaves_every_process_memory(
+    account: Account, services: Services, run: Callable[[Awaitable[Any]], Any],
+    make_key: Callable[..., KeyHandle],
+) -> None:
+    """The SQL API keeps each key's connection string (with the role password derived from
+    its token) in memory: a revocation made here, or by another process (the NOTIFY),
+    removes it at once, not at eviction."""
+    here = make_key(account, "revoked-here", apis_only("sql"))
+    elsewhere = make_key(account, "revoked-elsewhere", apis_only("sql"))
+
+    async def remembered(token: str) -> str:
+        principal = await services.resolver.resolve(account.user, token, fresh=True)
+        services.sql.target_for(principal)
+        assert services.sql.remembers_role(account.user.database, principal.key.role)
+        return principal.key.role
+
+    async def scenario() -> tuple[bool, bool]:
+        listener = asyncio.create_task(listen_for_revocations(services))
+        await asyncio.sleep(0.5)
+        role_here, role_elsewhere = await remembered(here.token), await remembered(
+            elsewhere.token)
+        master = await services.keys.master_principal(account.user)
+        await services.keys.delete(master, "revoked-here")
+        gone_here = not services.sql.remembers_role(account.user.database, role_here)
+        async with httpx.AsyncClient() as client:  # the server: another process
+            await client.post(f"{account.keys_url}/revoked-elsewhere/token/regenerate",
+                              params=account.master())
+        gone_elsewhere = False
+        for _ in range(100):
+            if not services.sql.remembers_role(account.user.database, role_elsewhere):
+                gone_elsewhere = True
+                break
+            await asyncio.sleep(0.02)
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
+        return gone_here, gone_elsewhere
+
+    assert run(scenario()) == (True, True)

@@ -39,6 +39,7 @@ async def listen_for_revocations(services: Services) -> None:
 
 def _forget_everything(services: Services) -> None:
     services.cache.clear()
+    services.sql.forget_all()
     services.users.forget()
 
 
@@ -47,11 +48,13 @@ async def _apply(services: Services, payload: str) -> None:
     if username is not None:
         services.users.forget(username)
         services.cache.clear()  # rare: simpler than finding that user's keys
+        services.sql.forget_all()
         return
     services.cache.evict_payload(payload)
     target = payload_role(payload)
     if target is not None:
         database, role, oid = target
+        services.sql.forget_role(database, role)
         await services.pools.discard_role(database, role)
         # the revoking process may have died right after its commit: end the role's
         # sessions from here too (every process does; it is idempotent)
@@ -60,5 +63,6 @@ async def _apply(services: Services, payload: str) -> None:
 
 async def _end_pending_revocations(services: Services) -> None:
     for database, role, oid in await services.revoker.pending_roles():
+        services.sql.forget_role(database, role)
         await services.pools.discard_role(database, role)
         await services.revoker.end_sessions(oid)

@@ -39,6 +39,7 @@ class Services:
                               time_limit=settings.sql_timeout,
                               master_time_limit=settings.sql_master_timeout,
                               target_cache_size=settings.key_cache_size)
+        self.revoker.forget_role = self.sql.forget_role
         self.datasets = DatasetService(self.cluster)
         self.repair = RoleRepair(self.cluster, box)
         self.sql.repair = self.repair

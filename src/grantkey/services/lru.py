@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -31,6 +31,17 @@ class Lru(Generic[K, V]):
 
     def pop(self, key: K) -> None:
         self._entries.pop(key, None)
+
+    def pop_where(self, matches: Callable[[K], bool]) -> int:
+        """Remove every entry whose key `matches` (a scan: for rare events). Returns how
+        many went."""
+        gone = [key for key in self._entries if matches(key)]
+        for key in gone:
+            del self._entries[key]
+        return len(gone)
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(list(self._entries))
 
     def clear(self) -> None:
         self._entries.clear()

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 
 import psycopg
 
@@ -103,6 +104,8 @@ class Revoker:
         self.cluster = cluster
         self.cache = cache
         self.pools: RolePools | None = None
+        # what else of the role this process remembers (the SQL API's connection strings)
+        self.forget_role: Callable[[str, str], None] | None = None
         self._cleanups: set[asyncio.Task[bool]] = set()
 
     async def decide(self, user: User, record: KeyRecord, *, password: str | None) -> int:
@@ -147,6 +150,8 @@ class Revoker:
     async def after_commit(self, user: User, record: KeyRecord, role_oid: int) -> None:
         """PostgreSQL already refuses the old login: forget it here, end its sessions."""
         self.cache.evict(user.id, record.token_digest)
+        if self.forget_role is not None:
+            self.forget_role(user.database, record.role)
         if self.pools is not None:
             await self.pools.discard_role(user.database, record.role)
         await self.end_sessions(role_oid)

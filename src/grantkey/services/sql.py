@@ -85,6 +85,18 @@ class SqlService:
             self._targets.put(cache_key, target)
         return target
 
+    def forget_role(self, database: str, role: str) -> None:
+        """A revoked role: its connection strings (with the password derived from the old
+        token) leave this process's memory."""
+        self._targets.pop_where(lambda key: key[0] == database and key[1] == role)
+
+    def forget_all(self) -> None:
+        self._targets.clear()
+
+    def remembers_role(self, database: str, role: str) -> bool:
+        """Does this process still hold a connection string of the role?"""
+        return any(key[:2] == (database, role) for key in self._targets)
+
     async def start(self, principal: Principal, query: str) -> RunningQuery:
         """Run `query` up to its first row. Errors here get a proper status."""
         target = self.target_for(principal)
