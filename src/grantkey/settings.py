@@ -95,6 +95,8 @@ class Settings:
     sql_idle_seconds: float = 60.0
     temp_file_limit: str = "1GB"
     storage_quota: str = "-1"  # per user database; -1: none
+    max_header_bytes: int = 65_536
+    header_timeout: float = 10.0
     # only for the processes that need it (serve's start, the CLI); never given to workers
     superuser_url: str | None = field(default=None, repr=False)
 
@@ -121,6 +123,8 @@ class Settings:
             sql_idle_seconds=_env_float(env, "GRANTKEY_SQL_IDLE_SECONDS", 60.0),
             temp_file_limit=_env_size(env, "GRANTKEY_TEMP_FILE_LIMIT", "1GB"),
             storage_quota=_env_quota(env, "GRANTKEY_STORAGE_QUOTA"),
+            max_header_bytes=_env_int(env, "GRANTKEY_MAX_HEADER_BYTES", 65_536, minimum=1024),
+            header_timeout=_env_float(env, "GRANTKEY_HEADER_TIMEOUT", 10.0),
             superuser_url=env.get("GRANTKEY_SUPERUSER_URL") or None,
         )
         given = {name: value for name, value in overrides.items() if value is not None}
@@ -146,6 +150,8 @@ class Settings:
             "GRANTKEY_SQL_IDLE_SECONDS": str(self.sql_idle_seconds),
             "GRANTKEY_TEMP_FILE_LIMIT": self.temp_file_limit,
             "GRANTKEY_STORAGE_QUOTA": self.storage_quota,
+            "GRANTKEY_MAX_HEADER_BYTES": str(self.max_header_bytes),
+            "GRANTKEY_HEADER_TIMEOUT": str(self.header_timeout),
         }
         if self.database_url:
             env["GRANTKEY_DATABASE_URL"] = self.database_url

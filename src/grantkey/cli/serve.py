@@ -127,7 +127,7 @@ def serve(host: str, port: int, workers: int, data_dir: Path, database_url: str 
         uvicorn.run(
             "grantkey.http.app:create_app", factory=True, host=host, port=port,
             workers=workers, access_log=False, log_level=settings.log_level,
-            server_header=False,
+            server_header=False, http="grantkey.http.protocol:BoundedHttpProtocol",
         )
     except _Stop:
         click.echo("grantkey stopped", err=True)

@@ -1,0 +1,128 @@
+"""uvicorn's httptools protocol with bounds on a request's head: its size and the time it
+takes to arrive (neither is bounded by uvicorn with httptools).
+
+- The URL may hold at most 65,000 bytes (414; httptools itself refuses 64 KiB with a bare
+  400), the header fields at most GRANTKEY_MAX_HEADER_BYTES (431); either way the
+  connection is then closed. Longer SQL queries go in a POST body.
+- From a connection's first byte (or the end of the previous answer) the whole head must
+  arrive within GRANTKEY_HEADER_TIMEOUT seconds, else 408 and the connection is closed (a
+  slow-loris client cannot hold a connection by trickling bytes).
+
+Body size and time are the handlers' business (GRANTKEY_MAX_BODY_BYTES, the SQL time
+limit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from grantkey.settings import Settings
+
+log = logging.getLogger("grantkey.http")
+_REASONS = {408: b"Request Timeout", 414: b"URI Too Long",
+            431: b"Request Header Fields Too Large"}
+
+
+class HeadTooLarge(Exception):
+    pass
+
+
+@functools.cache
+def _limits() -> tuple[int, int, float]:
+    """(URL bytes, header bytes, seconds), from the worker's GRANTKEY_* environment."""
+    settings = Settings.from_env()
+    return url_limit(settings), settings.max_header_bytes, settings.header_timeout
+
+
+def url_limit(settings: Settings) -> int:
+    """httptools refuses a request line of 64 KiB or more with a bare 400: ours comes first,
+    with a message saying what to do (longer SQL goes in a POST body)."""
+    return 65_000
+
+
+class BoundedHttpProtocol(HttpToolsProtocol):
+    """See the module docstring. Used by `grantkey serve` for every worker."""
+
+    _head_timer: asyncio.TimerHandle | None = None
+    _url_bytes = 0
+    _header_bytes = 0
+    _in_head = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._url_bytes = self._header_bytes = 0
+        self._in_head = True
+        if self._head_timer is None:
+            self._arm_head_timer()
+
+    def on_url(self, url: bytes) -> None:
+        self._url_bytes += len(url)
+        if self._url_bytes > _limits()[0]:
+            self._refuse(414, "The request URL is longer than 65,000 bytes: send long SQL "
+                              "queries in a POST body")
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > _limits()[1]:
+            self._refuse(431, "The request's header fields are too large")
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._disarm_head_timer()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():  # the next request's head has its own deadline
+            self._arm_head_timer()
+
+    def send_400_response(self, msg: str) -> None:
+        if not self.transport.is_closing():  # not after our own 431
+            super().send_400_response(msg)
+
+    def _arm_head_timer(self) -> None:
+        self._disarm_head_timer()
+        self._head_timer = self.loop.call_later(_limits()[2], self._head_too_slow)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing() or (self.cycle is not None and not self._in_head
+                                           and not self.cycle.response_complete):
+            return  # a request is being answered: its time is the handler's
+        if self._in_head or self._url_bytes == 0:
+            self._answer_and_close(408, "The request head did not arrive in time")
+
+    def _refuse(self, status: int, message: str) -> None:
+        log.info("refused a request head: %s", message)
+        self._answer_and_close(status, message)
+        raise HeadTooLarge(message)  # stops the parser (uvicorn then sends nothing more)
+
+    def _answer_and_close(self, status: int, message: str) -> None:
+        self._disarm_head_timer()
+        if self.transport.is_closing():
+            return
+        body = message.encode("ascii")
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+            % (status, _REASONS[status], len(body), body))
+        self.transport.close()

@@ -1,0 +1,121 @@
+"""A request's head is bounded in size and in time (uvicorn with httptools bounds neither):
+431 past GRANTKEY_MAX_HEADER_BYTES, 414 past 65,000 bytes of URL (long SQL goes in a POST
+body), 408 and a closed connection when the head trickles in past
+GRANTKEY_HEADER_TIMEOUT. The server keeps serving everyone else."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote, urlsplit
+
+import httpx
+import pytest
+
+from tests.conftest import Account
+from tests.support import TEST_SECRET, ServerProcess
+
+
+@pytest.fixture(scope="module")
+def strict(data_dir: Path, admin_url: str) -> Iterator[ServerProcess]:
+    """A server with a 1 s head deadline and 4 KiB of header fields."""
+    server = ServerProcess(["--database-url", admin_url, "--data-dir", str(data_dir)],
+                           data_dir / "heads.log",
+                           {"GRANTKEY_SECRET": TEST_SECRET, "GRANTKEY_HEADER_TIMEOUT": "1",
+                            "GRANTKEY_MAX_HEADER_BYTES": "4096"})
+    try:
+        server.wait_healthy()
+        yield server
+    finally:
+        server.stop()
+
+
+def connect(server: ServerProcess) -> socket.socket:
+    address = urlsplit(server.url)
+    return socket.create_connection((address.hostname, address.port), timeout=10)
+
+
+def read_all(sock: socket.socket) -> bytes:
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    return answer
+
+
+def test_header_fields_past_the_limit_answer_431_and_the_server_goes_on(
+    strict: ServerProcess,
+) -> None:
+    response = httpx.get(f"{strict.url}/health", headers={"X-Big": "a" * 5000})
+    assert response.status_code == 431
+    assert "header fields are too large" in response.text
+    many = {f"X-H{i}": "b" * 100 for i in range(60)}
+    assert httpx.get(f"{strict.url}/health", headers=many).status_code == 431
+    assert httpx.get(f"{strict.url}/health").status_code == 200
+
+
+def test_a_60_mb_header_is_never_read_in_full(strict: ServerProcess) -> None:
+    with connect(strict) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        sent = 0
+        try:
+            while sent < 60 * 2**20:
+                sock.sendall(b"c" * 2**20)
+                sent += 2**20
+        except OSError:
+            pass  # the server closed the connection
+        assert sent < 60 * 2**20, "the server kept reading"
+
+
+def raw_get(server: ServerProcess, target: str) -> bytes:
+    """A GET sent as is (httpx refuses URLs over 64 KiB)."""
+    with connect(server) as sock:
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        return read_all(sock)
+
+
+def test_a_long_url_answers_414_saying_to_post_and_a_long_query_works_in_a_post(
+    strict: ServerProcess, account: Account,
+) -> None:
+    path = f"/user/{account.username}/api/v2/sql?api_key={account.master_token}&q="
+    fits = raw_get(strict, path + quote("SELECT '" + "é" * 10_000 + "' AS s"))  # 60 KB
+    assert fits.startswith(b"HTTP/1.1 200"), fits[:300]
+    too_long = raw_get(strict, path + "x" * 70_000)
+    assert too_long.startswith(b"HTTP/1.1 414"), too_long[:300]
+    assert b"send long SQL queries in a POST body" in too_long
+    posted = httpx.post(f"{strict.url}/user/{account.username}/api/v2/sql",
+                        params={"api_key": account.master_token},
+                        json={"q": "SELECT '" + "é" * 100_000 + "' AS s"}, timeout=30)
+    assert posted.status_code == 200, posted.text[:300]
+
+
+def test_a_head_that_trickles_in_is_cut_at_the_deadline_with_408(strict: ServerProcess) -> None:
+    with connect(strict) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        answer = b""
+        try:
+            for _ in range(40):  # one header byte every 0.25 s: 10 s if never cut
+                sock.sendall(b"X")
+                time.sleep(0.25)
+        except OSError:
+            pass
+        answer = read_all(sock)
+        cut_after = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert cut_after < 8, cut_after
+    assert httpx.get(f"{strict.url}/health").status_code == 200
+
+
+def test_a_connection_that_sends_nothing_is_closed(strict: ServerProcess) -> None:
+    with connect(strict) as sock:
+        answer = read_all(sock)  # returns when the server closes
+    assert answer.startswith(b"HTTP/1.1 408")
+
+
+def test_keep_alive_requests_each_get_their_own_head_deadline(strict: ServerProcess) -> None:
+    with httpx.Client() as client:
+        for _ in range(3):
+            assert client.get(f"{strict.url}/health").status_code == 200
+            time.sleep(0.6)  # idle below the 1 s deadline and uvicorn's keep-alive
