@@ -93,6 +93,7 @@ class Settings:
     sql_max_connections: int = 100
     sql_pool_wait: float = 5.0
     sql_idle_seconds: float = 60.0
+    send_timeout: float = 30.0
     temp_file_limit: str = "1GB"
     storage_quota: str = "-1"  # per user database; -1: none
     max_header_bytes: int = 65_536
@@ -121,6 +122,7 @@ class Settings:
             sql_max_connections=_env_int(env, "GRANTKEY_SQL_MAX_CONNECTIONS", 100, minimum=1),
             sql_pool_wait=_env_float(env, "GRANTKEY_SQL_POOL_WAIT", 5.0),
             sql_idle_seconds=_env_float(env, "GRANTKEY_SQL_IDLE_SECONDS", 60.0),
+            send_timeout=_env_float(env, "GRANTKEY_SEND_TIMEOUT", 30.0),
             temp_file_limit=_env_size(env, "GRANTKEY_TEMP_FILE_LIMIT", "1GB"),
             storage_quota=_env_quota(env, "GRANTKEY_STORAGE_QUOTA"),
             max_header_bytes=_env_int(env, "GRANTKEY_MAX_HEADER_BYTES", 65_536, minimum=1024),
@@ -148,6 +150,7 @@ class Settings:
             "GRANTKEY_SQL_MAX_CONNECTIONS": str(self.sql_max_connections),
             "GRANTKEY_SQL_POOL_WAIT": str(self.sql_pool_wait),
             "GRANTKEY_SQL_IDLE_SECONDS": str(self.sql_idle_seconds),
+            "GRANTKEY_SEND_TIMEOUT": str(self.send_timeout),
             "GRANTKEY_TEMP_FILE_LIMIT": self.temp_file_limit,
             "GRANTKEY_STORAGE_QUOTA": self.storage_quota,
             "GRANTKEY_MAX_HEADER_BYTES": str(self.max_header_bytes),

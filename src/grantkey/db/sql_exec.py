@@ -67,6 +67,8 @@ class Execution:
         self._watchdog: asyncio.Task[None] | None = None
         self.timed_out = False
         self.finished = False
+        # called once the time limit has stopped the query, whatever the HTTP side does
+        self.on_stopped: Callable[[], Awaitable[None]] | None = None
         self.columns: list[Column] = []
         self.rowcount = 0
         self._streamed = 0
@@ -143,11 +145,13 @@ class Execution:
         await asyncio.sleep(CANCEL_GRACE_SECONDS)
         if not self.finished and not self.conn.closed:
             await self._terminate(pid)
+        if self.on_stopped is not None:  # a client that stops reading cannot keep the slot
+            await self.on_stopped()
 
     def stop_timers(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        if self._watchdog is not None:
+        if self._watchdog is not None and self._watchdog is not asyncio.current_task():
             self._watchdog.cancel()
 
     async def close(self) -> bool:

@@ -9,7 +9,9 @@ takes to arrive (neither is bounded by uvicorn with httptools).
   slow-loris client cannot hold a connection by trickling bytes).
 
 Body size and time are the handlers' business (GRANTKEY_MAX_BODY_BYTES, the SQL time
-limit).
+limit). Each request's scope carries an extension, "grantkey.abort", whose `abort()` drops
+the connection at once: the SQL API's streamed answers use it when a client stops reading
+(GRANTKEY_SEND_TIMEOUT).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from grantkey.settings import Settings
 
 log = logging.getLogger("grantkey.http")
+ABORT_EXTENSION = "grantkey.abort"
 _REASONS = {408: b"Request Timeout", 414: b"URI Too Long",
             431: b"Request Header Fields Too Large"}
 
@@ -62,6 +65,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        # for answers that must give up on a client that stopped reading (see sql_api)
+        self.scope["extensions"] = {ABORT_EXTENSION: {"abort": self._abort}}
         self._url_bytes = self._header_bytes = 0
         self._in_head = True
         if self._head_timer is None:
@@ -93,6 +98,13 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         if not self.transport.is_closing():  # not after our own 431
             super().send_400_response(msg)
+
+    def _abort(self) -> None:
+        """Drop the connection now, unsent bytes included (close() would wait for a client
+        that reads nothing). uvicorn then sees a disconnect: the app's pending send returns."""
+        if not self.transport.is_closing():
+            log.info("dropped a client that stopped reading the answer")
+        self.transport.abort()
 
     def _arm_head_timer(self) -> None:
         self._disarm_head_timer()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -12,7 +13,7 @@ from psycopg import sql
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from grantkey.domain.numbers import strict_int
 from grantkey.domain.sql_text import COPY_REFUSED, starts_a_copy
@@ -20,6 +21,7 @@ from grantkey.errors import BadInput, Forbidden, GrantkeyError
 from grantkey.http.context import Call, RequestHandler, endpoint, user_routes
 from grantkey.http.errors import Family, render_error
 from grantkey.http.formats import EXTENSIONS, GEOJSON_COLUMN, MEDIA_TYPES, WRITERS
+from grantkey.http.protocol import ABORT_EXTENSION
 from grantkey.services.sql import RunningQuery
 
 log = logging.getLogger("grantkey.sql")
@@ -142,16 +144,32 @@ async def _body(running: RunningQuery, options: SqlParams,
 
 class QueryResponse(StreamingResponse):
     """A streamed answer that always gives its connection back, even when the client
-    disconnects before the body starts (an unstarted generator never runs its finally)."""
+    disconnects before the body starts (an unstarted generator never runs its finally),
+    and that drops a client which reads nothing for `send_timeout` seconds (through the
+    protocol's abort extension; the query's own time limit frees its database connection
+    meanwhile)."""
 
-    def __init__(self, running: RunningQuery, finish: Finisher, **kwargs: Any) -> None:
+    def __init__(self, running: RunningQuery, finish: Finisher, send_timeout: float,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.running = running
         self.finish = finish
+        self.send_timeout = send_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        abort = scope.get("extensions", {}).get(ABORT_EXTENSION, {}).get("abort")
+        loop = asyncio.get_running_loop()
+
+        async def send_or_give_up(message: Message) -> None:
+            timer = None if abort is None else loop.call_later(self.send_timeout, abort)
+            try:
+                await send(message)
+            finally:
+                if timer is not None:
+                    timer.cancel()
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send_or_give_up)
         finally:
             await self.finish(self.running)
 
@@ -172,8 +190,8 @@ async def run_sql(call: Call) -> Response:
         body = b"".join([chunk async for chunk in _chunks(running, options)])
         return Response(body, media_type=media, headers=headers)
     return QueryResponse(
-        running, finish, content=_body(running, options, finish), media_type=media,
-        headers=headers,
+        running, finish, call.services.settings.send_timeout,
+        content=_body(running, options, finish), media_type=media, headers=headers,
     )
 
 

@@ -7,6 +7,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from grantkey.db.cluster import Cluster
@@ -118,7 +119,9 @@ class SqlService:
             await _shielded(self._release(execution, target, conn))
             raise
         names = await self._names(principal.user.database, execution.columns, conn)
-        return RunningQuery(execution, target, conn, names, started)
+        running = RunningQuery(execution, target, conn, names, started)
+        execution.on_stopped = partial(self.finish, running)
+        return running
 
     async def _acquire(self, principal: Principal, target: RoleTarget) -> RoleConnection:
         """A session of the key's role. A refused login of a key that is still valid means
