@@ -51,6 +51,20 @@ def _env_size(env: Mapping[str, str], name: str, default: str) -> str:
     return value
 
 
+def _env_share(env: Mapping[str, str], name: str, default: float) -> float:
+    """A share of the connections: more than 0, at most 1."""
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SetupError(f"{name} must be a fraction such as 0.5, not {raw[:40]!r}") from None
+    if not 0 < value <= 1:
+        raise SetupError(f"{name} must be more than 0 and at most 1, not {raw}")
+    return value
+
+
 def _env_quota(env: Mapping[str, str], name: str) -> str:
     """A size more than 0, or -1 (none, the default)."""
     value = _env_size(env, name, "-1")
@@ -94,6 +108,8 @@ class Settings:
     sql_pool_wait: float = 5.0
     sql_idle_seconds: float = 60.0
     send_timeout: float = 30.0
+    sql_key_share: float = 0.5
+    sql_user_share: float = 0.75
     temp_file_limit: str = "1GB"
     storage_quota: str = "-1"  # per user database; -1: none
     max_header_bytes: int = 65_536
@@ -123,6 +139,8 @@ class Settings:
             sql_pool_wait=_env_float(env, "GRANTKEY_SQL_POOL_WAIT", 5.0),
             sql_idle_seconds=_env_float(env, "GRANTKEY_SQL_IDLE_SECONDS", 60.0),
             send_timeout=_env_float(env, "GRANTKEY_SEND_TIMEOUT", 30.0),
+            sql_key_share=_env_share(env, "GRANTKEY_SQL_KEY_SHARE", 0.5),
+            sql_user_share=_env_share(env, "GRANTKEY_SQL_USER_SHARE", 0.75),
             temp_file_limit=_env_size(env, "GRANTKEY_TEMP_FILE_LIMIT", "1GB"),
             storage_quota=_env_quota(env, "GRANTKEY_STORAGE_QUOTA"),
             max_header_bytes=_env_int(env, "GRANTKEY_MAX_HEADER_BYTES", 65_536, minimum=1024),
@@ -151,6 +169,8 @@ class Settings:
             "GRANTKEY_SQL_POOL_WAIT": str(self.sql_pool_wait),
             "GRANTKEY_SQL_IDLE_SECONDS": str(self.sql_idle_seconds),
             "GRANTKEY_SEND_TIMEOUT": str(self.send_timeout),
+            "GRANTKEY_SQL_KEY_SHARE": str(self.sql_key_share),
+            "GRANTKEY_SQL_USER_SHARE": str(self.sql_user_share),
             "GRANTKEY_TEMP_FILE_LIMIT": self.temp_file_limit,
             "GRANTKEY_STORAGE_QUOTA": self.storage_quota,
             "GRANTKEY_MAX_HEADER_BYTES": str(self.max_header_bytes),

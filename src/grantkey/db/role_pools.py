@@ -3,6 +3,9 @@
 Client SQL only ever runs on these. The pool is bounded in total; when it is full, idle
 connections of the least recently used roles are closed first; requests wait in one FIFO
 line, and one that cannot get a connection within a bounded wait fails with PoolExhausted.
+Fair shares: one key (role) may hold at most `key_limit` connections at once and one user
+(database) at most `user_limit`; a request over its share waits without holding up the
+requests behind it that are within theirs.
 A connection goes back only after ROLLBACK (if a transaction was left open) and DISCARD ALL:
 the DISCARD ALL is sent when the connection is released and its answer read when it is next
 taken (one round trip saved per request; the session is reset either way before reuse).
@@ -13,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 
 import psycopg
@@ -48,8 +51,12 @@ class _Idle:
 
 @dataclass
 class _Waiter:
-    key: tuple[str, str, int]
+    target: RoleTarget
     future: asyncio.Future[RoleConnection | None]
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return self.target.key
 
 
 class RolePools:
@@ -57,12 +64,18 @@ class RolePools:
     straight to the first waiter for its role; any other change wakes the first waiter to
     try again (open a connection or close an idle one of the least recently used role)."""
 
-    def __init__(self, max_connections: int, wait_seconds: float, idle_seconds: float) -> None:
+    def __init__(self, max_connections: int, wait_seconds: float, idle_seconds: float,
+                 key_share: float = 1.0, user_share: float = 1.0) -> None:
         self.max_connections = max_connections
         self.wait_seconds = wait_seconds
         self.idle_seconds = idle_seconds
+        self.key_limit = max(1, int(max_connections * key_share))
+        self.user_limit = max(1, int(max_connections * user_share))
         self._idle: OrderedDict[tuple[str, str, int], list[_Idle]] = OrderedDict()
         self._open = 0
+        # connections held (or reserved) by requests, per role and per database
+        self._held_by_role: Counter[tuple[str, str]] = Counter()
+        self._held_by_database: Counter[str] = Counter()
         self._waiters: deque[_Waiter] = deque()
         self._closing: set[asyncio.Future[None]] = set()
 
@@ -74,14 +87,46 @@ class RolePools:
     def idle_connections(self) -> int:
         return sum(len(items) for items in self._idle.values())
 
+    def held(self, database: str, role: str | None = None) -> int:
+        """Connections held by requests of one user, or of one of its roles."""
+        if role is None:
+            return self._held_by_database[database]
+        return self._held_by_role[(database, role)]
+
+    def _within_share(self, target: RoleTarget) -> bool:
+        return (self._held_by_role[(target.database, target.role)] < self.key_limit
+                and self._held_by_database[target.database] < self.user_limit)
+
+    def _hold(self, target: RoleTarget) -> None:
+        self._held_by_role[(target.database, target.role)] += 1
+        self._held_by_database[target.database] += 1
+
+    def _unhold(self, target: RoleTarget) -> None:
+        role = (target.database, target.role)
+        self._held_by_role[role] -= 1
+        if self._held_by_role[role] <= 0:
+            del self._held_by_role[role]
+        self._held_by_database[target.database] -= 1
+        if self._held_by_database[target.database] <= 0:
+            del self._held_by_database[target.database]
+
     async def acquire(self, target: RoleTarget) -> RoleConnection:
+        """A connection for `target`, counted against its key's and user's shares until it
+        is released (`release`, `release_at_once`)."""
         deadline = time.monotonic() + self.wait_seconds
         first_try = True
         while True:
-            if not (first_try and self._waiters):  # newcomers queue behind waiters
-                conn = await self._take_or_open(target)
+            # newcomers queue behind waiters that could go (not behind those over a share)
+            if self._within_share(target) and not (first_try and self._someone_may_go()):
+                self._hold(target)
+                try:
+                    conn = await self._take_or_open(target)
+                except BaseException:
+                    self._unhold(target)
+                    raise
                 if conn is not None:
                     return conn
+                self._unhold(target)
             first_try = False
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -89,9 +134,15 @@ class RolePools:
                     f"Too many concurrent queries: no database connection became free "
                     f"within {self.wait_seconds:g} s. Try again shortly."
                 )
-            handed = await self._wait(target.key, remaining)
-            if handed is not None and await self._fit(handed):
-                return handed
+            handed = await self._wait(target, remaining)  # held for us when handed
+            if handed is not None:
+                if await self._fit(handed):
+                    return handed
+                self._unhold(target)
+
+    def _someone_may_go(self) -> bool:
+        return any(self._within_share(w.target) for w in self._waiters
+                   if not w.future.done())
 
     async def _take_or_open(self, target: RoleTarget) -> RoleConnection | None:
         """An idle connection of this role, else a new one if a slot is (or can be) free."""
@@ -114,14 +165,13 @@ class RolePools:
             self._forget_one()
             raise
 
-    async def _wait(self, key: tuple[str, str, int],
-                    timeout: float) -> RoleConnection | None:
+    async def _wait(self, target: RoleTarget, timeout: float) -> RoleConnection | None:
         """A connection handed over, or None when woken to try again or out of time.
 
         A plain future and a timer: no task or shield for each wait (every request that
         finds the pool full waits here)."""
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(key, loop.create_future())
+        waiter = _Waiter(target, loop.create_future())
         self._waiters.append(waiter)
         timer = loop.call_later(timeout, self._give_up, waiter)
         try:
@@ -148,14 +198,19 @@ class RolePools:
         # handed a connection, or woken, just as it gave up: pass it on
         handed = waiter.future.result()
         if handed is not None:
+            self._unhold(waiter.target)
             self._put_idle(waiter.key, handed)
         else:
             self._wake_first()
 
     def _put_idle(self, key: tuple[str, str, int], conn: RoleConnection) -> None:
+        """A connection nobody holds: straight to the first waiter of its role that is
+        within its shares (held for it from here), else idle."""
         for waiter in self._waiters:
-            if waiter.key == key and not waiter.future.done():
+            if (waiter.key == key and not waiter.future.done()
+                    and self._within_share(waiter.target)):
                 self._waiters.remove(waiter)
+                self._hold(waiter.target)
                 waiter.future.set_result(conn)
                 return
         self._idle.setdefault(key, []).append(_Idle(conn, time.monotonic()))
@@ -163,14 +218,18 @@ class RolePools:
         self._wake_first()
 
     def _wake_first(self) -> None:
-        """Something changed (a slot or an idle connection): the first waiter tries again."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.future.done():  # a cancelled one is leaving the line anyway
+        """Something changed (a slot, an idle connection, a share): the first waiter that
+        is within its shares tries again."""
+        for waiter in list(self._waiters):
+            if waiter.future.done():  # a cancelled one is leaving the line anyway
+                self._waiters.remove(waiter)
+            elif self._within_share(waiter.target):
+                self._waiters.remove(waiter)
                 waiter.future.set_result(None)
                 return
 
     async def release(self, target: RoleTarget, conn: RoleConnection, *, reusable: bool) -> None:
+        self._unhold(target)
         if reusable and not conn.closed:
             try:
                 if conn.info.transaction_status != TransactionStatus.IDLE:
@@ -190,6 +249,7 @@ class RolePools:
             return False
         if not send_reset_at_once(conn):
             return False
+        self._unhold(target)
         self._put_idle(target.key, conn)
         return True
 

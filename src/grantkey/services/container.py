@@ -33,7 +33,8 @@ class Services:
         )
         self.resolver = KeyResolver(self.cluster, self.cache)
         self.pools = RolePools(settings.sql_max_connections, settings.sql_pool_wait,
-                               settings.sql_idle_seconds)
+                               settings.sql_idle_seconds, key_share=settings.sql_key_share,
+                               user_share=settings.sql_user_share)
         self.revoker.pools = self.pools
         self.sql = SqlService(self.cluster, self.pools, self.resolver, box,
                               time_limit=settings.sql_timeout,
