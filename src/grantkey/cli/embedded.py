@@ -94,6 +94,15 @@ class EmbeddedPostgres:
     def is_initialised(self) -> bool:
         return (self.pgdata / "PG_VERSION").exists()
 
+    def postmaster_alive(self) -> bool:
+        """Cheaper than `is_running` (no pg_ctl): is the PID in postmaster.pid alive?"""
+        try:
+            pid = int((self.pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return False
+        return True
+
     def is_running(self) -> bool:
         return self.is_initialised() and self._run("pg_ctl", "status", "-D", str(self.pgdata)).returncode == 0
 

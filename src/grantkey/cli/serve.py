@@ -7,6 +7,7 @@ import fcntl
 import logging
 import os
 import signal
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import IO
@@ -28,6 +29,7 @@ from grantkey.services.upgrade import (
 from grantkey.settings import Settings
 
 log = logging.getLogger("grantkey.serve")
+MAX_RESTART_BACKOFF = 30.0
 
 
 async def _prepare(settings: Settings, *, own_cluster: bool) -> None:
@@ -82,6 +84,39 @@ def _lock_data_dir(data_dir: Path) -> None:
     _held_locks.append(handle)
 
 
+class Supervisor(threading.Thread):
+    """Restarts the embedded PostgreSQL when it dies (kill -9, OOM), with a bounded
+    back-off, for as long as the server runs. Checks twice a second."""
+
+    def __init__(self, embedded: EmbeddedPostgres, interval: float = 0.5) -> None:
+        super().__init__(name="postgres-supervisor", daemon=True)
+        self.embedded = embedded
+        self.interval = interval
+        self._stopping = threading.Event()
+
+    def run(self) -> None:
+        backoff = 1.0
+        while not self._stopping.wait(self.interval):
+            if self.embedded.postmaster_alive():
+                backoff = 1.0
+                continue
+            click.echo("the embedded PostgreSQL stopped unexpectedly: restarting it", err=True)
+            try:
+                self.embedded.start()
+            except GrantkeyError as error:
+                first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+                click.echo(f"PostgreSQL did not restart ({first_line}); next try in "
+                           f"{backoff:g} s", err=True)
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, MAX_RESTART_BACKOFF)
+                continue
+            click.echo("the embedded PostgreSQL is running again", err=True)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join(timeout=70)
+
+
 class _Stop(Exception):
     pass
 
@@ -115,12 +150,16 @@ def serve(host: str, port: int, workers: int, data_dir: Path, database_url: str 
     embedded = None if settings.database_url else EmbeddedPostgres(settings.data_dir)
     if embedded is not None:
         _lock_data_dir(settings.data_dir)
+    supervisor: Supervisor | None = None
     try:
         if embedded is not None:
             click.echo(f"starting the embedded PostgreSQL in {embedded.pgdata} ...", err=True)
             embedded.start()
             settings = replace(settings, database_url=embedded.admin_url)
         asyncio.run(_prepare(settings, own_cluster=embedded is not None))
+        if embedded is not None:
+            supervisor = Supervisor(embedded)
+            supervisor.start()
         os.environ.update(settings.as_env())
         click.echo(f"grantkey listening on http://{host}:{port}", err=True)
         _stop_cleanly_on_signals()
@@ -134,5 +173,7 @@ def serve(host: str, port: int, workers: int, data_dir: Path, database_url: str 
     except GrantkeyError as error:
         fail(str(error), 1)
     finally:
+        if supervisor is not None:
+            supervisor.stop()  # before PostgreSQL: never restarted while stopping
         if embedded is not None:
             embedded.stop()

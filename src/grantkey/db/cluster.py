@@ -12,6 +12,9 @@ which matches a `name` argument better than the built-in) is then not even visib
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,7 +27,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from grantkey.errors import DatabaseUnavailable
 
+log = logging.getLogger("grantkey.cluster")
 METADATA_DATABASE = "grantkey"
+WATCH_SECONDS = 0.5  # how often each process checks that PostgreSQL answers
 ADMIN_SESSION = {
     "search_path": "pg_catalog,pg_temp",
     "default_transaction_read_only": "off",
@@ -68,6 +73,7 @@ class Cluster:
         self._metadata: AsyncConnectionPool[AdminConnection] | None = None
         self._user_pools: OrderedDict[str, AsyncConnectionPool[AdminConnection]] = OrderedDict()
         self._pools_lock = asyncio.Lock()
+        self.down_since: float | None = None  # set by `watch_forever` while unreachable
 
     def conninfo(self, dbname: str, **overrides: Any) -> str:
         """An admin connection string, with the pinned session settings."""
@@ -106,17 +112,66 @@ class Cluster:
         for pool in pools:
             await pool.close()
 
+    def check_available(self) -> None:
+        """Fail fast while PostgreSQL is known to be unreachable (no pool wait)."""
+        if self.down_since is not None:
+            raise DatabaseUnavailable("PostgreSQL is unavailable: it is being restarted or "
+                                      "cannot be reached")
+
+    async def watch_forever(self, interval: float = WATCH_SECONDS) -> None:
+        """Runs until cancelled: one connection of its own asks `SELECT 1` every `interval`.
+        A failure marks PostgreSQL down (requests fail at once, `check_available`, and those
+        already waiting on a pool fail as it is replaced); the first success after it marks
+        it up and replaces the admin pools again, whose reconnection back-off would
+        otherwise keep answering 503 for many seconds."""
+        conn: AdminConnection | None = None
+        while True:
+            try:
+                if conn is None or conn.closed:
+                    conn = await psycopg.AsyncConnection.connect(
+                        self.conninfo(METADATA_DATABASE), autocommit=True, connect_timeout=2,
+                        row_factory=dict_row)
+                await asyncio.wait_for(conn.execute("SELECT 1"), interval * 2)
+                if self.down_since is not None:
+                    await self._replace_pools()
+                    log.warning("PostgreSQL is reachable again after %.1f s",
+                                time.monotonic() - self.down_since)
+                    self.down_since = None
+            except (psycopg.Error, OSError, TimeoutError):
+                if self.down_since is None:
+                    self.down_since = time.monotonic()
+                    log.warning("PostgreSQL is unreachable: requests answer 503 until it is back")
+                    await self._replace_pools()  # who waits on the old pools fails now
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+                conn = None
+            await asyncio.sleep(interval if self.down_since is None else interval / 2)
+
+    async def _replace_pools(self) -> None:
+        old = list(self._user_pools.values())
+        self._user_pools.clear()
+        if self._metadata is not None:
+            old.append(self._metadata)
+            self._metadata = self._pool(METADATA_DATABASE, 8)
+            await self._metadata.open()
+        for pool in old:
+            with contextlib.suppress(Exception):
+                await pool.close(timeout=1)
+
     @asynccontextmanager
     async def metadata(self) -> AsyncIterator[AdminConnection]:
         """A connection to the metadata database inside one transaction."""
         if self._metadata is None:
             raise DatabaseUnavailable("the cluster is not open")
+        self.check_available()
         async with translated(), self._metadata.connection() as conn:
             yield conn
 
     @asynccontextmanager
     async def user_database(self, dbname: str) -> AsyncIterator[AdminConnection]:
         """An admin connection to one user's database inside one transaction."""
+        self.check_available()
         async with translated(), (await self._user_pool(dbname)).connection() as conn:
             yield conn
 
@@ -160,6 +215,7 @@ class Cluster:
     @asynccontextmanager
     async def autocommit(self, dbname: str = METADATA_DATABASE) -> AsyncIterator[AdminConnection]:
         """A short-lived autocommit connection, for CREATE/DROP DATABASE."""
+        self.check_available()
         async with translated():
             conn = await psycopg.AsyncConnection.connect(
                 self.conninfo(dbname), autocommit=True, row_factory=dict_row

@@ -19,6 +19,7 @@ from grantkey.http import auth_api, datasets_api, sql_api
 from grantkey.http.context import services_of
 from grantkey.http.cors import CorsMiddleware
 from grantkey.http.errors import (
+    RETRY_AFTER,
     client_disconnected,
     http_error,
     json_response,
@@ -32,12 +33,19 @@ from grantkey.settings import Settings
 
 
 async def health(request: Request) -> Response:
+    """Ready: this process can serve (PostgreSQL answers). `/health` and `/health/ready`."""
     try:
         async with services_of(request).cluster.metadata() as conn:
             await conn.execute("SELECT 1")
     except DatabaseUnavailable:
-        return json_response({"status": "unavailable", "postgres": "unreachable"}, 503)
+        return json_response({"status": "unavailable", "postgres": "unreachable"}, 503,
+                             {"Retry-After": RETRY_AFTER})
     return json_response({"status": "ok", "postgres": "ok", "version": __version__})
+
+
+async def live(request: Request) -> Response:
+    """Live: the process answers (whatever PostgreSQL does); restart it only if not."""
+    return json_response({"status": "live", "version": __version__})
 
 
 def create_app(settings: Settings | None = None) -> GrantkeyApp:
@@ -50,7 +58,8 @@ def create_app(settings: Settings | None = None) -> GrantkeyApp:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await services.open(migrate=False)
-        tasks = [asyncio.create_task(listen_for_revocations(services)),
+        tasks = [asyncio.create_task(services.cluster.watch_forever()),
+                 asyncio.create_task(listen_for_revocations(services)),
                  asyncio.create_task(services.pools.reap_forever()),
                  asyncio.create_task(services.revoker.retry_forever())]
         try:
@@ -65,6 +74,8 @@ def create_app(settings: Settings | None = None) -> GrantkeyApp:
     sql_handler = sql_api.handler()
     app = GrantkeyApp(
         routes=[Route("/health", health, methods=["GET"]),
+                Route("/health/ready", health, methods=["GET"]),
+                Route("/health/live", live, methods=["GET"]),
                 Route("/openapi.json", openapi, methods=["GET"]), *auth_api.routes(),
                 *sql_api.routes(sql_handler), *datasets_api.routes()],
         lifespan=lifespan,

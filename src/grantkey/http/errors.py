@@ -27,6 +27,7 @@ from grantkey.errors import (
 
 log = logging.getLogger("grantkey.http")
 JSON_TYPE = "application/json; charset=utf-8"
+RETRY_AFTER = "1"  # seconds, on every 503
 
 
 class Family(Enum):
@@ -84,14 +85,16 @@ def render_error(family: Family, error: GrantkeyError) -> Response:
         log.error("request failed: %s", type(error).__name__)
     if family is Family.AUTH and isinstance(error, Unauthorized):
         return Response(status_code=401)  # CARTO: empty body on any Auth API 401
+    # the database is back within seconds (or being restarted): tell clients when to retry
+    headers = {"Retry-After": RETRY_AFTER} if status == 503 else None
     if family in (Family.AUTH, Family.V4):
-        return json_response({"errors": message, "errors_cause": None}, status)
+        return json_response({"errors": message, "errors_cause": None}, status, headers)
     body: dict[str, object] = {"error": [message]}
     if isinstance(error, SqlError):
         for name in ("hint", "detail", "context"):
             if getattr(error, name):
                 body[name] = getattr(error, name)
-    return json_response(body, status)
+    return json_response(body, status, headers)
 
 
 async def http_error(request: Request, error: Exception) -> Response:
