@@ -219,3 +219,29 @@ def test_a_waiter_that_gives_up_does_not_take_the_connection_with_it(
         await pools.close()
 
     run(scenario())
+
+
+def test_a_full_pool_closes_a_spare_of_a_key_with_several_idle_before_another_keys_only_one(
+    account: Account, make_key: Callable[..., KeyHandle], run: Callable[[Awaitable[Any]], Any],
+    admin_url: str,
+) -> None:
+    """A burst of one key leaves it several idle connections: when another key needs a slot,
+    one of those spares goes, not the only connection of a quieter key (which would then
+    pay a login on its next request, and so on in turn)."""
+    quiet, burst, newcomer = (make_key(account, name, apis_only("sql"))
+                              for name in ("quiet", "burst", "newcomer"))
+    pools = RolePools(max_connections=3, wait_seconds=1, idle_seconds=60)
+
+    async def scenario() -> None:
+        conn = await pools.acquire(target(account, quiet))
+        await pools.release(target(account, quiet), conn, reusable=True)
+        two = [await pools.acquire(target(account, burst)) for _ in range(2)]
+        for conn in two:
+            await pools.release(target(account, burst), conn, reusable=True)
+        conn = await pools.acquire(target(account, newcomer))  # the pool is full: evict
+        await pools.release(target(account, newcomer), conn, reusable=True)
+
+    run(scenario())
+    roles = [quiet.role, burst.role, newcomer.role]
+    assert backends(admin_url, roles) == {quiet.role: 1, burst.role: 1, newcomer.role: 1}
+    run(pools.close())

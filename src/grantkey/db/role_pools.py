@@ -307,13 +307,18 @@ class RolePools:
         return fit
 
     def _pop_least_recently_used(self) -> RoleConnection | None:
-        """Take one idle connection of the least recently used role, keeping its slot."""
-        for key, items in self._idle.items():
-            item = items.pop(0)
-            if not items:
-                del self._idle[key]
-            return item.conn
-        return None
+        """Take one idle connection to close, keeping its slot: a spare one of the least
+        recently used role that has several idle (a burst of one key must not keep several
+        while other keys pay logins), else the only one of the least recently used role."""
+        if not self._idle:
+            return None
+        key = next((k for k, items in self._idle.items() if len(items) > 1),
+                   next(iter(self._idle)))
+        items = self._idle[key]
+        item = items.pop(0)
+        if not items:
+            del self._idle[key]
+        return item.conn
 
     async def _connect(self, target: RoleTarget) -> RoleConnection:
         try:
