@@ -51,6 +51,22 @@ def _env_size(env: Mapping[str, str], name: str, default: str) -> str:
     return value
 
 
+def _env_optional_int(env: Mapping[str, str], name: str, minimum: int = 1) -> int | None:
+    """A whole number, or None when unset (then sized automatically)."""
+    if not env.get(name):
+        return None
+    return _env_int(env, name, 0, minimum=minimum)
+
+
+def _env_optional_size(env: Mapping[str, str], name: str) -> str | None:
+    if not env.get(name):
+        return None
+    value = _env_size(env, name, "")
+    if value == "-1":
+        raise SetupError(f"{name} must be a size such as 2GB, not -1")
+    return value
+
+
 def _env_share(env: Mapping[str, str], name: str, default: float) -> float:
     """A share of the connections: more than 0, at most 1."""
     raw = env.get(name)
@@ -104,11 +120,13 @@ class Settings:
     log_level: str = "info"
     sql_timeout: float = 25.0
     sql_master_timeout: float = 25.0
-    sql_max_connections: int = 100
+    sql_max_connections: int | None = None  # None: sized by `serve` from the cluster
     sql_pool_wait: float = 5.0
     sql_idle_seconds: float = 60.0
     send_timeout: float = 30.0
     sql_key_share: float = 0.5
+    pg_max_connections: int | None = None  # embedded cluster; None: sized from the machine
+    pg_shared_buffers: str | None = None  # embedded cluster; None: sized from the machine
     sql_user_share: float = 0.75
     temp_file_limit: str = "1GB"
     storage_quota: str = "-1"  # per user database; -1: none
@@ -135,7 +153,10 @@ class Settings:
             log_level=env.get("GRANTKEY_LOG_LEVEL") or "info",
             sql_timeout=_env_float(env, "GRANTKEY_SQL_TIMEOUT", 25.0),
             sql_master_timeout=_env_float(env, "GRANTKEY_SQL_MASTER_TIMEOUT", 25.0),
-            sql_max_connections=_env_int(env, "GRANTKEY_SQL_MAX_CONNECTIONS", 100, minimum=1),
+            sql_max_connections=_env_optional_int(env, "GRANTKEY_SQL_MAX_CONNECTIONS"),
+            pg_max_connections=_env_optional_int(env, "GRANTKEY_PG_MAX_CONNECTIONS",
+                                                 minimum=20),
+            pg_shared_buffers=_env_optional_size(env, "GRANTKEY_PG_SHARED_BUFFERS"),
             sql_pool_wait=_env_float(env, "GRANTKEY_SQL_POOL_WAIT", 5.0),
             sql_idle_seconds=_env_float(env, "GRANTKEY_SQL_IDLE_SECONDS", 60.0),
             send_timeout=_env_float(env, "GRANTKEY_SEND_TIMEOUT", 30.0),
@@ -165,7 +186,6 @@ class Settings:
             "GRANTKEY_LOG_LEVEL": self.log_level,
             "GRANTKEY_SQL_TIMEOUT": str(self.sql_timeout),
             "GRANTKEY_SQL_MASTER_TIMEOUT": str(self.sql_master_timeout),
-            "GRANTKEY_SQL_MAX_CONNECTIONS": str(self.sql_max_connections),
             "GRANTKEY_SQL_POOL_WAIT": str(self.sql_pool_wait),
             "GRANTKEY_SQL_IDLE_SECONDS": str(self.sql_idle_seconds),
             "GRANTKEY_SEND_TIMEOUT": str(self.send_timeout),
@@ -176,8 +196,20 @@ class Settings:
             "GRANTKEY_MAX_HEADER_BYTES": str(self.max_header_bytes),
             "GRANTKEY_HEADER_TIMEOUT": str(self.header_timeout),
         }
+        if self.sql_max_connections is not None:
+            env["GRANTKEY_SQL_MAX_CONNECTIONS"] = str(self.sql_max_connections)
         if self.database_url:
             env["GRANTKEY_DATABASE_URL"] = self.database_url
         if self.secret:
             env["GRANTKEY_SECRET"] = self.secret
         return env
+
+
+DEFAULT_SQL_MAX_CONNECTIONS = 100  # in-process services (tests, CLI) not sized by `serve`
+ADMIN_RESERVE = 10  # PostgreSQL's reserved and grantkey's own start-up connections
+ADMIN_PER_WORKER = 20  # each process's admin pools, LISTEN and watch connections
+
+
+def sql_connections_per_worker(cluster_max: int, workers: int) -> int:
+    """What the cluster can hold for key roles, split across the workers."""
+    return max(1, (cluster_max - ADMIN_RESERVE - ADMIN_PER_WORKER * workers) // workers)

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from grantkey.cli.embedded import EmbeddedPostgres
+from grantkey.cli.embedded import EmbeddedPostgres, sizing
 from grantkey.errors import (
     BadInput,
     GrantkeyError,
@@ -68,7 +68,8 @@ def reach_cluster(settings: Settings, *, keep_running: bool = False) -> Iterator
     if settings.database_url:
         yield settings
         return
-    embedded = EmbeddedPostgres(settings.data_dir)
+    embedded = EmbeddedPostgres(
+        settings.data_dir, size=sizing(settings.pg_max_connections, settings.pg_shared_buffers))
     if not embedded.is_initialised():  # a mistyped --data-dir must not make a new cluster
         fail(f"{settings.data_dir} holds no grantkey data directory: check --data-dir (or "
              "GRANTKEY_DATA_DIR), or run `grantkey serve` once to create it there", 2)

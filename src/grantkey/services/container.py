@@ -14,7 +14,7 @@ from grantkey.services.revocation import KeyCache, Revoker
 from grantkey.services.runtime import load_secret
 from grantkey.services.sql import SqlService
 from grantkey.services.users import UserService
-from grantkey.settings import Settings
+from grantkey.settings import DEFAULT_SQL_MAX_CONNECTIONS, Settings
 
 
 class Services:
@@ -32,7 +32,8 @@ class Services:
             store_tokens=settings.store_tokens, max_keys_per_user=settings.max_keys_per_user,
         )
         self.resolver = KeyResolver(self.cluster, self.cache)
-        self.pools = RolePools(settings.sql_max_connections, settings.sql_pool_wait,
+        self.pools = RolePools(settings.sql_max_connections or DEFAULT_SQL_MAX_CONNECTIONS,
+                               settings.sql_pool_wait,
                                settings.sql_idle_seconds, key_share=settings.sql_key_share,
                                user_share=settings.sql_user_share)
         self.revoker.pools = self.pools

@@ -1,0 +1,65 @@
+"""The embedded cluster is sized from the machine (max_connections, shared_buffers), as
+settings; the key-role connection cap defaults to what the cluster can hold, split across
+the workers, and the server says so at start."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from grantkey.cli.embedded import EmbeddedPostgres, sizing
+from grantkey.errors import SetupError
+from grantkey.settings import Settings, sql_connections_per_worker
+from tests.support import ServerProcess
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize(("memory", "connections", "buffers"), [
+    (24 * GIB, "960", "3072MB"), (2 * GIB, "100", "256MB"), (512 * GIB, "2000", "8192MB"),
+    (512 * 2**20, "100", "128MB"),
+])
+def test_the_cluster_is_sized_from_the_machines_memory(
+    memory: int, connections: str, buffers: str,
+) -> None:
+    assert sizing(memory=memory) == {"max_connections": connections, "shared_buffers": buffers}
+    assert sizing(300, "1GB", memory=memory) == {"max_connections": "300",
+                                                 "shared_buffers": "1GB"}
+
+
+def test_the_key_role_cap_is_what_the_cluster_holds_split_across_workers() -> None:
+    assert sql_connections_per_worker(960, 1) == 930
+    assert sql_connections_per_worker(960, 2) == 455
+    assert sql_connections_per_worker(150, 2) == 50
+    assert sql_connections_per_worker(20, 4) == 1
+
+
+@pytest.mark.parametrize(("name", "value"), [("GRANTKEY_PG_MAX_CONNECTIONS", "5"),
+                                             ("GRANTKEY_PG_SHARED_BUFFERS", "lots"),
+                                             ("GRANTKEY_PG_SHARED_BUFFERS", "-1")])
+def test_bad_sizes_stop_the_start(name: str, value: str) -> None:
+    with pytest.raises(SetupError, match=name):
+        Settings.from_env({name: value})
+
+
+def test_serve_applies_the_sizes_and_splits_the_cap_across_workers(tmp_path: Path) -> None:
+    if os.environ.get("GRANTKEY_TEST_DATABASE_URL"):
+        pytest.skip("sizes grantkey's own embedded PostgreSQL")
+    home = tmp_path / "sized"
+    env = {k: "" for k in os.environ if k.startswith("GRANTKEY_")}
+    env.update(GRANTKEY_PG_MAX_CONNECTIONS="150", GRANTKEY_PG_SHARED_BUFFERS="256MB")
+    server = ServerProcess(["--data-dir", str(home), "--workers", "2"], tmp_path / "sized.log",
+                           env)
+    try:
+        server.wait_healthy(timeout=90)
+        with psycopg.connect(EmbeddedPostgres(home).admin_url) as conn:
+            shown = [conn.execute(f"SHOW {name}").fetchone()
+                     for name in ("max_connections", "shared_buffers")]
+        assert shown == [("150",), ("256MB",)]
+    finally:
+        server.stop()
+    assert ("PostgreSQL max_connections 150: up to 50 key-role connections per worker "
+            "(2 worker(s))") in server.log_path.read_text()
