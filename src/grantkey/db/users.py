@@ -46,7 +46,7 @@ def user_from_row(row: dict[str, Any]) -> User:
     return User(
         id=row["id"], username=row["username"], database=row["database"],
         owner_role=row["owner_role"], public_role=row["public_role"],
-        created_at=row["created_at"],
+        created_at=row["created_at"], storage_quota=row.get("storage_quota") or "-1",
     )
 
 

@@ -28,6 +28,7 @@ class User:
     owner_role: str
     public_role: str
     created_at: datetime
+    storage_quota: str = "-1"  # what its database holds (GRANTKEY_STORAGE_QUOTA); -1: none
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from grantkey.db import storage_quota
 from grantkey.db.cluster import Cluster
 from grantkey.db.role_pools import RoleConnection, RolePools, RoleTarget
 from grantkey.db.sql_errors import connection_lost, translate
@@ -32,6 +33,7 @@ class RunningQuery:
     type_names: dict[int, str]
     started: float
     released: bool = False
+    quota_database: str | None = None  # a user with a storage quota: sweep afterwards
 
     @property
     def columns(self) -> list[Column]:
@@ -74,6 +76,8 @@ class SqlService:
         # deriving the password and building the conninfo cost more than the query itself
         self._targets: Lru[tuple[str, str, str], RoleTarget] = Lru(target_cache_size)
         self.repair: RoleRepair | None = None
+        self._sweeping: set[str] = set()
+        self._sweeps: set[asyncio.Task[None]] = set()
 
     def target_for(self, principal: Principal) -> RoleTarget:
         role, database = principal.key.role, principal.user.database
@@ -120,6 +124,8 @@ class SqlService:
             raise
         names = await self._names(principal.user.database, execution.columns, conn)
         running = RunningQuery(execution, target, conn, names, started)
+        if principal.user.storage_quota != "-1":
+            running.quota_database = principal.user.database
         execution.on_stopped = partial(self.finish, running)
         return running
 
@@ -144,12 +150,30 @@ class SqlService:
         if running.released:
             return
         running.released = True
+        if running.quota_database is not None:
+            self._sweep_soon(running.quota_database)
         execution = running.execution
         if execution.finished and not execution.timed_out:
             execution.stop_timers()
             if self.pools.release_at_once(running.target, running.conn):
                 return  # the usual case: no task needed to protect it from cancellation
         await _shielded(self._release(running.execution, running.target, running.conn))
+
+    def _sweep_soon(self, database: str) -> None:
+        """After a request of a user with a storage quota: tables made where no event
+        trigger fires get the quota's trigger (one sweep per database at a time)."""
+        if database in self._sweeping:
+            return
+        self._sweeping.add(database)
+        task = asyncio.get_running_loop().create_task(self._sweep(database))
+        self._sweeps.add(task)
+        task.add_done_callback(self._sweeps.discard)
+
+    async def _sweep(self, database: str) -> None:
+        try:
+            await storage_quota.sweep(self.cluster, database)
+        finally:
+            self._sweeping.discard(database)
 
     async def _release(self, execution: Execution, target: RoleTarget,
                        conn: RoleConnection) -> None:
