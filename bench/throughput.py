@@ -1,6 +1,6 @@
 """SQL API throughput and p99 latency against the floor, side by side in one run (issue 5, 1-2).
 
-Run: python bench/throughput.py [--duration 15] [--runs 3] [--keys 1000]
+Run: python bench/throughput.py [--duration 15] [--runs 3] [--keys 1000] [--zipf 1.1]
 Needs wrk (Debian: apt-get install wrk). Both servers run with --workers 2 on 127.0.0.1;
 wrk uses 2 threads and 64 connections.
 
@@ -36,7 +36,6 @@ from grantkey.domain.secrets_box import SecretBox
 HERE = Path(__file__).parent
 QUERIES = {"SELECT 1": "SELECT 1 AS x", "10 rows": "SELECT id FROM ten"}
 WORKERS = 2
-DEFAULT_CAP = 40  # key-role connections per worker
 
 
 def wrk(url: str, duration: int, script: str | None = None) -> dict[str, float]:
@@ -132,12 +131,21 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=15)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--keys", type=int, default=1000)
-    parser.add_argument("--cap", type=int, default=DEFAULT_CAP,
-                        help="GRANTKEY_SQL_MAX_CONNECTIONS of each worker (results of another "
-                             "cap than 40 go to throughput-cap<N>-<date>.md)")
+    parser.add_argument("--cap", type=int, default=None,
+                        help="GRANTKEY_SQL_MAX_CONNECTIONS of each worker (default: sized by "
+                             "serve from the cluster; results with a cap go to "
+                             "throughput-cap<N>-<date>.md)")
+    parser.add_argument("--zipf", type=float, default=1.1,
+                        help="popularity exponent of the Zipf configurations")
+    parser.add_argument("--settle", type=int, default=8,
+                        help="seconds idle before the fresh run of the order check (the "
+                             "bench server reaps idle connections after 5 s)")
     args = parser.parse_args()
-    env = {"GRANTKEY_SQL_MAX_CONNECTIONS": str(args.cap)}
+    env = {"GRANTKEY_SQL_IDLE_SECONDS": "5"}
+    if args.cap is not None:
+        env["GRANTKEY_SQL_MAX_CONNECTIONS"] = str(args.cap)
     rows: list[tuple[str, str, dict[str, float]]] = []
+    orders: list[str] = []
     with BenchServer(workers=WORKERS, env=env) as server:
         ready = setup(server, args.keys)
         floor, floor_url = start_floor(str(ready["floor"]))
@@ -152,6 +160,7 @@ def main() -> None:
                 many = lua(f"tokens = {{{listing}}}\ni = 0\nrequest = function()\n"
                            f"  i = i + 1\n  return wrk.format('GET', '{urlpath(sql)}&api_key=' "
                            f".. tokens[(i % #tokens) + 1])\nend\n")
+                popular = zipf_script(tokens, urlpath(sql), args.zipf)
                 configs = [
                     ("floor", f"{floor_url}?q={quote(q)}", None),
                     ("floor without prepared statements (context)",
@@ -160,15 +169,60 @@ def main() -> None:
                     ("regular key, query string", f"{sql}&api_key={token}", None),
                     ("no key (default public)", sql, None),
                     (f"{len(tokens)} keys round-robin", sql, many),
+                    (f"{len(tokens)} keys Zipf {args.zipf:g}", sql, popular),
                 ]
                 rows.extend(rounds(label, configs, args, str(ready["admin"])))
+                orders.append(order_check(label, sql, many, popular, args,
+                                          str(ready["admin"])))
         finally:
             floor.terminate()
             floor.wait(30)
-    report(rows, args)
+    report(rows, orders, args)
 
 
 Config = tuple[str, str, str | None]
+
+
+def zipf_script(tokens: list[str], path: str, exponent: float) -> str:
+    """wrk picks each request's key with Zipf popularity (key k with weight 1/k^s)."""
+    weights = [1 / (rank ** exponent) for rank in range(1, len(tokens) + 1)]
+    total, running, cdf = sum(weights), 0.0, []
+    for weight in weights:
+        running += weight / total
+        cdf.append(f"{running:.9f}")
+    listing = ", ".join(f'"{t}"' for t in tokens)
+    return lua(f"tokens = {{{listing}}}\ncdf = {{{', '.join(cdf)}}}\n"
+               "math.randomseed(os.time())\n"
+               "request = function()\n  local r, lo, hi = math.random(), 1, #cdf\n"
+               "  while lo < hi do local mid = math.floor((lo + hi) / 2)\n"
+               "    if cdf[mid] < r then lo = mid + 1 else hi = mid end end\n"
+               f"  return wrk.format('GET', '{path}&api_key=' .. tokens[lo])\nend\n")
+
+
+def logins(admin_url: str) -> int:
+    """Sessions PostgreSQL has started in every database since its start (PostgreSQL 14+)."""
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        (count,) = conn.execute("SELECT sum(sessions) FROM pg_stat_database").fetchone()
+    return int(count or 0)
+
+
+def order_check(label: str, sql: str, round_robin: str, popular: str,
+                args: argparse.Namespace, admin_url: str) -> str:
+    """Round-robin on a fresh pool, then Zipf, then round-robin again on the same server:
+    the pool must not collapse whatever the order (issue 11: within 10%)."""
+    results = []
+    for name, script in (("fresh", round_robin), ("zipf", popular), ("after", round_robin)):
+        if name == "fresh":
+            time.sleep(args.settle)  # idle connections reaped: an empty pool
+        before = logins(admin_url)
+        result = wrk(sql, args.duration, script)
+        result["logins_per_s"] = (logins(admin_url) - before) / args.duration
+        results.append(result)
+        print(label, "order", name, result, flush=True)
+    fresh, _, after = results
+    return (f"| {label} | {fresh['rps']:,.0f} | {fresh['logins_per_s']:,.0f} | "
+            f"{results[1]['rps']:,.0f} | {after['rps']:,.0f} | {after['logins_per_s']:,.0f} | "
+            f"{after['rps'] / fresh['rps']:.2f} |")
 
 
 def rounds(label: str, configs: list[Config], args: argparse.Namespace,
@@ -185,7 +239,10 @@ def rounds(label: str, configs: list[Config], args: argparse.Namespace,
                                        args=(admin_url, stop, sessions[name]))
             sampler.start()
             before = stolen_seconds()
-            runs[name].append(wrk(url, args.duration, script))
+            started_logins = logins(admin_url)
+            result = wrk(url, args.duration, script)
+            result["logins_per_s"] = (logins(admin_url) - started_logins) / args.duration
+            runs[name].append(result)
             stolen[name] += stolen_seconds() - before
             stop.set()
             sampler.join()
@@ -201,21 +258,29 @@ def urlpath(url: str) -> str:
     return "/" + url.split("/", 3)[3]
 
 
-def report(rows: list[tuple[str, str, dict[str, float]]], args: argparse.Namespace) -> None:
+def report(rows: list[tuple[str, str, dict[str, float]]], orders: list[str],
+           args: argparse.Namespace) -> None:
     lines = ["# SQL API throughput against the floor", "",
              *(f"- {k}: {v}" for k, v in machine().items()),
              f"- wrk -t2 -c64 -d{args.duration}s, {args.runs} rounds; req/s and p99 are medians "
              "of the rounds, the ratios medians of each round's ratio to that round's floor; "
-             f"both servers --workers {WORKERS}; key-role connection cap {WORKERS} x "
-             f"{args.cap}; steal = CPU time the host took during the runs", "",
+             f"both servers --workers {WORKERS}; key-role connection cap per worker "
+             f"{'sized by serve' if args.cap is None else args.cap}; logins/s = sessions "
+             "PostgreSQL started per second; steal = CPU time the host took during the runs", "",
              "| query | client | req/s | ratio to floor | p99 ms | p99 / floor | non-2xx | "
-             "max key-role sessions | steal |", "|---|---|---|---|---|---|---|---|---|"]
+             "max key-role sessions | logins/s | steal |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for label, name, r in rows:
         sessions = "—" if name.startswith("floor") else f"{r['max_sessions']:.0f}"
         lines.append(f"| {label} | {name} | {r['rps']:,.0f} | {r['rps_ratio']:.2f} | "
                      f"{r['p99_ms']:.2f} | {r['p99_ratio']:.2f} | "
-                     f"{r['non2xx']:.0f} | {sessions} | {r['steal_pct']:.0f}% |")
-    write_result("throughput" if args.cap == DEFAULT_CAP else f"throughput-cap{args.cap}", lines)
+                     f"{r['non2xx']:.0f} | {sessions} | {r['logins_per_s']:,.0f} | "
+                     f"{r['steal_pct']:.0f}% |")
+    lines += ["", "Order check, same server: round-robin on an empty pool, then Zipf, then "
+              "round-robin again (req/s; the last column: after / fresh).", "",
+              "| query | round-robin fresh | logins/s | Zipf | round-robin after Zipf | "
+              "logins/s | after / fresh |", "|---|---|---|---|---|---|---|", *orders]
+    write_result("throughput" if args.cap is None else f"throughput-cap{args.cap}", lines)
 
 
 if __name__ == "__main__":
