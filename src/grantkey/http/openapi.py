@@ -258,9 +258,19 @@ OPERATIONS: list[tuple[str, str, dict[str, Any]]] = [
                       "413": _auth_error("Request body too large."), **COMMON_AUTH}}),
 ]
 GLOBAL_OPERATIONS: list[tuple[str, str, dict[str, Any]]] = [
-    ("/health", "get", {"summary": "Liveness: 200 once PostgreSQL answers.",
+    ("/health", "get", {"summary": "Readiness (as /health/ready): 200 once PostgreSQL answers.",
                         "responses": {"200": _json(_ref("Health"), "Healthy."),
                                       "503": _json(_ref("Health"), "PostgreSQL unreachable.")}}),
+    ("/health/ready", "get", {
+        "summary": "Readiness: 200 when PostgreSQL answers, else 503 with Retry-After.",
+        "responses": {"200": _json(_ref("Health"), "Ready."),
+                      "503": _json(_ref("Health"), "PostgreSQL unreachable.")}}),
+    ("/health/live", "get", {
+        "summary": "Liveness: 200 whenever the process answers, whatever PostgreSQL does.",
+        "responses": {"200": _json({"type": "object", "required": ["status", "version"],
+                                    "properties": {"status": {"const": "live"},
+                                                   "version": {"type": "string"}}},
+                                   "Alive.")}}),
     ("/openapi.json", "get", {"summary": "This document.",
                               "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1.")}}),
 ]
