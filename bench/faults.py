@@ -107,9 +107,9 @@ def children(pid: int) -> list[int]:
 
 
 def workers(server: BenchServer) -> list[int]:
-    """uvicorn's worker processes (children of serve that run Python)."""
+    """uvicorn's worker processes (spawned children of serve; not the resource tracker)."""
     return [p for p in children(server.process.pid)
-            if "python" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+            if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
 
 
 def postmaster(server: BenchServer) -> int:

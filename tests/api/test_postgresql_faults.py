@@ -20,7 +20,7 @@ import pytest
 
 from grantkey.cli.embedded import EmbeddedPostgres
 from tests.conftest import Account
-from tests.support import ServerProcess, apis_only
+from tests.support import TEST_SECRET, ServerProcess, apis_only
 
 
 def test_sessions_postgresql_closed_are_replaced_not_answered_400(
@@ -108,3 +108,41 @@ def test_a_killed_embedded_postgresql_is_restarted_and_every_api_comes_back(
     assert max((took for *_, took in outage), default=0) < 1.0, outage
     assert max(back_at.values()) - accepting_at < 2.5, (back_at, accepting_at)
     assert "restarting it" in server.log_path.read_text()
+
+
+def test_a_killed_worker_costs_at_most_its_requests_in_flight_and_comes_back(
+    tmp_path: Path, admin_url: str, account: Account,
+) -> None:
+    """kill -9 of one of two workers: the other keeps serving, uvicorn starts a new one."""
+    env = {"GRANTKEY_SECRET": TEST_SECRET}
+    server = ServerProcess(["--database-url", admin_url, "--data-dir", str(tmp_path),
+                            "--workers", "2"], tmp_path / "workers.log", env)
+    try:
+        server.wait_healthy()
+        sql = f"{server.url}/user/{account.username}/api/v2/sql"
+        params = {"q": "SELECT 1 AS a", "api_key": account.master_token}
+
+        def workers() -> list[int]:
+            found = subprocess.run(["pgrep", "-P", str(server.process.pid)],
+                                   capture_output=True, text=True).stdout.split()
+            return [int(p) for p in found  # uvicorn's workers (not the resource tracker)
+                    if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+        before = workers()
+        assert len(before) >= 2, before
+        os.kill(before[0], signal.SIGKILL)
+        statuses = []
+        with httpx.Client(timeout=10) as http:
+            for _ in range(50):
+                try:
+                    statuses.append(http.get(sql, params=params).status_code)
+                except httpx.HTTPError:
+                    statuses.append(0)
+        assert statuses.count(200) >= 45, statuses
+        for _ in range(100):
+            if len([p for p in workers() if p not in before]) >= 1:
+                break
+            time.sleep(0.1)
+        assert [p for p in workers() if p not in before], "no new worker was started"
+    finally:
+        server.stop()
