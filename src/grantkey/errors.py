@@ -69,6 +69,17 @@ class DatabaseUnavailable(GrantkeyError):
     """PostgreSQL could not be reached or answered with a server-side fault."""
 
 
+class QueryInterrupted(DatabaseUnavailable):
+    """The database session ended under a query, which may or may not have run: its
+    message is safe to show (it names no server detail)."""
+
+    MESSAGE = ("The database session ended during the query; it may or may not have run. "
+               "Check before running it again.")
+
+    def __init__(self) -> None:
+        super().__init__(self.MESSAGE)
+
+
 class SetupError(GrantkeyError):
     """The server cannot start: bad settings, unusable data directory, no PostgreSQL."""
 

@@ -132,6 +132,7 @@ class Settings:
     storage_quota: str = "-1"  # per user database; -1: none
     max_header_bytes: int = 65_536
     header_timeout: float = 10.0
+    body_timeout: float = 30.0
     # only for the processes that need it (serve's start, the CLI); never given to workers
     superuser_url: str | None = field(default=None, repr=False)
 
@@ -166,6 +167,7 @@ class Settings:
             storage_quota=_env_quota(env, "GRANTKEY_STORAGE_QUOTA"),
             max_header_bytes=_env_int(env, "GRANTKEY_MAX_HEADER_BYTES", 65_536, minimum=1024),
             header_timeout=_env_float(env, "GRANTKEY_HEADER_TIMEOUT", 10.0),
+            body_timeout=_env_float(env, "GRANTKEY_BODY_TIMEOUT", 30.0),
             superuser_url=env.get("GRANTKEY_SUPERUSER_URL") or None,
         )
         given = {name: value for name, value in overrides.items() if value is not None}
@@ -195,6 +197,7 @@ class Settings:
             "GRANTKEY_STORAGE_QUOTA": self.storage_quota,
             "GRANTKEY_MAX_HEADER_BYTES": str(self.max_header_bytes),
             "GRANTKEY_HEADER_TIMEOUT": str(self.header_timeout),
+            "GRANTKEY_BODY_TIMEOUT": str(self.body_timeout),
         }
         if self.sql_max_connections is not None:
             env["GRANTKEY_SQL_MAX_CONNECTIONS"] = str(self.sql_max_connections)
@@ -207,7 +210,9 @@ class Settings:
 
 DEFAULT_SQL_MAX_CONNECTIONS = 100  # in-process services (tests, CLI) not sized by `serve`
 ADMIN_RESERVE = 10  # PostgreSQL's reserved and grantkey's own start-up connections
-ADMIN_PER_WORKER = 20  # each process's admin pools, LISTEN and watch connections
+# each process's admin connections at most: the metadata pool (8), 32 user-database pools
+# of 4, the LISTEN, watch and revocation-cleanup connections
+ADMIN_PER_WORKER = 8 + 32 * 4 + 4
 
 
 def sql_connections_per_worker(cluster_max: int, workers: int) -> int:

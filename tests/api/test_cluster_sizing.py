@@ -31,9 +31,10 @@ def test_the_cluster_is_sized_from_the_machines_memory(
 
 
 def test_the_key_role_cap_is_what_the_cluster_holds_split_across_workers() -> None:
-    assert sql_connections_per_worker(960, 1) == 930
-    assert sql_connections_per_worker(960, 2) == 455
-    assert sql_connections_per_worker(150, 2) == 50
+    """What is left once every worker's admin connections (140 at most) are counted."""
+    assert sql_connections_per_worker(960, 1) == 810
+    assert sql_connections_per_worker(960, 2) == 335
+    assert sql_connections_per_worker(400, 2) == 55
     assert sql_connections_per_worker(20, 4) == 1
 
 
@@ -50,7 +51,7 @@ def test_serve_applies_the_sizes_and_splits_the_cap_across_workers(tmp_path: Pat
         pytest.skip("sizes grantkey's own embedded PostgreSQL")
     home = tmp_path / "sized"
     env = {k: "" for k in os.environ if k.startswith("GRANTKEY_")}
-    env.update(GRANTKEY_PG_MAX_CONNECTIONS="150", GRANTKEY_PG_SHARED_BUFFERS="256MB")
+    env.update(GRANTKEY_PG_MAX_CONNECTIONS="400", GRANTKEY_PG_SHARED_BUFFERS="256MB")
     server = ServerProcess(["--data-dir", str(home), "--workers", "2"], tmp_path / "sized.log",
                            env)
     try:
@@ -58,8 +59,8 @@ def test_serve_applies_the_sizes_and_splits_the_cap_across_workers(tmp_path: Pat
         with psycopg.connect(EmbeddedPostgres(home).admin_url) as conn:
             shown = [conn.execute(f"SHOW {name}").fetchone()
                      for name in ("max_connections", "shared_buffers")]
-        assert shown == [("150",), ("256MB",)]
+        assert shown == [("400",), ("256MB",)]
     finally:
         server.stop()
-    assert ("PostgreSQL max_connections 150: up to 50 key-role connections per worker "
+    assert ("PostgreSQL max_connections 400: up to 55 key-role connections per worker "
             "(2 worker(s))") in server.log_path.read_text()

@@ -36,9 +36,33 @@ def test_sessions_postgresql_closed_are_replaced_not_answered_400(
             conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                          "WHERE datname = %s AND usename <> current_user",
                          [account.user.database])
+        time.sleep(0.2)  # their farewell has arrived: a query sent now cannot run there
         for key in (account.master_token, token, None):
             response = account.sql(http, "SELECT 1 AS a", key)
             assert response.status_code == 200, response.text
+
+
+def test_a_session_ended_under_a_query_answers_503_never_400(
+    http: httpx.Client, account: Account, admin_url: str,
+) -> None:
+    """A query PostgreSQL may have run before its session ended is not retried: 503 saying
+    so (a server-side fault, not the client's)."""
+    import threading
+
+    def end_it() -> None:
+        time.sleep(0.5)
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         "WHERE datname = %s AND query LIKE 'SELECT pg_sleep(3)%%'",
+                         [account.user.database])
+
+    ender = threading.Thread(target=end_it)
+    ender.start()
+    response = account.sql(http, "SELECT pg_sleep(3) AS s", account.master_token)
+    ender.join()
+    assert response.status_code == 503, response.text
+    assert "may or may not have run" in response.text
+    assert response.headers["retry-after"] == "1"
 
 
 @pytest.fixture

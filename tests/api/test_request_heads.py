@@ -20,11 +20,11 @@ from tests.support import TEST_SECRET, ServerProcess
 
 @pytest.fixture(scope="module")
 def strict(data_dir: Path, admin_url: str) -> Iterator[ServerProcess]:
-    """A server with a 1 s head deadline and 4 KiB of header fields."""
+    """A server with a 1 s head deadline, a 2 s body deadline and 4 KiB of header fields."""
     server = ServerProcess(["--database-url", admin_url, "--data-dir", str(data_dir)],
                            data_dir / "heads.log",
                            {"GRANTKEY_SECRET": TEST_SECRET, "GRANTKEY_HEADER_TIMEOUT": "1",
-                            "GRANTKEY_MAX_HEADER_BYTES": "4096"})
+                            "GRANTKEY_MAX_HEADER_BYTES": "4096", "GRANTKEY_BODY_TIMEOUT": "2"})
     try:
         server.wait_healthy()
         yield server
@@ -119,3 +119,40 @@ def test_keep_alive_requests_each_get_their_own_head_deadline(strict: ServerProc
         for _ in range(3):
             assert client.get(f"{strict.url}/health").status_code == 200
             time.sleep(0.6)  # idle below the 1 s deadline and uvicorn's keep-alive
+
+
+def test_a_body_that_never_arrives_is_cut_with_408(
+    strict: ServerProcess, account: Account,
+) -> None:
+    """GRANTKEY_BODY_TIMEOUT (2 s here): a POST whose body never comes."""
+    with connect(strict) as sock:
+        sock.sendall(f"POST /user/{account.username}/api/v2/sql HTTP/1.1\r\nHost: x\r\n"
+                     "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{".encode())
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"body did not arrive in time" in answer
+
+
+def test_a_stray_line_break_on_a_kept_alive_connection_does_not_hold_it_open(
+    strict: ServerProcess,
+) -> None:
+    with connect(strict) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200")
+        sock.sendall(b"\r\n")  # cancels uvicorn's keep-alive timer, starts no request
+        sock.settimeout(10)
+        rest = read_all(sock)  # returns once the server closes the connection
+    assert rest == b"" or rest.startswith(b"HTTP/1.1 408"), rest[:200]
+
+
+def test_a_pipelined_head_does_not_cut_the_answer_before_it(
+    strict: ServerProcess, account: Account,
+) -> None:
+    path = f"/user/{account.username}/api/v2/sql?api_key={account.master_token}&q="
+    with connect(strict) as sock:
+        sock.sendall(f"GET {path}{quote('SELECT pg_sleep(1.5) AS s')} HTTP/1.1\r\nHost: x\r\n"
+                     "\r\nGET /health HTTP/1.1\r\nHost".encode())  # the next head, half sent
+        sock.settimeout(10)
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]

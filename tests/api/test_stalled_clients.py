@@ -86,3 +86,20 @@ def test_a_client_that_reads_nothing_is_dropped_after_the_send_timeout(
         written = log.read().decode(errors="replace")
     assert "Traceback" not in written and "ASGI callable" not in written, written
     assert httpx.get(f"{one_slot.url}/health").status_code == 200
+
+
+def test_an_answer_cut_by_the_time_limit_never_looks_complete(
+    one_slot: ServerProcess, account: Account,
+) -> None:
+    """The first rows went out with a 200; the time limit stops the rest: the connection is
+    dropped without the final chunk, so the client sees a broken answer, not a short one."""
+    query = ("SELECT g, CASE WHEN g > 3000 THEN pg_sleep(10) END AS s "
+             "FROM generate_series(1, 5000) AS g")
+    address = urlsplit(one_slot.url)
+    with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
+        sock.sendall((f"GET /user/{account.username}/api/v2/sql?format=csv&q={quote(query)}"
+                      f"&api_key={account.master_token} HTTP/1.1\r\nHost: x\r\n\r\n").encode())
+        received = drain(sock)
+    assert received.startswith(b"HTTP/1.1 200"), received[:200]
+    assert b"\r\n1999," in received  # the first batch arrived
+    assert not received.endswith(b"0\r\n\r\n"), "the cut answer was closed like a whole one"

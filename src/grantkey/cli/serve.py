@@ -111,8 +111,10 @@ class Supervisor(threading.Thread):
                 continue
             click.echo("the embedded PostgreSQL stopped unexpectedly: restarting it", err=True)
             try:
+                if not self.embedded.is_initialised():  # never a new, empty cluster
+                    raise SetupError(f"{self.embedded.pgdata} holds no cluster any more")
                 self.embedded.start()
-            except GrantkeyError as error:
+            except Exception as error:  # the supervisor must not die: retry later
                 first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
                 click.echo(f"PostgreSQL did not restart ({first_line}); next try in "
                            f"{backoff:g} s", err=True)
@@ -177,6 +179,9 @@ def serve(host: str, port: int, workers: int, data_dir: Path, database_url: str 
             "grantkey.http.app:create_app", factory=True, host=host, port=port,
             workers=workers, access_log=False, log_level=settings.log_level,
             server_header=False, http="grantkey.http.protocol:BoundedHttpProtocol",
+            # a client that holds a connection open cannot hold up the shutdown for long
+            timeout_graceful_shutdown=int(max(settings.sql_timeout,
+                                              settings.sql_master_timeout)) + 5,
         )
     except _Stop:
         click.echo("grantkey stopped", err=True)

@@ -136,9 +136,16 @@ class RolePools:
                 )
             handed = await self._wait(target, remaining)  # held for us when handed
             if handed is not None:
-                if await self._fit(handed):
+                try:
+                    fit = await self._fit(handed)
+                except BaseException:  # cancelled: _fit closes the connection
+                    self._unhold(target)
+                    raise
+                if fit:
                     return handed
                 self._unhold(target)
+            elif not self._within_share(target):
+                self._wake_first()  # woken but over its share now: pass the wake on
 
     def _someone_may_go(self) -> bool:
         return any(self._within_share(w.target) for w in self._waiters
@@ -237,6 +244,9 @@ class RolePools:
                 await send_reset(conn)
             except psycopg.Error:
                 reusable = False
+            except BaseException:  # cancelled halfway: the slot must not leak
+                self._close_later(conn)
+                raise
         if not reusable or conn.closed:
             await self._close(conn)
             return
@@ -297,14 +307,18 @@ class RolePools:
         try:
             fit = await finish_reset(conn)
         except BaseException:  # cancelled meanwhile: the connection must not leak
-            closing = asyncio.ensure_future(self._close(conn))
-            self._closing.add(closing)
-            closing.add_done_callback(self._closing.discard)
+            self._close_later(conn)
             raise
         fit = fit and still_connected(conn)
         if not fit:
             await self._close(conn)
         return fit
+
+    def _close_later(self, conn: RoleConnection) -> None:
+        """Close in a task of its own (the caller is being cancelled); the slot goes back."""
+        closing = asyncio.ensure_future(self._close(conn))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
 
     def _pop_least_recently_used(self) -> RoleConnection | None:
         """Take one idle connection to close, keeping its slot: a spare one of the least

@@ -19,6 +19,7 @@ from grantkey.errors import (
     KeyNotFound,
     NotFound,
     PoolExhausted,
+    QueryInterrupted,
     SqlError,
     Unauthorized,
     UserNotFound,
@@ -74,6 +75,8 @@ def _status_and_message(error: GrantkeyError) -> tuple[int, str]:
         return 401, "Unauthorized"
     if isinstance(error, Forbidden):
         return 403, str(error) or "forbidden"
+    if isinstance(error, QueryInterrupted):
+        return 503, QueryInterrupted.MESSAGE
     if isinstance(error, DatabaseUnavailable):
         return 503, "The database is unavailable; try again shortly."
     return 500, "Internal error"

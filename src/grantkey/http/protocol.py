@@ -1,5 +1,5 @@
-"""uvicorn's httptools protocol with bounds on a request's head: its size and the time it
-takes to arrive (neither is bounded by uvicorn with httptools).
+"""uvicorn's httptools protocol with bounds on a request's size and on the time its parts
+take to arrive (uvicorn with httptools bounds neither).
 
 - The URL may hold at most 65,000 bytes (414; httptools itself refuses 64 KiB with a bare
   400), the header fields at most GRANTKEY_MAX_HEADER_BYTES (431); either way the
@@ -7,11 +7,13 @@ takes to arrive (neither is bounded by uvicorn with httptools).
 - From a connection's first byte (or the end of the previous answer) the whole head must
   arrive within GRANTKEY_HEADER_TIMEOUT seconds, else 408 and the connection is closed (a
   slow-loris client cannot hold a connection by trickling bytes).
+- The body must arrive within GRANTKEY_BODY_TIMEOUT seconds of the head's end, else 408
+  (or, if the answer already began, the connection is dropped). Its size is the handlers'
+  business (GRANTKEY_MAX_BODY_BYTES).
 
-Body size and time are the handlers' business (GRANTKEY_MAX_BODY_BYTES, the SQL time
-limit). Each request's scope carries an extension, "grantkey.abort", whose `abort()` drops
-the connection at once: the SQL API's streamed answers use it when a client stops reading
-(GRANTKEY_SEND_TIMEOUT).
+Each request's scope carries an extension, "grantkey.abort", whose `abort()` drops the
+connection at once: the SQL API's streamed answers use it when a client stops reading
+(GRANTKEY_SEND_TIMEOUT) and when an answer is cut short (so that it never looks complete).
 """
 
 from __future__ import annotations
@@ -35,10 +37,12 @@ class HeadTooLarge(Exception):
 
 
 @functools.cache
-def _limits() -> tuple[int, int, float]:
-    """(URL bytes, header bytes, seconds), from the worker's GRANTKEY_* environment."""
+def _limits() -> tuple[int, int, float, float]:
+    """(URL bytes, header bytes, head seconds, body seconds), from the worker's GRANTKEY_*
+    environment."""
     settings = Settings.from_env()
-    return url_limit(settings), settings.max_header_bytes, settings.header_timeout
+    return (url_limit(settings), settings.max_header_bytes, settings.header_timeout,
+            settings.body_timeout)
 
 
 def url_limit(settings: Settings) -> int:
@@ -51,6 +55,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     """See the module docstring. Used by `grantkey serve` for every worker."""
 
     _head_timer: asyncio.TimerHandle | None = None
+    _body_timer: asyncio.TimerHandle | None = None
     _url_bytes = 0
     _header_bytes = 0
     _in_head = False
@@ -61,6 +66,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_timer()
+        self._disarm_body_timer()
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
@@ -69,7 +75,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self.scope["extensions"] = {ABORT_EXTENSION: {"abort": self._abort}}
         self._url_bytes = self._header_bytes = 0
         self._in_head = True
-        if self._head_timer is None:
+        answering = self.cycle is not None and not self.cycle.response_complete
+        if self._head_timer is None and not answering:  # pipelined: armed at the answer's end
             self._arm_head_timer()
 
     def on_url(self, url: bytes) -> None:
@@ -89,11 +96,32 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._in_head = False
         self._disarm_head_timer()
         super().on_headers_complete()
+        # the body (if any) has its own deadline; on_message_complete disarms it
+        self._body_timer = self.loop.call_later(_limits()[3], self._body_too_slow)
+
+    def on_message_complete(self) -> None:
+        self._disarm_body_timer()
+        super().on_message_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        self._url_bytes = 0  # bytes before the next head (a stray CRLF) do not count as one
         if not self.transport.is_closing():  # the next request's head has its own deadline
             self._arm_head_timer()
+
+    def _disarm_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_too_slow(self) -> None:
+        self._body_timer = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and self.cycle.response_started:
+            self._abort()  # the answer began before the body ended: nothing better to send
+        else:
+            self._answer_and_close(408, "The request body did not arrive in time")
 
     def send_400_response(self, msg: str) -> None:
         if not self.transport.is_closing():  # not after our own 431

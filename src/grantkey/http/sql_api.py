@@ -130,14 +130,21 @@ async def _chunks(running: RunningQuery, options: SqlParams) -> AsyncIterator[by
         yield b");"
 
 
+class AnswerCutShort(Exception):
+    """An error after the first bytes of a streamed answer (the time limit, a lost
+    session): the status line is gone, so the connection is dropped without the final
+    chunk, and the client sees an incomplete answer, never a complete-looking one."""
+
+
 async def _body(running: RunningQuery, options: SqlParams,
                 finish: Finisher) -> AsyncIterator[bytes]:
     """The answer, streamed. An error after the first bytes can only cut it short."""
     try:
         async for chunk in _chunks(running, options):
             yield chunk
-    except Exception as error:  # the status line is gone; end the body early
+    except Exception as error:
         log.warning("SQL answer cut short: %s", type(error).__name__)
+        raise AnswerCutShort from None
     finally:
         await finish(running)
 
@@ -170,6 +177,10 @@ class QueryResponse(StreamingResponse):
 
         try:
             await super().__call__(scope, receive, send_or_give_up)
+        except AnswerCutShort:
+            if abort is None:
+                raise
+            abort()  # no final chunk: the answer cannot look complete
         finally:
             await self.finish(self.running)
 

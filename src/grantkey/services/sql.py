@@ -17,7 +17,7 @@ from grantkey.db.sql_errors import connection_lost, translate
 from grantkey.db.sql_exec import Column, Execution
 from grantkey.domain.keys import Principal
 from grantkey.domain.secrets_box import SecretBox
-from grantkey.errors import DatabaseUnavailable, LoginRefused, Unauthorized
+from grantkey.errors import DatabaseUnavailable, LoginRefused, QueryInterrupted, Unauthorized
 from grantkey.services.lru import Lru
 from grantkey.services.repair import RoleRepair
 from grantkey.services.resolver import KeyResolver
@@ -72,7 +72,7 @@ class SqlService:
         self.box = box
         self.time_limit = time_limit
         self.master_time_limit = master_time_limit
-        self._type_names: dict[tuple[str, int], str] = {}
+        self._type_names: Lru[tuple[str, int], str] = Lru(target_cache_size)
         # deriving the password and building the conninfo cost more than the query itself
         self._targets: Lru[tuple[str, str, str], RoleTarget] = Lru(target_cache_size)
         self.repair: RoleRepair | None = None
@@ -112,17 +112,19 @@ class SqlService:
         try:
             await execution.start()
         except Exception as error:
-            await self._release(execution, target, conn)
+            await _shielded(self._release(execution, target, conn))
             if connection_lost(error):
                 await self._lost(principal, target)  # 401 if the key was revoked
-                raise DatabaseUnavailable(
-                    "the database session ended during the query; it may or may not have "
-                    "run") from None
+                raise QueryInterrupted from None
             raise translate(error) from None
         except BaseException:  # cancelled: the client went away mid-query
             await _shielded(self._release(execution, target, conn))
             raise
-        names = await self._names(principal.user.database, execution.columns, conn)
+        try:  # the type names may need an admin connection, which may fail
+            names = await self._names(principal.user.database, execution.columns, conn)
+        except BaseException:
+            await _shielded(self._release(execution, target, conn))
+            raise
         running = RunningQuery(execution, target, conn, names, started)
         if principal.user.storage_quota != "-1":
             running.quota_database = principal.user.database
@@ -218,6 +220,6 @@ class SqlService:
                 cur = await admin.execute(
                     "SELECT oid, typname FROM pg_type WHERE oid = ANY(%s::oid[])", [unknown])
                 for row in await cur.fetchall():
-                    self._type_names[(database, row["oid"])] = row["typname"]
+                    self._type_names.put((database, row["oid"]), row["typname"])
                     names[row["oid"]] = row["typname"]
         return names
