@@ -185,3 +185,24 @@ def test_keys_create_refuses_grants_mixed_with_other_grant_options(tmp_path: Pat
                  "--api", "maps", data_dir=tmp_path)
     assert result.returncode == 2
     assert "--grants is the whole grants array" in result.stderr
+
+
+def test_a_cli_command_never_stops_the_postgresql_of_a_running_server(tmp_path: Path) -> None:
+    """While a server holds the data directory (it may be restarting PostgreSQL), a CLI
+    command that found PostgreSQL stopped starts it and leaves it running."""
+    import fcntl
+
+    home = tmp_path / "held"
+    cluster = EmbeddedPostgres(home)
+    cluster.start()
+    cluster.stop()
+    with (home / "serve.lock").open("a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as `grantkey serve` does
+        try:
+            listed = cli("users", "list", "--json", data_dir=home)
+            assert listed.returncode == 0, listed.stderr
+            assert cluster.is_running(), "the CLI stopped the server's PostgreSQL"
+        finally:
+            cluster.stop()
+    listed = cli("users", "list", "--json", data_dir=home)  # no server: started and stopped
+    assert listed.returncode == 0 and not cluster.is_running()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import sys
 import unicodedata
 from collections.abc import Awaitable, Callable, Iterator
@@ -73,8 +74,10 @@ def reach_cluster(settings: Settings, *, keep_running: bool = False) -> Iterator
     if not embedded.is_initialised():  # a mistyped --data-dir must not make a new cluster
         fail(f"{settings.data_dir} holds no grantkey data directory: check --data-dir (or "
              "GRANTKEY_DATA_DIR), or run `grantkey serve` once to create it there", 2)
-    started = not embedded.is_running()
-    if started:
+    # a cluster this command starts is stopped afterwards, unless a server owns the data
+    # directory (it may be restarting PostgreSQL this very moment)
+    started = not embedded.is_running() and not serve_holds(settings.data_dir)
+    if not embedded.is_running():
         click.echo(f"starting the embedded PostgreSQL in {embedded.pgdata} ...", err=True)
     embedded.start()
     try:
@@ -82,6 +85,20 @@ def reach_cluster(settings: Settings, *, keep_running: bool = False) -> Iterator
     finally:
         if started and not keep_running:
             embedded.stop()
+
+
+def serve_holds(data_dir: Path) -> bool:
+    """Is a `grantkey serve` running on this data directory (its lock is taken)?"""
+    lock = data_dir / "serve.lock"
+    if not lock.exists():
+        return False
+    with lock.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
 
 
 def run_with_services(settings: Settings, work: Callable[[Services], Awaitable[T]]) -> T:
