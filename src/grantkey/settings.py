@@ -69,15 +69,11 @@ def _env_optional_size(env: Mapping[str, str], name: str) -> str | None:
 
 def _env_share(env: Mapping[str, str], name: str, default: float) -> float:
     """A share of the connections: more than 0, at most 1."""
-    raw = env.get(name)
-    if raw is None or raw == "":
+    value = _float_or_none(env, name, "a fraction such as 0.5")
+    if value is None:
         return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SetupError(f"{name} must be a fraction such as 0.5, not {raw[:40]!r}") from None
     if not 0 < value <= 1:
-        raise SetupError(f"{name} must be more than 0 and at most 1, not {raw}")
+        raise SetupError(f"{name} must be more than 0 and at most 1, not {env[name]}")
     return value
 
 
@@ -89,16 +85,23 @@ def _env_quota(env: Mapping[str, str], name: str) -> str:
     return value
 
 
-def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
+def _float_or_none(env: Mapping[str, str], name: str, what: str) -> float | None:
+    """The variable as a number, None when unset; `what` says what it should look like."""
     raw = env.get(name)
     if raw is None or raw == "":
-        return default
+        return None
     try:
-        value = float(raw)
+        return float(raw)
     except ValueError:
-        raise SetupError(f"{name} must be a number of seconds, not {raw!r}") from None
+        raise SetupError(f"{name} must be {what}, not {raw[:40]!r}") from None
+
+
+def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _float_or_none(env, name, "a number of seconds")
+    if value is None:
+        return default
     if not value > 0:
-        raise SetupError(f"{name} must be more than 0, not {raw}")
+        raise SetupError(f"{name} must be more than 0, not {env[name]}")
     return value
 
 
