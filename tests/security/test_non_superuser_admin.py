@@ -39,7 +39,7 @@ def cluster(data_dir: Path) -> Iterator[EmbeddedPostgres]:
 @pytest.fixture(scope="module")
 def admin_url(cluster: EmbeddedPostgres) -> str:
     """The private cluster's superuser (the provider's, not grantkey's)."""
-    return cluster.admin_url
+    return cluster.superuser_url
 
 
 @pytest.fixture(scope="module")

@@ -70,7 +70,8 @@ def build(data_dir: Path, work: Path) -> OldInstallation:
     cluster = EmbeddedPostgres(data_dir)
     cluster.start()
     try:
-        with psycopg.connect(cluster.admin_url, dbname=created["database"], autocommit=True) as conn:
+        with psycopg.connect(cluster.superuser_url, dbname=created["database"],
+                             autocommit=True) as conn:
             conn.execute(f'SET ROLE "{_owner(conn)}"')
             conn.execute("CREATE TABLE cities (name text); INSERT INTO cities VALUES ('Lima')")
     finally:

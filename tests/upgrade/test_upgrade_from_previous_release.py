@@ -36,7 +36,7 @@ def serve(old: OldInstallation, name: str) -> ServerProcess:
 
 def versions(old: OldInstallation, dbname: str, table: str) -> list[int]:
     cluster = EmbeddedPostgres(old.data_dir)
-    with psycopg.connect(cluster.admin_url, dbname=dbname) as conn:
+    with psycopg.connect(cluster.superuser_url, dbname=dbname) as conn:
         return [v for (v,) in conn.execute(f"SELECT version FROM {table} ORDER BY version")]
 
 

@@ -7,6 +7,7 @@ from typing import Any
 from psycopg import sql
 
 from grantkey.db import revocations
+from grantkey.db.bootstrap import hand_over_schema as bootstrap_hand_over
 from grantkey.db.cluster import AdminConnection, Cluster
 from grantkey.domain.keys import User
 from grantkey.domain.names import USERNAME_PATTERN
@@ -148,6 +149,33 @@ async def install_postgis(su: AdminConnection) -> None:
     cur = await su.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'postgis'")
     if await cur.fetchone() is not None and await is_superuser(su):
         await su.execute("CREATE EXTENSION IF NOT EXISTS postgis SCHEMA public")
+
+
+_GRANT_OWNER_16 = sql.SQL("GRANT {} TO {} WITH ADMIN TRUE, INHERIT TRUE, SET TRUE")
+_GRANT_PUBLIC_16 = sql.SQL("GRANT {} TO {} WITH ADMIN TRUE, INHERIT TRUE, SET FALSE")
+_GRANT_ADMIN_16 = sql.SQL("GRANT {} TO {} WITH ADMIN TRUE, INHERIT FALSE, SET FALSE")
+
+
+async def hand_over_user_database(su: AdminConnection, user_id: str, routine: str) -> None:
+    """As the superuser, for a user database an earlier release made as the superuser: the
+    routine admin gets `grantkey_meta`, ADMIN OPTION on every role of the user (PostgreSQL
+    16+ lets a non-superuser manage only those), and INHERIT and SET on the owner role."""
+    if not await is_superuser(su) or routine == su.info.user:
+        return
+    await bootstrap_hand_over(su, KEYS_SCHEMA, routine)
+    cur = await su.execute(
+        "SELECT rolname::text AS rolname FROM pg_catalog.pg_roles "
+        "WHERE pg_catalog.starts_with(rolname::text, %s::text)", [f"gk_{user_id}_"])
+    target = sql.Identifier(routine)
+    for row in await cur.fetchall():
+        role = row["rolname"]
+        owner = role == f"gk_{user_id}_owner"
+        public = role == f"gk_{user_id}_public"
+        if su.info.server_version >= 160000:
+            grant = _GRANT_OWNER_16 if owner else _GRANT_PUBLIC_16 if public else _GRANT_ADMIN_16
+            await su.execute(grant.format(sql.Identifier(role), target))
+        elif owner or public:
+            await su.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), target))
 
 
 async def mark_ready(conn: AdminConnection, user_id: str, schema_version: int) -> None:
