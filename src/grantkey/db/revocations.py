@@ -71,13 +71,46 @@ async def bounded_lock_wait(meta: AdminConnection) -> None:
 async def leave_every_role(meta: AdminConnection, role: str, oid: int) -> None:
     """The role leaves its privilege roles and the user's public role (memberships are
     cluster-wide: this runs on the metadata database, out of tenants' reach)."""
+    target = sql.Identifier(role)
+    if meta.info.server_version < 160000 or await _is_superuser(meta):
+        cur = await meta.execute(
+            "SELECT DISTINCT r.rolname::text AS rolname FROM pg_catalog.pg_auth_members m "
+            "JOIN pg_catalog.pg_roles r ON r.oid = m.roleid WHERE m.member = %s::oid", [oid])
+        groups = [row["rolname"] for row in await cur.fetchall()]
+        if groups:
+            await meta.execute(sql.SQL("REVOKE {} FROM {} CASCADE").format(
+                sql.SQL(", ").join(sql.Identifier(g) for g in groups), target))
+        return
     cur = await meta.execute(
-        "SELECT r.rolname::text AS rolname FROM pg_catalog.pg_auth_members m "
-        "JOIN pg_catalog.pg_roles r ON r.oid = m.roleid WHERE m.member = %s::oid", [oid])
-    groups = [row["rolname"] for row in await cur.fetchall()]
-    if groups:
-        await meta.execute(sql.SQL("REVOKE {} FROM {} CASCADE").format(
-            sql.SQL(", ").join(sql.Identifier(g) for g in groups), sql.Identifier(role)))
+        "SELECT r.rolname::text AS rolname, g.rolname::text AS grantor, "
+        "       g.rolname OPERATOR(pg_catalog.=) CURRENT_USER AS mine, "
+        "       g.oid IS NOT NULL AND pg_catalog.pg_has_role(g.oid, 'SET') AS settable "
+        "FROM pg_catalog.pg_auth_members m JOIN pg_catalog.pg_roles r ON r.oid = m.roleid "
+        "LEFT JOIN pg_catalog.pg_roles g ON g.oid = m.grantor WHERE m.member = %s::oid", [oid])
+    rows = await cur.fetchall()
+    # A non-superuser revokes what it granted, and what a role it can SET ROLE to granted
+    # (the user's granter, see `managers`), each as that grantor.
+    by_grantor: dict[tuple[str | None, bool, bool], list[str]] = {}
+    for row in rows:
+        key = (row["grantor"], bool(row["mine"]), bool(row["settable"]))
+        by_grantor.setdefault(key, []).append(row["rolname"])
+    for (grantor, mine, settable), groups in sorted(by_grantor.items(), key=lambda i: str(i[0])):
+        revoke = sql.SQL("REVOKE {} FROM {}").format(
+            sql.SQL(", ").join(sql.Identifier(g) for g in groups), target)
+        if mine or (settable and grantor is not None):
+            if not mine and grantor is not None:
+                await meta.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(grantor)))
+            await meta.execute(sql.SQL("{} GRANTED BY CURRENT_USER CASCADE").format(revoke))
+            if not mine:
+                await meta.execute("RESET ROLE")
+        else:
+            await meta.execute(sql.SQL("{} CASCADE").format(revoke))
+
+
+async def _is_superuser(conn: AdminConnection) -> bool:
+    cur = await conn.execute("SELECT pg_catalog.current_setting('is_superuser') AS su")
+    row = await cur.fetchone()
+    return row is not None and row["su"] == "on"
 
 
 async def record_pending(meta: AdminConnection, role: str, user_id: str, database: str,

@@ -9,6 +9,7 @@ from psycopg import sql
 from grantkey.db import revocations
 from grantkey.db.bootstrap import hand_over_schema as bootstrap_hand_over
 from grantkey.db.cluster import AdminConnection, Cluster
+from grantkey.domain import names
 from grantkey.domain.keys import User
 from grantkey.domain.names import USERNAME_PATTERN
 from grantkey.domain.secrets_box import scram_verifier
@@ -151,7 +152,7 @@ async def install_postgis(su: AdminConnection) -> None:
         await su.execute("CREATE EXTENSION IF NOT EXISTS postgis SCHEMA public")
 
 
-_GRANT_OWNER_16 = sql.SQL("GRANT {} TO {} WITH ADMIN TRUE, INHERIT TRUE, SET TRUE")
+_GRANT_OWNER_16 = sql.SQL("GRANT {} TO {} WITH ADMIN TRUE, INHERIT TRUE, SET FALSE")
 _GRANT_PUBLIC_16 = sql.SQL("GRANT {} TO {} WITH ADMIN TRUE, INHERIT TRUE, SET FALSE")
 _GRANT_ADMIN_16 = sql.SQL("GRANT {} TO {} WITH ADMIN TRUE, INHERIT FALSE, SET FALSE")
 
@@ -159,7 +160,8 @@ _GRANT_ADMIN_16 = sql.SQL("GRANT {} TO {} WITH ADMIN TRUE, INHERIT FALSE, SET FA
 async def hand_over_user_database(su: AdminConnection, user_id: str, routine: str) -> None:
     """As the superuser, for a user database an earlier release made as the superuser: the
     routine admin gets `grantkey_meta`, ADMIN OPTION on every role of the user (PostgreSQL
-    16+ lets a non-superuser manage only those), and INHERIT and SET on the owner role."""
+    16+ lets a non-superuser manage only those), and INHERIT on the owner role (not SET: see
+    `db.managers`)."""
     if not await is_superuser(su) or routine == su.info.user:
         return
     await bootstrap_hand_over(su, KEYS_SCHEMA, routine)
@@ -235,7 +237,10 @@ async def drop_user_roles(cluster: Cluster, user_id: str) -> None:
         cur = await conn.execute(
             "SELECT rolname::text AS rolname, oid FROM pg_catalog.pg_roles "
             "WHERE pg_catalog.starts_with(rolname::text, %s::text)", [f"gk_{user_id}_"])
-        roles = [(row["rolname"], int(row["oid"])) for row in await cur.fetchall()]
+        # the manager roles last: they granted memberships in the others (db.managers)
+        managers = (names.maker_role(user_id), names.granter_role(user_id))
+        roles = sorted(((row["rolname"], int(row["oid"])) for row in await cur.fetchall()),
+                       key=lambda item: item[0] in managers)
         for role, oid in roles:
             await conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(sql.Identifier(role)))
             await revocations.terminate_sessions(conn, oid)
