@@ -8,7 +8,7 @@ from psycopg import sql
 
 from grantkey.db import revocations
 from grantkey.db.bootstrap import hand_over_schema as bootstrap_hand_over
-from grantkey.db.cluster import AdminConnection, Cluster
+from grantkey.db.cluster import METADATA_DATABASE, AdminConnection, Cluster
 from grantkey.domain import names
 from grantkey.domain.keys import User
 from grantkey.domain.names import USERNAME_PATTERN
@@ -232,7 +232,14 @@ async def drop_user_everywhere(cluster: Cluster, user_id: str, database: str) ->
 
 async def drop_user_roles(cluster: Cluster, user_id: str) -> None:
     """Every role named for the user: logins stopped, sessions ended, what other databases
-    grant them dropped (another tenant may have granted them something), then the role."""
+    grant them dropped (another tenant may have granted them something), then the role.
+
+    In bulk as the superuser where one is at hand (the CLI and `serve`'s start-up repair:
+    the embedded cluster's, or GRANTKEY_SUPERUSER_URL): an admin that is not a superuser
+    pays, for each DROP ROLE, a walk of every role it reaches (db.managers), so a user with
+    N keys would cost N² catalog lookups. Else one role at a time, as the admin."""
+    if await _drop_user_roles_as_superuser(cluster, user_id):
+        return
     async with cluster.autocommit() as conn:
         cur = await conn.execute(
             "SELECT rolname::text AS rolname, oid FROM pg_catalog.pg_roles "
@@ -246,6 +253,58 @@ async def drop_user_roles(cluster: Cluster, user_id: str) -> None:
             await revocations.terminate_sessions(conn, oid)
     for role, oid in roles:
         await revocations.drop_role_everywhere(cluster, role, oid)
+
+
+DROP_BATCH = 200  # roles per DROP OWNED / DROP ROLE statement (each takes a lock per role)
+
+
+def _batches(roles: list[str]) -> list[list[str]]:
+    return [roles[i:i + DROP_BATCH] for i in range(0, len(roles), DROP_BATCH)]
+
+
+def _role_list(roles: list[str]) -> sql.Composable:
+    return sql.SQL(", ").join(sql.Identifier(role) for role in roles)
+
+
+async def _drop_user_roles_as_superuser(cluster: Cluster, user_id: str) -> bool:
+    """`drop_user_roles` in a few statements as the superuser (no ADMIN OPTION walks).
+    False, having done nothing, where no superuser is at hand."""
+    async with cluster.superuser_session(METADATA_DATABASE) as su:
+        if not await is_superuser(su):
+            return False
+        cur = await su.execute(
+            "SELECT rolname::text AS rolname, oid FROM pg_catalog.pg_roles "
+            "WHERE pg_catalog.starts_with(rolname::text, %s::text)", [f"gk_{user_id}_"])
+        found = {row["rolname"]: int(row["oid"]) for row in await cur.fetchall()}
+        for role in found:
+            await su.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(sql.Identifier(role)))
+    if not found:
+        return True
+    oids = list(found.values())
+    async with cluster.superuser_session(METADATA_DATABASE) as su:  # once NOLOGIN is committed
+        await su.execute(
+            "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity "
+            "WHERE usesysid = ANY(%s::oid[])", [oids])
+        cur = await su.execute(
+            "SELECT DISTINCT d.datname::text AS datname FROM pg_catalog.pg_shdepend s "
+            "JOIN pg_catalog.pg_database d ON d.oid = s.dbid "
+            "WHERE s.refclassid = 'pg_catalog.pg_authid'::pg_catalog.regclass "
+            "AND s.refobjid = ANY(%s::oid[]) AND d.datallowconn", [oids])
+        databases = [row["datname"] for row in await cur.fetchall()]
+    # the manager roles last: they granted memberships in the others (db.managers)
+    managers = (names.maker_role(user_id), names.granter_role(user_id))
+    roles = sorted(found, key=lambda role: (role in managers, role))
+    for database in databases:
+        for batch in _batches(roles):
+            async with cluster.superuser_session(database) as su:
+                await revocations.bounded_cleanup_wait(su)
+                await su.execute(sql.SQL("DROP OWNED BY {}").format(_role_list(batch)))
+    others = [role for role in roles if role not in managers]
+    for batch in [*_batches(others), [role for role in roles if role in managers]]:
+        if batch:
+            async with cluster.superuser_session(METADATA_DATABASE) as su:
+                await su.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(_role_list(batch)))
+    return True
 
 
 async def owner_roles(conn: AdminConnection) -> dict[str, str]:
