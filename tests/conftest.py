@@ -88,6 +88,26 @@ def settings(data_dir: Path, admin_url: str, routine_url: str) -> Settings:
                     superuser_url=superuser)
 
 
+@dataclass(frozen=True)
+class Login:
+    """How a test's own `grantkey serve` logs in: as the session's server does (the routine
+    admin, plus the superuser URL for what only a superuser can do)."""
+
+    database_url: str
+    env: dict[str, str]
+
+    def args(self, data_dir: Path) -> list[str]:
+        return ["--database-url", self.database_url, "--data-dir", str(data_dir)]
+
+
+@pytest.fixture(scope="session")
+def login(settings: Settings) -> Login:
+    assert settings.database_url is not None
+    return Login(settings.database_url,
+                 {"GRANTKEY_SECRET": TEST_SECRET,
+                  "GRANTKEY_SUPERUSER_URL": settings.superuser_url or ""})
+
+
 @pytest.fixture(scope="session")
 def loop() -> Iterator[asyncio.AbstractEventLoop]:
     event_loop = asyncio.new_event_loop()
