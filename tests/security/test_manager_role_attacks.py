@@ -9,8 +9,10 @@ grantkey's own connections act as.
 
 The tests below the "breaks" marker (a master's `ALTER DATABASE … SET role`,
 `transaction_timeout` or `createrole_self_grant`, and a grant on its database to another
-tenant's roles) FAIL on this branch: they are the breaks found (each docstring gives the
-root cause and a fix). Each undoes its attack before it ends, so nothing is left behind.
+tenant's roles) were breaks when first written: grantkey's sessions now pin `role`,
+`transaction_timeout`, `idle_session_timeout` and `createrole_self_grant` in the startup
+packet (`db.cluster`), and grants on shared objects are dropped from the metadata database
+(`revocations.DATABASES_NAMING`). Each undoes its attack before it ends.
 """
 
 from __future__ import annotations
@@ -299,7 +301,7 @@ def test_user_deletion_removes_the_manager_roles_and_every_membership(
     assert leftover_roles(admin_url, account) == []
 
 
-# --- the breaks: these FAIL on this branch ----------------------------------------------
+# --- the breaks found by attacking (fixed; each docstring says how) ----------------------
 
 
 def admin_identity(url: str, database: str) -> tuple[str, str, str]:
@@ -329,7 +331,7 @@ def test_a_masters_database_role_default_does_not_change_who_grantkey_acts_as(
     to any role at all: grantkey's own connections to that database then act as X (the
     superuser's with `is_superuser` off). `ADMIN_SESSION` pins `search_path` and friends
     but not `role`, and `RESET ROLE` (`managers.as_admin`) returns to X, not to the admin.
-    Fix: pin `role=none` in `ADMIN_SESSION` (the startup packet outranks the database
+    Fixed: pin `role=none` in `ADMIN_SESSION` (the startup packet outranks the database
     default; `-c role=none` restores the login role), and check `current_user =
     session_user` on every admin and superuser connection."""
     account = tenants()
@@ -383,7 +385,7 @@ def test_a_masters_database_transaction_timeout_does_not_block_another_users_cle
     transaction_timeout = '1ms'`: every transaction grantkey opens there (admin and
     superuser) is ended before its `DROP OWNED` completes. `ADMIN_SESSION` pins
     `statement_timeout`, `lock_timeout` and `idle_in_transaction_session_timeout` but not
-    `transaction_timeout` (new in 17) nor `idle_session_timeout`. Fix: pin both to 0 where
+    `transaction_timeout` (new in 17) nor `idle_session_timeout`. Fixed: both pinned to 0 where
     the server knows them (send `-c transaction_timeout=0` only to 17+: an unknown name in
     the startup packet is fatal)."""
     if server_version(admin_url) < 170000:
@@ -416,7 +418,7 @@ def test_a_grant_on_another_tenants_database_does_not_block_deleting_the_manager
     victim's own database is dropped first, so no `DROP OWNED BY` runs anywhere for the
     managers (which own nothing elsewhere) and `DROP ROLE` fails: `privileges for database
     …`; the manager roles stay behind for good. (A key role is saved only because its
-    `DROP OWNED` in its own database also clears shared ACLs.) Fix: where a role has
+    `DROP OWNED` in its own database also clears shared ACLs.) Fixed: where a role has
     pg_shdepend rows with `dbid = 0`, run its `DROP OWNED BY` once in any connectable
     database (the metadata database will do: it clears shared objects' ACLs too)."""
     attacker, victim = tenants(), tenants()
@@ -445,7 +447,7 @@ def test_a_masters_createrole_self_grant_gives_the_maker_no_set_on_keys(
     granted to its creator with SET and INHERIT: the maker holds SET on each new key role,
     so the routine admin (SET on the maker) can `SET ROLE` to the user's keys, which
     `db.managers` promises it never can (and each such membership lengthens the walks the
-    managers exist to keep short). Fix: pin `createrole_self_grant=` (empty) in
+    managers exist to keep short). Fixed: pin `createrole_self_grant=` (empty) in
     `ADMIN_SESSION` (PostgreSQL 16+ only), or create key roles with `WITH INHERIT FALSE,
     SET FALSE` revoked explicitly after creation."""
     account = tenants()

@@ -147,6 +147,35 @@ def test_attacks_hold_with_a_non_superuser_admin(
     cli(managed_url, "users", "delete", "managed-eve", "--yes")
 
 
+def test_another_tenants_database_grant_cannot_keep_a_deleted_users_roles_alive(
+    managed: ServerProcess, managed_url: str, admin_url: str,
+) -> None:
+    """`GRANT CONNECT ON DATABASE` (a grant on a shared object, recorded with no database)
+    from another tenant to each of a user's roles, the manager roles included (which the
+    admin may SET ROLE to but does not inherit): deleting the user still drops them all."""
+    victim = json.loads(cli(managed_url, "users", "create", "managed-victim", "--json"))
+    other = json.loads(cli(managed_url, "users", "create", "managed-intruder", "--json"))
+    prefix = f"gk_{victim['database'][3:]}_"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        roles = [name for (name,) in conn.execute(
+            "SELECT rolname::text FROM pg_roles WHERE starts_with(rolname, %s)", [prefix])]
+    assert f"{prefix}maker" in roles and f"{prefix}granter" in roles, roles
+    grantees = ", ".join(f'"{role}"' for role in roles)
+    granted = httpx.get(f"{managed.url}/user/managed-intruder/api/v2/sql", params={
+        "api_key": other["master_token"],
+        "q": f'GRANT CONNECT, TEMPORARY ON DATABASE "{other["database"]}" TO {grantees}'})
+    assert granted.status_code == 200, granted.text
+    deleted = subprocess.run(
+        [sys.executable, "-m", "grantkey.cli", "users", "delete", "managed-victim", "--yes",
+         "--database-url", managed_url], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "GRANTKEY_SECRET": TEST_SECRET})
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        left = conn.execute("SELECT rolname::text FROM pg_roles WHERE starts_with(rolname, %s)",
+                            [prefix]).fetchall()
+    assert deleted.returncode == 0 and left == [], (left, deleted.stderr)
+    cli(managed_url, "users", "delete", "managed-intruder", "--yes")
+
+
 def test_a_superuser_url_lets_a_non_superuser_admin_install_the_guard(
     managed: ServerProcess, managed_url: str, admin_url: str,
 ) -> None:

@@ -285,11 +285,7 @@ async def _drop_user_roles_as_superuser(cluster: Cluster, user_id: str) -> bool:
         await su.execute(
             "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity "
             "WHERE usesysid = ANY(%s::oid[])", [oids])
-        cur = await su.execute(
-            "SELECT DISTINCT d.datname::text AS datname FROM pg_catalog.pg_shdepend s "
-            "JOIN pg_catalog.pg_database d ON d.oid = s.dbid "
-            "WHERE s.refclassid = 'pg_catalog.pg_authid'::pg_catalog.regclass "
-            "AND s.refobjid = ANY(%s::oid[]) AND d.datallowconn", [oids])
+        cur = await su.execute(revocations.DATABASES_NAMING, [oids])
         databases = [row["datname"] for row in await cur.fetchall()]
     # the manager roles last: they granted memberships in the others (db.managers)
     managers = (names.maker_role(user_id), names.granter_role(user_id))
