@@ -135,6 +135,13 @@ async def prepare_routine_admin(superuser_url: str, role: str) -> None:
                 "NOBYPASSRLS").format(ident))
         await conn.execute(sql.SQL("GRANT pg_signal_backend TO {}").format(ident))
         await conn.execute(sql.SQL("GRANT CONNECT ON DATABASE postgres TO {}").format(ident))
+    async with await psycopg.AsyncConnection.connect(
+        maintenance_url(superuser_url), autocommit=True
+    ) as plain:  # only the owner can close `postgres` and `template1` to key roles
+        await _revoke_public_connect(plain)
+    async with await psycopg.AsyncConnection.connect(
+        maintenance_url(superuser_url), autocommit=True, row_factory=dict_row
+    ) as conn:
         cur = await conn.execute("SELECT 1 FROM pg_catalog.pg_database "
                                  "WHERE datname OPERATOR(pg_catalog.=) %s::text",
                                  [METADATA_DATABASE])
