@@ -61,7 +61,8 @@ def main() -> None:
     embedded = EmbeddedPostgres(data_dir)
     embedded.start()
     try:
-        settings = Settings(data_dir=data_dir, database_url=embedded.admin_url)
+        settings = Settings(data_dir=data_dir, database_url=embedded.admin_url,
+                            superuser_url=embedded.superuser_url)
         services = Services(settings, embedded.admin_url)
 
         async def run() -> dict[str, float]:

@@ -129,7 +129,8 @@ def create_keys(server: BenchServer, master: str, count: int, first: int = 0) ->
 
 async def create_users(server: BenchServer, count: int) -> None:
     embedded = EmbeddedPostgres(server.data_dir)
-    settings = Settings(data_dir=server.data_dir, database_url=embedded.admin_url)
+    settings = Settings(data_dir=server.data_dir, database_url=embedded.admin_url,
+                        superuser_url=embedded.superuser_url)
     services = Services(settings, embedded.admin_url)
     await services.open(migrate=False)
     try:

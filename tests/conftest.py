@@ -20,11 +20,12 @@ import psycopg
 import psycopg.sql
 import pytest
 
-from grantkey.cli.embedded import EmbeddedPostgres
+from grantkey.cli.embedded import ROUTINE_ROLE, EmbeddedPostgres
 from grantkey.db.bootstrap import bootstrap
 from grantkey.domain.keys import User
 from grantkey.domain.secrets_box import SecretBox
 from grantkey.services.container import Services
+from grantkey.services.upgrade import prepare_routine_admin
 from grantkey.settings import Settings
 from tests.support import TEST_SECRET, ServerProcess
 
@@ -46,7 +47,9 @@ def admin_url(data_dir: Path, request: pytest.FixtureRequest) -> Iterator[str]:
     embedded = None if external else EmbeddedPostgres(data_dir / "cluster")
     if embedded is not None:
         embedded.start()
-    url = external or embedded.admin_url  # type: ignore[union-attr]
+    # the tests inspect and set up as the superuser; grantkey itself runs as the routine
+    # admin (`routine_url`), as `grantkey serve` does on its embedded cluster
+    url = external or embedded.superuser_url  # type: ignore[union-attr]
     try:
         yield url
         if not request.session.testsfailed:
@@ -68,8 +71,41 @@ def assert_nothing_left_behind(url: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def settings(data_dir: Path, admin_url: str) -> Settings:
-    return Settings(data_dir=data_dir, database_url=admin_url, secret=TEST_SECRET)
+def routine_url(admin_url: str) -> str:
+    """grantkey's own login: the embedded cluster's routine admin (not a superuser)."""
+    if os.environ.get("GRANTKEY_TEST_DATABASE_URL"):
+        return admin_url
+    asyncio.run(prepare_routine_admin(admin_url, ROUTINE_ROLE))
+    params = psycopg.conninfo.conninfo_to_dict(admin_url)
+    params["user"] = ROUTINE_ROLE
+    return psycopg.conninfo.make_conninfo("", **params)
+
+
+@pytest.fixture(scope="session")
+def settings(data_dir: Path, admin_url: str, routine_url: str) -> Settings:
+    superuser = None if routine_url == admin_url else admin_url
+    return Settings(data_dir=data_dir, database_url=routine_url, secret=TEST_SECRET,
+                    superuser_url=superuser)
+
+
+@dataclass(frozen=True)
+class Login:
+    """How a test's own `grantkey serve` logs in: as the session's server does (the routine
+    admin, plus the superuser URL for what only a superuser can do)."""
+
+    database_url: str
+    env: dict[str, str]
+
+    def args(self, data_dir: Path) -> list[str]:
+        return ["--database-url", self.database_url, "--data-dir", str(data_dir)]
+
+
+@pytest.fixture(scope="session")
+def login(settings: Settings) -> Login:
+    assert settings.database_url is not None
+    return Login(settings.database_url,
+                 {"GRANTKEY_SECRET": TEST_SECRET,
+                  "GRANTKEY_SUPERUSER_URL": settings.superuser_url or ""})
 
 
 @pytest.fixture(scope="session")
@@ -101,11 +137,13 @@ def box() -> SecretBox:
 
 
 @pytest.fixture(scope="session")
-def server(data_dir: Path, admin_url: str, services: Services) -> Iterator[ServerProcess]:
+def server(data_dir: Path, settings: Settings, services: Services) -> Iterator[ServerProcess]:
+    assert settings.database_url is not None
     process = ServerProcess(
-        ["--database-url", admin_url, "--data-dir", str(data_dir), "--workers", "2"],
+        ["--database-url", settings.database_url, "--data-dir", str(data_dir), "--workers", "2"],
         data_dir / "server.log",
         {"GRANTKEY_SECRET": TEST_SECRET, "GRANTKEY_LOG_LEVEL": "debug",
+         "GRANTKEY_SUPERUSER_URL": settings.superuser_url or "",
          # short limits, so the tests of time limits and pool waits run fast
          "GRANTKEY_SQL_TIMEOUT": str(SQL_TIMEOUT), "GRANTKEY_SQL_MASTER_TIMEOUT": str(SQL_TIMEOUT)},
     )

@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Account
-from tests.support import TEST_SECRET, ServerProcess, apis_only
+from tests.conftest import Account, Login
+from tests.support import ServerProcess, apis_only
 
 
 def post(http: httpx.Client, account: Account, body: dict[str, Any]) -> httpx.Response:
@@ -147,10 +147,10 @@ def test_failed_validation_leaves_no_key(http: httpx.Client, account: Account) -
 
 
 @pytest.fixture(scope="module")
-def quota_server(data_dir: Path, admin_url: str, server: ServerProcess) -> Iterator[ServerProcess]:
+def quota_server(data_dir: Path, login: Login, server: ServerProcess) -> Iterator[ServerProcess]:
     process = ServerProcess(
-        ["--database-url", admin_url, "--data-dir", str(data_dir)], data_dir / "quota.log",
-        {"GRANTKEY_SECRET": TEST_SECRET, "GRANTKEY_MAX_KEYS_PER_USER": "1"},
+        login.args(data_dir), data_dir / "quota.log",
+        {**login.env, "GRANTKEY_MAX_KEYS_PER_USER": "1"},
     )
     try:
         process.wait_healthy()

@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Account, KeyHandle
-from tests.support import TEST_SECRET, apis_only, table_grants
+from tests.conftest import Account, KeyHandle, Login
+from tests.support import apis_only, table_grants
 
 
 @pytest.fixture
@@ -112,12 +112,12 @@ def test_listing_needs_master_or_table_metadata(
     assert modes == {"alpha": "r", "beta": None, "gamma": None, "delta": None}
 
 
-def test_cli_sets_privacy(http: httpx.Client, tables: Account, admin_url: str) -> None:
-    env = {**os.environ, "GRANTKEY_SECRET": TEST_SECRET}
+def test_cli_sets_privacy(http: httpx.Client, tables: Account, login: Login) -> None:
+    env = {**os.environ, **login.env}
     result = subprocess.run(
         [sys.executable, "-m", "grantkey.cli", "datasets", "privacy", tables.username, "gamma",
-         "public", "--database-url", admin_url], capture_output=True, text=True, env=env,
-        timeout=60)
+         "public", "--database-url", login.database_url], capture_output=True, text=True,
+        env=env, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "public.gamma is now public" in result.stdout
     assert tables.sql(http, "SELECT * FROM gamma").status_code == 200

@@ -11,16 +11,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Account
-from tests.support import TEST_SECRET, ServerProcess
+from tests.conftest import Account, Login
+from tests.support import ServerProcess
 
 
 @pytest.fixture(scope="module")
-def six_slots(data_dir: Path, admin_url: str) -> Iterator[ServerProcess]:
+def six_slots(data_dir: Path, login: Login) -> Iterator[ServerProcess]:
     """Six connections: a key gets 3 at most, a user 4."""
     server = ServerProcess(
-        ["--database-url", admin_url, "--data-dir", str(data_dir)], data_dir / "flood.log",
-        {"GRANTKEY_SECRET": TEST_SECRET, "GRANTKEY_SQL_MAX_CONNECTIONS": "6",
+        login.args(data_dir), data_dir / "flood.log",
+        {**login.env, "GRANTKEY_SQL_MAX_CONNECTIONS": "6",
          "GRANTKEY_SQL_KEY_SHARE": "0.5", "GRANTKEY_SQL_USER_SHARE": "0.75",
          "GRANTKEY_SQL_POOL_WAIT": "1.5"})
     try:

@@ -19,8 +19,8 @@ import psycopg
 import pytest
 
 from grantkey.cli.embedded import EmbeddedPostgres
-from tests.conftest import Account
-from tests.support import TEST_SECRET, ServerProcess, apis_only
+from tests.conftest import Account, Login
+from tests.support import ServerProcess, apis_only
 
 
 def test_sessions_postgresql_closed_are_replaced_not_answered_400(
@@ -135,12 +135,11 @@ def test_a_killed_embedded_postgresql_is_restarted_and_every_api_comes_back(
 
 
 def test_a_killed_worker_costs_at_most_its_requests_in_flight_and_comes_back(
-    tmp_path: Path, admin_url: str, account: Account,
+    tmp_path: Path, login: Login, account: Account,
 ) -> None:
     """kill -9 of one of two workers: the other keeps serving, uvicorn starts a new one."""
-    env = {"GRANTKEY_SECRET": TEST_SECRET}
-    server = ServerProcess(["--database-url", admin_url, "--data-dir", str(tmp_path),
-                            "--workers", "2"], tmp_path / "workers.log", env)
+    server = ServerProcess([*login.args(tmp_path), "--workers", "2"], tmp_path / "workers.log",
+                           login.env)
     try:
         server.wait_healthy()
         sql = f"{server.url}/user/{account.username}/api/v2/sql"

@@ -14,16 +14,15 @@ from urllib.parse import quote, urlsplit
 import httpx
 import pytest
 
-from tests.conftest import Account
-from tests.support import TEST_SECRET, ServerProcess
+from tests.conftest import Account, Login
+from tests.support import ServerProcess
 
 
 @pytest.fixture(scope="module")
-def strict(data_dir: Path, admin_url: str) -> Iterator[ServerProcess]:
+def strict(data_dir: Path, login: Login) -> Iterator[ServerProcess]:
     """A server with a 1 s head deadline, a 2 s body deadline and 4 KiB of header fields."""
-    server = ServerProcess(["--database-url", admin_url, "--data-dir", str(data_dir)],
-                           data_dir / "heads.log",
-                           {"GRANTKEY_SECRET": TEST_SECRET, "GRANTKEY_HEADER_TIMEOUT": "1",
+    server = ServerProcess(login.args(data_dir), data_dir / "heads.log",
+                           {**login.env, "GRANTKEY_HEADER_TIMEOUT": "1",
                             "GRANTKEY_MAX_HEADER_BYTES": "4096", "GRANTKEY_BODY_TIMEOUT": "2"})
     try:
         server.wait_healthy()

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 
 from grantkey.cli.embedded import EmbeddedPostgres
@@ -76,6 +77,37 @@ def test_a_second_serve_on_the_same_data_directory_is_refused_and_the_first_keep
     assert "Traceback" not in log
     assert EmbeddedPostgres(embedded_dir).is_running()
     assert httpx.get(embedded_server.url + "/health").status_code == 200
+
+
+def test_the_server_works_as_a_routine_admin_that_is_not_a_superuser(
+    embedded_server: ServerProcess, embedded_dir: Path
+) -> None:
+    """Key creation, SQL and revocation on a served embedded cluster: every session the
+    server holds afterwards is the routine admin's or a key role's, never the superuser's."""
+    created = cli("users", "create", "routine-user", "--json", data_dir=embedded_dir)
+    assert created.returncode == 0, created.stderr
+    master = {"api_key": json.loads(created.stdout)["master_token"]}
+    base = f"{embedded_server.url}/user/routine-user"
+    try:
+        made = httpx.post(f"{base}/api/v3/api_keys", params=master, json={
+            "name": "k", "grants": [{"type": "apis", "apis": ["sql"]}]})
+        assert made.status_code == 201, made.text
+        rows = httpx.get(f"{base}/api/v2/sql", params={"q": "SELECT 1 AS a",
+                                                        "api_key": made.json()["token"]})
+        assert rows.json()["rows"] == [{"a": 1}]
+        assert httpx.delete(f"{base}/api/v3/api_keys/k", params=master).status_code == 204
+        with psycopg.connect(EmbeddedPostgres(embedded_dir).superuser_url) as conn:
+            logins = {name for (name,) in conn.execute(
+                "SELECT DISTINCT usename::text FROM pg_stat_activity WHERE backend_type = "
+                "'client backend' AND pid <> pg_backend_pid()")}
+            routine = conn.execute("SELECT rolsuper, rolcreaterole, rolcreatedb FROM pg_roles "
+                                   "WHERE rolname = 'grantkey_app'").fetchone()
+    finally:
+        assert cli("users", "delete", "routine-user", "--yes",
+                   data_dir=embedded_dir).returncode == 0
+    assert routine == (False, True, True)
+    assert "grantkey_app" in logins
+    assert {name for name in logins if not name.startswith("gk_")} == {"grantkey_app"}, logins
 
 
 def test_cli_works_while_the_server_runs_and_serve_restarts_keep_data(

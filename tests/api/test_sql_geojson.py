@@ -38,7 +38,7 @@ def postgis_cluster(data_dir: Path) -> Iterator[str]:
     cluster = EmbeddedPostgres(data_dir / "postgis15", bin_dir=SYSTEM_BIN)
     cluster.start()
     try:
-        yield cluster.admin_url
+        yield cluster.superuser_url  # used as an external superuser admin
     finally:
         cluster.stop()
 

@@ -13,19 +13,19 @@ from urllib.parse import quote, urlsplit
 import httpx
 import pytest
 
-from tests.conftest import Account
-from tests.support import TEST_SECRET, ServerProcess
+from tests.conftest import Account, Login
+from tests.support import ServerProcess
 
 BIG = "SELECT g, repeat('x', 5000) AS pad FROM generate_series(1, 1000000) AS g"
 TIME_LIMIT, SEND_TIMEOUT = 2, 5
 
 
 @pytest.fixture(scope="module")
-def one_slot(data_dir: Path, admin_url: str) -> Iterator[ServerProcess]:
+def one_slot(data_dir: Path, login: Login) -> Iterator[ServerProcess]:
     """One database connection per worker, 2 s time limit, 5 s send deadline."""
     server = ServerProcess(
-        ["--database-url", admin_url, "--data-dir", str(data_dir)], data_dir / "stalled.log",
-        {"GRANTKEY_SECRET": TEST_SECRET, "GRANTKEY_SQL_MAX_CONNECTIONS": "1",
+        login.args(data_dir), data_dir / "stalled.log",
+        {**login.env, "GRANTKEY_SQL_MAX_CONNECTIONS": "1",
          "GRANTKEY_SQL_POOL_WAIT": "1", "GRANTKEY_SQL_TIMEOUT": str(TIME_LIMIT),
          "GRANTKEY_SQL_MASTER_TIMEOUT": str(TIME_LIMIT),
          "GRANTKEY_SEND_TIMEOUT": str(SEND_TIMEOUT)})

@@ -15,8 +15,8 @@ import pytest
 
 from grantkey.db.role_pools import RolePools, RoleTarget
 from grantkey.errors import PoolExhausted
-from tests.conftest import Account, KeyHandle
-from tests.support import TEST_SECRET, ServerProcess, apis_only
+from tests.conftest import Account, KeyHandle, Login
+from tests.support import ServerProcess, apis_only
 
 
 def target(account: Account, key: KeyHandle) -> RoleTarget:
@@ -109,10 +109,10 @@ def test_idle_connections_are_closed_after_a_while(
 
 
 @pytest.fixture(scope="module")
-def tiny_server(data_dir: Path, admin_url: str, server: ServerProcess) -> Iterator[ServerProcess]:
+def tiny_server(data_dir: Path, login: Login, server: ServerProcess) -> Iterator[ServerProcess]:
     process = ServerProcess(
-        ["--database-url", admin_url, "--data-dir", str(data_dir)], data_dir / "tiny.log",
-        {"GRANTKEY_SECRET": TEST_SECRET, "GRANTKEY_SQL_MAX_CONNECTIONS": "1",
+        login.args(data_dir), data_dir / "tiny.log",
+        {**login.env, "GRANTKEY_SQL_MAX_CONNECTIONS": "1",
          "GRANTKEY_SQL_POOL_WAIT": "1", "GRANTKEY_SQL_TIMEOUT": "10"})
     try:
         process.wait_healthy()

@@ -20,8 +20,8 @@ import httpx
 import psycopg
 import pytest
 
-from tests.conftest import Account, KeyHandle
-from tests.support import TEST_SECRET, ServerProcess, table_grants
+from tests.conftest import Account, KeyHandle, Login
+from tests.support import ServerProcess, table_grants
 
 TRAP_LOG = """
 CREATE TABLE public.trap_log (fn text, who name, superuser text);
@@ -94,10 +94,11 @@ def planted_calls(admin_url: str, account: Account) -> list[tuple[str, str, str]
     return [(str(fn), str(who), str(su)) for fn, who, su in rows]
 
 
-def cli(admin_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "GRANTKEY_SECRET": TEST_SECRET}
+def cli(login: Login, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **login.env}
     result = subprocess.run([sys.executable, "-m", "grantkey.cli", *args, "--database-url",
-                             admin_url], capture_output=True, text=True, env=env, timeout=120)
+                             login.database_url], capture_output=True, text=True, env=env,
+                            timeout=120)
     assert result.returncode == 0, result.stderr
     return result
 
@@ -113,7 +114,7 @@ def trapped(account: Account, owner_sql: Callable[[Account, str], None]) -> Acco
 
 
 def drive_every_path(http: httpx.Client, account: Account, key: KeyHandle,
-                     admin_url: str, data_dir: Path) -> None:
+                     login: Login, data_dir: Path) -> None:
     keys, master = account.keys_url, account.master()
     datasets = f"{account.base_url}/user/{account.username}/api/v4/datasets"
     assert http.get(f"{keys}/{key.name}", params={"api_key": key.token}).status_code == 200
@@ -132,16 +133,15 @@ def drive_every_path(http: httpx.Client, account: Account, key: KeyHandle,
     for token in (account.master_token, key.token):  # an unknown type: looked up by the admin
         answer = account.sql(http, "SELECT m FROM moods", token)
         assert answer.status_code == 200 and answer.json()["fields"]["m"]["pgtype"] == "mood"
-    cli(admin_url, "keys", "list", account.username)
-    cli(admin_url, "keys", "create", account.username, "third", "--api", "sql",
+    cli(login, "keys", "list", account.username)
+    cli(login, "keys", "create", account.username, "third", "--api", "sql",
         "--table", "public.cities:select", "--schema-create", "public")
-    cli(admin_url, "keys", "regenerate", account.username, "third")
-    cli(admin_url, "keys", "delete", account.username, "third", "--yes")
-    cli(admin_url, "datasets", "list", account.username)
-    cli(admin_url, "datasets", "privacy", account.username, "cities", "public")
-    cli(admin_url, "users", "list")
-    restarted = ServerProcess(["--database-url", admin_url, "--data-dir", str(data_dir)],
-                              data_dir / "restart-trap.log", {"GRANTKEY_SECRET": TEST_SECRET})
+    cli(login, "keys", "regenerate", account.username, "third")
+    cli(login, "keys", "delete", account.username, "third", "--yes")
+    cli(login, "datasets", "list", account.username)
+    cli(login, "datasets", "privacy", account.username, "cities", "public")
+    cli(login, "users", "list")
+    restarted = ServerProcess(login.args(data_dir), data_dir / "restart-trap.log", login.env)
     try:  # start-up: bootstrap, migrations, reconciliation
         restarted.wait_healthy()
         assert httpx.get(keys, params=master).status_code == 200
@@ -152,7 +152,7 @@ def drive_every_path(http: httpx.Client, account: Account, key: KeyHandle,
 @pytest.mark.parametrize("path_first", [False, True], ids=["default-path", "public-first"])
 def test_planted_functions_and_operators_never_run_on_grantkey_connections(
     trapped: Account, http: httpx.Client, make_key: Callable[..., KeyHandle], admin_url: str,
-    data_dir: Path, owner_sql: Callable[[Account, str], None], path_first: bool,
+    login: Login, data_dir: Path, owner_sql: Callable[[Account, str], None], path_first: bool,
 ) -> None:
     if path_first:  # the owner owns its database: it can put public ahead of pg_catalog
         owner_sql(trapped, f'ALTER DATABASE "{trapped.user.database}" '
@@ -160,7 +160,7 @@ def test_planted_functions_and_operators_never_run_on_grantkey_connections(
     key = make_key(trapped, "first", table_grants(
         [("public", "cities", ["select"]), ("public", "moods", ["select"])],
         create_schemas=("public",)))
-    drive_every_path(http, trapped, key, admin_url, data_dir)
+    drive_every_path(http, trapped, key, login, data_dir)
     calls = planted_calls(admin_url, trapped)
     assert calls == [], f"grantkey's own connections ran planted code: {calls}"
 

@@ -17,19 +17,18 @@ import httpx
 import psycopg
 import pytest
 
-from tests.conftest import Account
-from tests.support import TEST_SECRET, ServerProcess, apis_only
+from tests.conftest import Account, Login
+from tests.support import ServerProcess, apis_only
 
 CLIENTS = 16
 SECONDS = 8.0
 
 
 @pytest.fixture(scope="module")
-def busy_server(data_dir: Path, admin_url: str, server: ServerProcess) -> Iterator[ServerProcess]:
+def busy_server(data_dir: Path, login: Login, server: ServerProcess) -> Iterator[ServerProcess]:
     process = ServerProcess(
-        ["--database-url", admin_url, "--data-dir", str(data_dir), "--workers", "2"],
-        data_dir / "busy.log",
-        {"GRANTKEY_SECRET": TEST_SECRET, "GRANTKEY_SQL_IDLE_SECONDS": "1",
+        [*login.args(data_dir), "--workers", "2"], data_dir / "busy.log",
+        {**login.env, "GRANTKEY_SQL_IDLE_SECONDS": "1",
          "GRANTKEY_SQL_MAX_CONNECTIONS": "20"})
     try:
         process.wait_healthy()

@@ -16,8 +16,8 @@ import httpx
 import psycopg
 import pytest
 
-from tests.conftest import Account
-from tests.support import TEST_SECRET, ServerProcess, apis_only, table_grants
+from tests.conftest import Account, Login
+from tests.support import ServerProcess, apis_only, table_grants
 
 
 def problems(admin_url: str) -> list[str]:
@@ -58,21 +58,21 @@ def problems(admin_url: str) -> list[str]:
     return found
 
 
-def start_server(data_dir: Path, admin_url: str, name: str) -> ServerProcess:
-    process = ServerProcess(["--database-url", admin_url, "--data-dir", str(data_dir)],
-                            data_dir / f"{name}.log", {"GRANTKEY_SECRET": TEST_SECRET})
+def start_server(data_dir: Path, login: Login, name: str) -> ServerProcess:
+    process = ServerProcess(login.args(data_dir), data_dir / f"{name}.log", login.env)
     process.wait_healthy()
     return process
 
 
 @pytest.mark.slow
 def test_server_killed_during_key_churn_leaves_everything_whole(
-    account: Account, data_dir: Path, admin_url: str, owner_sql: object, server: ServerProcess,
+    account: Account, data_dir: Path, admin_url: str, login: Login, owner_sql: object,
+    server: ServerProcess,
 ) -> None:
     owner_sql(account, "CREATE TABLE t (id serial PRIMARY KEY)")  # type: ignore[operator]
     chooser = random.Random(7)
     for round_number in range(6):
-        victim = start_server(data_dir, admin_url, f"victim-{round_number}")
+        victim = start_server(data_dir, login, f"victim-{round_number}")
         url = f"{victim.url}/user/{account.username}/api/v3/api_keys"
 
         def churn(base: str = url, number: int = round_number) -> None:
@@ -91,7 +91,7 @@ def test_server_killed_during_key_churn_leaves_everything_whole(
         time.sleep(chooser.uniform(0.2, 1.0))
         victim.stop(signal.SIGKILL)
         worker.join(timeout=30)
-    survivor = start_server(data_dir, admin_url, "survivor")
+    survivor = start_server(data_dir, login, "survivor")
     try:
         assert problems(admin_url) == []
         url = f"{survivor.url}/user/{account.username}/api/v3/api_keys"
@@ -110,26 +110,27 @@ USER_STEPS = ["user.reserved", "user.roles_created", "user.database_created",
 KEY_STEPS = ["key.validated", "key.role_created", "key.privileges_granted", "key.row_inserted"]
 
 
-def cli(*args: str, admin_url: str, crash_at: str | None = None) -> int:
-    env = {**os.environ, "GRANTKEY_SECRET": TEST_SECRET}
+def cli(*args: str, login: Login, crash_at: str | None = None) -> int:
+    env = {**os.environ, **login.env}
     if crash_at:
         env["GRANTKEY_CRASH_AT"] = crash_at
     return subprocess.run([sys.executable, "-m", "grantkey.cli", *args, "--database-url",
-                           admin_url], env=env, capture_output=True, timeout=120).returncode
+                           login.database_url], env=env, capture_output=True,
+                          timeout=120).returncode
 
 
 @pytest.mark.slow
 def test_cli_killed_at_each_step_of_user_creation_is_repaired_at_start_up(
-    data_dir: Path, admin_url: str, server: ServerProcess,
+    data_dir: Path, admin_url: str, login: Login, server: ServerProcess,
 ) -> None:
     names = [f"crash-{os.getpid()}-{i}" for i in range(len(USER_STEPS))]
     for name, step in zip(names, USER_STEPS, strict=True):
-        assert cli("users", "create", name, admin_url=admin_url, crash_at=step) == -signal.SIGKILL
+        assert cli("users", "create", name, login=login, crash_at=step) == -signal.SIGKILL
     with psycopg.connect(admin_url, dbname="grantkey") as conn:
         states = dict(conn.execute("SELECT username, state FROM users WHERE username = ANY(%s)",
                                    [names]).fetchall())
     assert states == dict.fromkeys(names, "creating"), "each crash left a half-made user"
-    restarted = start_server(data_dir, admin_url, "after-user-crashes")  # runs the repair
+    restarted = start_server(data_dir, login, "after-user-crashes")  # runs the repair
     restarted.stop()
     assert problems(admin_url) == []
     with psycopg.connect(admin_url, dbname="grantkey") as conn:
@@ -140,14 +141,14 @@ def test_cli_killed_at_each_step_of_user_creation_is_repaired_at_start_up(
 
 @pytest.mark.slow
 def test_cli_killed_at_each_step_of_key_creation_leaves_nothing(
-    account: Account, admin_url: str, owner_sql: object,
+    account: Account, admin_url: str, login: Login, owner_sql: object,
 ) -> None:
     owner_sql(account, "CREATE TABLE crashed (id serial PRIMARY KEY)")  # type: ignore[operator]
     for step in KEY_STEPS:
         code = cli("keys", "create", account.username, "doomed", "--table",
-                   "public.crashed:select,insert", admin_url=admin_url, crash_at=step)
+                   "public.crashed:select,insert", login=login, crash_at=step)
         assert code == -signal.SIGKILL
         assert problems(admin_url) == []
     assert cli("keys", "create", account.username, "doomed", "--table",
-               "public.crashed:select", admin_url=admin_url) == 0
+               "public.crashed:select", login=login) == 0
     assert problems(admin_url) == []

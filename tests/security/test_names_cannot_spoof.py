@@ -11,8 +11,8 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from tests.conftest import Account
-from tests.support import TEST_SECRET, apis_only
+from tests.conftest import Account, Login
+from tests.support import apis_only
 
 HIDDEN = "Name can't contain control, format or invisible characters"
 EDGES = "Name can't begin or end with spaces"
@@ -48,27 +48,27 @@ def test_ordinary_unicode_names_are_still_accepted(
     assert response.json()["name"] == name
 
 
-def _cli(admin_url: str, *args: str) -> str:
+def _cli(login: Login, *args: str) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "grantkey.cli", *args, "--database-url", admin_url],
+        [sys.executable, "-m", "grantkey.cli", *args, "--database-url", login.database_url],
         capture_output=True, text=True, timeout=60,
-        env={**os.environ, "GRANTKEY_SECRET": TEST_SECRET, "COLUMNS": "300"})
+        env={**os.environ, **login.env, "COLUMNS": "300"})
     assert result.returncode == 0, result.stderr
     return result.stdout
 
 
 def test_the_cli_prints_names_as_typed_never_as_markup(
-    http: httpx.Client, account: Account, admin_url: str,
+    http: httpx.Client, account: Account, login: Login,
     owner_sql: Callable[[Account, str], None],
 ) -> None:
     for name in ("[b]Default public", "[red]Master", ":warning: app"):
         assert http.post(account.keys_url, params=account.master(),
                          json={"name": name, "grants": apis_only("sql")}).status_code == 201
-    listed = _cli(admin_url, "keys", "list", account.username)
+    listed = _cli(login, "keys", "list", account.username)
     for name in ("[b]Default public", "[red]Master", ":warning: app"):
         assert name in listed
     # table names come from tenants: an escape sequence prints as an escape, not raw
     owner_sql(account, 'CREATE TABLE "clear\x1b[2Jscreen" (a int); CREATE TABLE "[i]x" (a int)')
-    datasets = _cli(admin_url, "datasets", "list", account.username)
+    datasets = _cli(login, "datasets", "list", account.username)
     assert "\x1b" not in datasets and "clear\\u001b[2Jscreen" in datasets
     assert "[i]x" in datasets

@@ -1,7 +1,9 @@
 """grantkey on a PostgreSQL whose admin role is not a superuser (managed PostgreSQL): a role
 with CREATEDB, CREATEROLE and pg_signal_backend. What needs a superuser (the guard against
 key-created code, closing large objects, PostGIS) is skipped and schema create grants are
-refused; everything else holds, attacks included."""
+refused; everything else holds, attacks included. On the wheel's PostgreSQL 18 (where
+the admin makes key roles through per-user manager roles) and on the system's
+PostgreSQL 15 (where CREATEROLE administers every role that is not a superuser)."""
 
 from __future__ import annotations
 
@@ -21,16 +23,25 @@ from grantkey.cli.embedded import EmbeddedPostgres
 from tests.support import TEST_SECRET, ServerProcess, table_grants
 
 ROLE, PASSWORD = "gk_test_admin", "managed-admin-password-0123456789"
+SYSTEM_15 = Path("/usr/lib/postgresql/15/bin")
 NO_GUARD = ("Grants schema create is not available on this server: keys that create tables "
             "need a guard against creating code, which only a PostgreSQL superuser can install")
 
 
-@pytest.fixture(scope="module")
-def cluster(data_dir: Path) -> Iterator[EmbeddedPostgres]:
+@pytest.fixture(scope="module", params=["pg18-wheel", "pg15-system"])
+def cluster(data_dir: Path, request: pytest.FixtureRequest) -> Iterator[EmbeddedPostgres]:
     """A cluster of its own, where grantkey's metadata is made by the managed admin."""
     if os.environ.get("GRANTKEY_TEST_DATABASE_URL"):
         pytest.skip("needs a private cluster (runs on the embedded one)")
-    private = EmbeddedPostgres(data_dir / "managed-pg")
+    bin_dir = None
+    if request.param == "pg15-system":
+        if not (SYSTEM_15 / "initdb").exists():
+            reason = "PostgreSQL 15 is not installed (apt-get install postgresql-15)"
+            if os.environ.get("GRANTKEY_REQUIRE_POSTGIS") == "1":  # CI installs it
+                pytest.fail(reason)
+            pytest.skip(reason)
+        bin_dir = SYSTEM_15
+    private = EmbeddedPostgres(data_dir / f"managed-{request.param}", bin_dir=bin_dir)
     private.start()
     yield private
     private.stop()
@@ -39,7 +50,7 @@ def cluster(data_dir: Path) -> Iterator[EmbeddedPostgres]:
 @pytest.fixture(scope="module")
 def admin_url(cluster: EmbeddedPostgres) -> str:
     """The private cluster's superuser (the provider's, not grantkey's)."""
-    return cluster.admin_url
+    return cluster.superuser_url
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +64,11 @@ def managed_url(admin_url: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def managed(managed_url: str, data_dir: Path) -> Iterator[ServerProcess]:
-    home = data_dir / "managed"
+def managed(managed_url: str, cluster: EmbeddedPostgres) -> Iterator[ServerProcess]:
+    home = cluster.pgdata.parent / "home"
     home.mkdir(exist_ok=True)
     server = ServerProcess(["--database-url", managed_url, "--data-dir", str(home)],
-                           data_dir / "managed.log", {"GRANTKEY_SECRET": TEST_SECRET})
+                           home.parent / "managed.log", {"GRANTKEY_SECRET": TEST_SECRET})
     try:
         server.wait_healthy()
         yield server
@@ -147,6 +158,37 @@ def test_attacks_hold_with_a_non_superuser_admin(
     cli(managed_url, "users", "delete", "managed-eve", "--yes")
 
 
+def test_another_tenants_database_grant_cannot_keep_a_deleted_users_roles_alive(
+    managed: ServerProcess, managed_url: str, admin_url: str,
+) -> None:
+    """`GRANT CONNECT ON DATABASE` (a grant on a shared object, recorded with no database)
+    from another tenant to each of a user's roles, the manager roles included (which the
+    admin may SET ROLE to but does not inherit): deleting the user still drops them all."""
+    victim = json.loads(cli(managed_url, "users", "create", "managed-victim", "--json"))
+    other = json.loads(cli(managed_url, "users", "create", "managed-intruder", "--json"))
+    prefix = f"gk_{victim['database'][3:]}_"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        roles = [name for (name,) in conn.execute(
+            "SELECT rolname::text FROM pg_roles WHERE starts_with(rolname, %s)", [prefix])]
+    with psycopg.connect(admin_url) as conn:
+        if conn.info.server_version >= 160000:
+            assert f"{prefix}maker" in roles and f"{prefix}granter" in roles, roles
+    grantees = ", ".join(f'"{role}"' for role in roles)
+    granted = httpx.get(f"{managed.url}/user/managed-intruder/api/v2/sql", params={
+        "api_key": other["master_token"],
+        "q": f'GRANT CONNECT, TEMPORARY ON DATABASE "{other["database"]}" TO {grantees}'})
+    assert granted.status_code == 200, granted.text
+    deleted = subprocess.run(
+        [sys.executable, "-m", "grantkey.cli", "users", "delete", "managed-victim", "--yes",
+         "--database-url", managed_url], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "GRANTKEY_SECRET": TEST_SECRET})
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        left = conn.execute("SELECT rolname::text FROM pg_roles WHERE starts_with(rolname, %s)",
+                            [prefix]).fetchall()
+    assert deleted.returncode == 0 and left == [], (left, deleted.stderr)
+    cli(managed_url, "users", "delete", "managed-intruder", "--yes")
+
+
 def test_a_superuser_url_lets_a_non_superuser_admin_install_the_guard(
     managed: ServerProcess, managed_url: str, admin_url: str,
 ) -> None:
@@ -174,13 +216,13 @@ def test_a_superuser_url_lets_a_non_superuser_admin_install_the_guard(
 
 
 def test_a_storage_quota_without_a_superuser_stops_the_start_with_a_clear_message(
-    managed_url: str, data_dir: Path,
+    managed_url: str, cluster: EmbeddedPostgres,
 ) -> None:
     """Its triggers need a superuser: rather than a quota that does not hold, no start."""
-    home = data_dir / "managed-quota"
+    home = cluster.pgdata.parent / "quota-home"
     home.mkdir(exist_ok=True)
     server = ServerProcess(["--database-url", managed_url, "--data-dir", str(home)],
-                           data_dir / "managed-quota.log",
+                           home.parent / "managed-quota.log",
                            {"GRANTKEY_SECRET": TEST_SECRET, "GRANTKEY_STORAGE_QUOTA": "1GB"})
     try:
         server.process.wait(60)

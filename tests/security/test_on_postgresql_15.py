@@ -45,7 +45,7 @@ def test_the_security_suite_passes_on_postgresql_15(data_dir: Path) -> None:
     cluster = EmbeddedPostgres(data_dir / "security15", bin_dir=SYSTEM_BIN)
     cluster.start()
     try:
-        env = {**os.environ, "GRANTKEY_TEST_DATABASE_URL": cluster.admin_url}
+        env = {**os.environ, "GRANTKEY_TEST_DATABASE_URL": cluster.superuser_url}
         result = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *ON_15],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800, check=False)

@@ -28,8 +28,8 @@ import pytest
 
 from grantkey.services import revocation
 from grantkey.services.container import Services
-from tests.conftest import Account, KeyHandle
-from tests.support import TEST_SECRET, ServerProcess, table_grants
+from tests.conftest import Account, KeyHandle, Login
+from tests.support import ServerProcess, table_grants
 
 SECRET = "the-secret-row"
 
@@ -182,10 +182,11 @@ def test_a_large_object_given_to_a_privilege_role_cannot_block_key_management(
     delete(http, account, "reader")
 
 
-def _cli(admin_url: str, crash_at: str, *args: str) -> int:
-    env = {**os.environ, "GRANTKEY_SECRET": TEST_SECRET, "GRANTKEY_CRASH_AT": crash_at}
+def _cli(login: Login, crash_at: str, *args: str) -> int:
+    env = {**os.environ, **login.env, "GRANTKEY_CRASH_AT": crash_at}
     return subprocess.run([sys.executable, "-m", "grantkey.cli", *args, "--database-url",
-                           admin_url], capture_output=True, env=env, timeout=120).returncode
+                           login.database_url], capture_output=True, env=env,
+                          timeout=120).returncode
 
 
 def _fresh(account: Account, token: str) -> int:
@@ -198,13 +199,13 @@ def _fresh(account: Account, token: str) -> int:
     ("regenerate", "key.regenerated_before_row"),
 ])
 def test_a_cli_killed_right_after_revoking_leaves_no_worker_serving_the_old_token(
-    account: Account, creator: KeyHandle, admin_url: str, data_dir: Path, command: str,
-    crash_at: str,
+    account: Account, creator: KeyHandle, admin_url: str, login: Login, data_dir: Path,
+    command: str, crash_at: str,
 ) -> None:
     for _ in range(8):  # pooled sessions and cached keys in both workers
         assert _fresh(account, creator.token) == 200
     extra = ["--yes"] if command == "delete" else []
-    code = _cli(admin_url, crash_at, "keys", command, account.username, "creator", *extra)
+    code = _cli(login, crash_at, "keys", command, account.username, "creator", *extra)
     assert code == -9  # killed where asked
     statuses = [_fresh(account, creator.token) for _ in range(12)]
     if crash_at == "key.deleted_before_commit":  # died before deciding: nothing changed
@@ -212,9 +213,8 @@ def test_a_cli_killed_right_after_revoking_leaves_no_worker_serving_the_old_toke
         return
     assert statuses == [401] * 12
     if command == "delete":  # a restart finishes the cleanup the crash left owed
-        restarted = ServerProcess(["--database-url", admin_url, "--data-dir", str(data_dir)],
-                                  data_dir / "revocation-repair.log",
-                                  {"GRANTKEY_SECRET": TEST_SECRET})
+        restarted = ServerProcess(login.args(data_dir), data_dir / "revocation-repair.log",
+                                  login.env)
         try:
             restarted.wait_healthy()
         finally:
@@ -289,7 +289,7 @@ def test_a_key_changing_its_own_password_cannot_break_its_deletion(
 
 def test_a_lock_held_during_cleanup_leaves_nothing_of_the_key_with_rights(
     account: Account, owner_sql: Callable[[Account, str], None],
-    make_key: Callable[..., KeyHandle], admin_url: str, data_dir: Path,
+    make_key: Callable[..., KeyHandle], login: Login, data_dir: Path,
 ) -> None:
     """An anonymous query on one of the key's tables, longer than the cleanup's lock wait
     (a server with the default 25 s time limit), makes the cleanup wait and give up; the
@@ -297,8 +297,7 @@ def test_a_lock_held_during_cleanup_leaves_nothing_of_the_key_with_rights(
     owner_sql(account, f"CREATE TABLE secrets (s text); INSERT INTO secrets VALUES ('{SECRET}')")
     key = make_key(account, "creator", table_grants([("public", "secrets", ["select"])],
                                                     create_schemas=("public",)))
-    server = ServerProcess(["--database-url", admin_url, "--data-dir", str(data_dir)],
-                           data_dir / "cleanup-lock.log", {"GRANTKEY_SECRET": TEST_SECRET})
+    server = ServerProcess(login.args(data_dir), data_dir / "cleanup-lock.log", login.env)
     try:
         server.wait_healthy()
         sql_url = f"{server.url}/user/{account.username}/api/v2/sql"

@@ -16,8 +16,8 @@ import httpx
 import psycopg
 import pytest
 
-from tests.conftest import Account, KeyHandle
-from tests.support import TEST_SECRET, ServerProcess, table_grants
+from tests.conftest import Account, KeyHandle, Login
+from tests.support import ServerProcess, table_grants
 
 
 def fresh(account: Account, q: str, token: str | None) -> httpx.Response:
@@ -75,12 +75,11 @@ def test_role_settings_made_by_a_client_do_not_reach_later_sessions(
 
 
 def test_start_up_and_the_cli_repair_tampered_roles(
-    account: Account, reader: KeyHandle, admin_url: str, data_dir: Path,
+    account: Account, reader: KeyHandle, admin_url: str, login: Login, data_dir: Path,
 ) -> None:
     with reader.connect() as conn:
         conn.execute("ALTER ROLE CURRENT_USER SET work_mem = '64kB'")
-    restarted = ServerProcess(["--database-url", admin_url, "--data-dir", str(data_dir)],
-                              data_dir / "repair-start.log", {"GRANTKEY_SECRET": TEST_SECRET})
+    restarted = ServerProcess(login.args(data_dir), data_dir / "repair-start.log", login.env)
     try:
         restarted.wait_healthy()
     finally:
@@ -94,8 +93,8 @@ def test_start_up_and_the_cli_repair_tampered_roles(
             conn.execute(f'ALTER ROLE "{role_token[0]}" PASSWORD \'tampered\'')
     result = subprocess.run(
         [sys.executable, "-m", "grantkey.cli", "users", "repair", account.username, "--json",
-         "--database-url", admin_url], capture_output=True, text=True, timeout=60,
-        env={**os.environ, "GRANTKEY_SECRET": TEST_SECRET})
+         "--database-url", login.database_url], capture_output=True, text=True, timeout=60,
+        env={**os.environ, **login.env})
     assert result.returncode == 0, result.stderr
     assert {"Master", "Default public", "reader"} <= set(json.loads(result.stdout)["restored"])
     with reader.connect() as conn:  # the derived password works again, straight away

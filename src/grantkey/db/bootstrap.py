@@ -118,3 +118,53 @@ async def _apply_cluster_limits(admin_url: str, temp_file_limit: str) -> None:
         await conn.execute(sql.SQL("ALTER SYSTEM SET temp_file_limit = {}").format(
             sql.Literal(temp_file_limit)))
         await conn.execute("SELECT pg_catalog.pg_reload_conf()")
+
+
+async def prepare_routine_admin(superuser_url: str, role: str) -> None:
+    """As the superuser: make the routine admin role (not a superuser) and hand it the
+    metadata database, which an earlier release made as the superuser. Idempotent."""
+    async with await psycopg.AsyncConnection.connect(
+        maintenance_url(superuser_url), autocommit=True, row_factory=dict_row
+    ) as conn:
+        cur = await conn.execute("SELECT 1 FROM pg_catalog.pg_roles "
+                                 "WHERE rolname OPERATOR(pg_catalog.=) %s::text", [role])
+        ident = sql.Identifier(role)
+        if await cur.fetchone() is None:
+            await conn.execute(sql.SQL(
+                "CREATE ROLE {} LOGIN CREATEDB CREATEROLE NOSUPERUSER NOREPLICATION "
+                "NOBYPASSRLS").format(ident))
+        await conn.execute(sql.SQL("GRANT pg_signal_backend TO {}").format(ident))
+        await conn.execute(sql.SQL("GRANT CONNECT ON DATABASE postgres TO {}").format(ident))
+    async with await psycopg.AsyncConnection.connect(
+        maintenance_url(superuser_url), autocommit=True
+    ) as plain:  # only the owner can close `postgres` and `template1` to key roles
+        await _revoke_public_connect(plain)
+    async with await psycopg.AsyncConnection.connect(
+        maintenance_url(superuser_url), autocommit=True, row_factory=dict_row
+    ) as conn:
+        cur = await conn.execute("SELECT 1 FROM pg_catalog.pg_database "
+                                 "WHERE datname OPERATOR(pg_catalog.=) %s::text",
+                                 [METADATA_DATABASE])
+        if await cur.fetchone() is None:
+            return
+        await conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
+            sql.Identifier(METADATA_DATABASE), ident))
+    async with await psycopg.AsyncConnection.connect(
+        admin_conninfo(superuser_url, dbname=METADATA_DATABASE), autocommit=True,
+        row_factory=dict_row
+    ) as conn:
+        await hand_over_schema(conn, "public", role)
+
+
+async def hand_over_schema(conn: AdminConnection, schema: str, role: str) -> None:
+    """The schema and every table and sequence in it become `role`'s."""
+    ident = sql.Identifier(role)
+    await conn.execute(sql.SQL("ALTER SCHEMA {} OWNER TO {}").format(sql.Identifier(schema), ident))
+    cur = await conn.execute(
+        "SELECT c.relname::text AS relname FROM pg_catalog.pg_class c "
+        "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname OPERATOR(pg_catalog.=) %s::text AND c.relkind IN ('r', 'p', 'S') "
+        "AND c.relowner <> %s::pg_catalog.regrole", [schema, role])
+    for row in await cur.fetchall():
+        await conn.execute(sql.SQL("ALTER TABLE {} OWNER TO {}").format(
+            sql.Identifier(schema, row["relname"]), ident))

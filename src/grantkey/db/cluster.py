@@ -6,7 +6,9 @@ does tenant code: every admin session starts with the settings in `ADMIN_SESSION
 the startup packet, where they outrank whatever a tenant set with `ALTER DATABASE … SET` or
 `ALTER ROLE … SET`. Above all `search_path` holds only `pg_catalog` and `pg_temp`: a
 function or operator a tenant planted in `public` (say `public.starts_with(name, text)`,
-which matches a `name` argument better than the built-in) is then not even visible.
+which matches a `name` argument better than the built-in) is then not even visible; and
+`role` is pinned to none, so that a database owner's `ALTER DATABASE … SET role` cannot
+make grantkey's sessions (the superuser's included) start as another role.
 """
 
 from __future__ import annotations
@@ -32,23 +34,30 @@ METADATA_DATABASE = "grantkey"
 WATCH_SECONDS = 0.5  # how often each process checks that PostgreSQL answers
 ADMIN_SESSION = {
     "search_path": "pg_catalog,pg_temp",
+    "role": "none",
     "default_transaction_read_only": "off",
     "default_transaction_isolation": "read\\ committed",
     "statement_timeout": "0",
     "lock_timeout": "0",
     "idle_in_transaction_session_timeout": "0",
+    "idle_session_timeout": "0",
     "DateStyle": "ISO",
     "IntervalStyle": "postgres",
     "TimeZone": "UTC",
     "bytea_output": "hex",
 }
-ADMIN_OPTIONS = " ".join(f"-c {name}={value}" for name, value in ADMIN_SESSION.items())
+# Settings of newer servers only (an unknown name in the startup packet is fatal), pinned
+# where the server has them: no transaction time limit, and no self-granted SET or INHERIT
+# on the roles a CREATEROLE admin creates (`db.managers` relies on holding neither).
+ADMIN_SESSION_SINCE = {160000: {"createrole_self_grant": ""}, 170000: {"transaction_timeout": "0"}}
 # Pinned on every key-role session the same way: a client can `ALTER ROLE CURRENT_USER SET`
 # its own defaults (statement_timeout = 1, read-only, another search path, another date
 # style) and so break its key for every later session, the default public key above all;
 # settings from the startup packet outrank those. Clients can still SET them per query.
 KEY_SESSION = {
     "search_path": '"$user",\\ public',  # as PostgreSQL's default shows it
+    "role": "none",
+    "idle_session_timeout": "0",
     "statement_timeout": "0",
     "lock_timeout": "0",
     "idle_in_transaction_session_timeout": "0",
@@ -58,7 +67,19 @@ KEY_SESSION = {
     "IntervalStyle": "postgres",
     "bytea_output": "hex",
 }
-KEY_OPTIONS = " ".join(f"-c {name}={value}" for name, value in KEY_SESSION.items())
+KEY_SESSION_SINCE = {170000: {"transaction_timeout": "0"}}
+
+
+def session_options(pinned: dict[str, str], since: dict[int, dict[str, str]],
+                    server_version: int | None) -> str:
+    """The startup packet's options: `pinned`, and what `since` adds for this server (none
+    while its version is unknown: the metadata and maintenance databases, which no tenant
+    owns)."""
+    settings = dict(pinned)
+    for version, extra in since.items():
+        if server_version is not None and server_version >= version:
+            settings.update(extra)
+    return " ".join(f"-c {name}={value}" for name, value in settings.items())
 AdminConnection = psycopg.AsyncConnection[dict[str, Any]]
 
 
@@ -74,16 +95,19 @@ class Cluster:
         self._user_pools: OrderedDict[str, AsyncConnectionPool[AdminConnection]] = OrderedDict()
         self._pools_lock = asyncio.Lock()
         self.down_since: float | None = None  # set by `watch_forever` while unreachable
+        self.server_version: int | None = None  # known once `open` has connected
 
     def conninfo(self, dbname: str, **overrides: Any) -> str:
         """An admin connection string, with the pinned session settings."""
-        return admin_conninfo(self.admin_url, dbname=dbname, **overrides)
+        return admin_conninfo(self.admin_url, self.server_version, dbname=dbname, **overrides)
 
     def role_conninfo(self, dbname: str, role: str, password: str) -> str:
         """Where a key's own role logs in: same server, its own name and password."""
         params = conninfo_to_dict(self.admin_url)
         params.pop("passfile", None)
-        params.update(dbname=dbname, user=role, password=password, options=KEY_OPTIONS)
+        params.update(dbname=dbname, user=role, password=password,
+                      options=session_options(KEY_SESSION, KEY_SESSION_SINCE,
+                                              self.server_version))
         return make_conninfo("", **params)
 
     def _pool(self, dbname: str, max_size: int) -> AsyncConnectionPool[AdminConnection]:
@@ -102,6 +126,8 @@ class Cluster:
     async def open(self) -> None:
         self._metadata = self._pool(METADATA_DATABASE, 8)
         await self._metadata.open()
+        async with self._metadata.connection() as conn:
+            self.server_version = conn.info.server_version
 
     async def close(self) -> None:
         pools = list(self._user_pools.values())
@@ -213,7 +239,7 @@ class Cluster:
         url = self.superuser_url or self.admin_url
         async with translated():
             conn = await psycopg.AsyncConnection.connect(
-                admin_conninfo(url, dbname=dbname), row_factory=dict_row)
+                admin_conninfo(url, self.server_version, dbname=dbname), row_factory=dict_row)
             try:
                 async with conn.transaction():
                     yield conn
@@ -234,13 +260,15 @@ class Cluster:
                 await conn.close()
 
 
-def admin_conninfo(admin_url: str, **overrides: Any) -> str:
+def admin_conninfo(admin_url: str, server_version: int | None = None, **overrides: Any) -> str:
     """`admin_url` with `overrides` and the pinned admin session settings (after any
-    options the URL had, so ours win)."""
+    options the URL had, so ours win); those of newer servers where `server_version` has
+    them."""
     params = conninfo_to_dict(admin_url)
     params.update(overrides)
     given = params.get("options")
-    params["options"] = f"{given} {ADMIN_OPTIONS}" if given else ADMIN_OPTIONS
+    pinned = session_options(ADMIN_SESSION, ADMIN_SESSION_SINCE, server_version)
+    params["options"] = f"{given} {pinned}" if given else pinned
     return make_conninfo("", **params)
 
 

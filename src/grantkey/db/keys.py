@@ -7,6 +7,7 @@ from typing import Any
 from psycopg import sql
 
 from grantkey.db.cluster import AdminConnection
+from grantkey.db.managers import Managers, acting_as, as_admin
 from grantkey.db.users import LOGIN_ROLE_OPTIONS
 from grantkey.domain.keys import KeyRecord, KeyType
 from grantkey.domain.secrets_box import scram_verifier
@@ -116,12 +117,25 @@ async def update_token(
 
 
 async def create_key_role(
-    conn: AdminConnection, role: str, password: str, reader_role: str, owner_role: str
+    conn: AdminConnection, role: str, password: str, reader_role: str, owner_role: str,
+    managers: Managers | None = None,
 ) -> None:
+    """A key's LOGIN role, a member of the reader role, with the owner role a member of it.
+    With `managers` (see `db.managers`): made by the maker, the owner's membership in the
+    same statement, then given the reader role by the granter."""
+    verifier = sql.Literal(scram_verifier(password))
+    if managers is not None:
+        await acting_as(conn, managers.maker)
+        await conn.execute(sql.SQL("CREATE ROLE {} {} PASSWORD {} ROLE {}").format(
+            sql.Identifier(role), LOGIN_ROLE_OPTIONS, verifier, sql.Identifier(owner_role)))
+        await acting_as(conn, managers.granter)
+        await conn.execute(sql.SQL("GRANT {} TO {}").format(
+            sql.Identifier(reader_role), sql.Identifier(role)))
+        await as_admin(conn)
+        return
     await conn.execute(
         sql.SQL("CREATE ROLE {} {} PASSWORD {} IN ROLE {}").format(
-            sql.Identifier(role), LOGIN_ROLE_OPTIONS, sql.Literal(scram_verifier(password)),
-            sql.Identifier(reader_role),
+            sql.Identifier(role), LOGIN_ROLE_OPTIONS, verifier, sql.Identifier(reader_role),
         )
     )
     await conn.execute(

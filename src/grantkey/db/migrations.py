@@ -176,6 +176,18 @@ async def _storage_quota(su: AdminConnection) -> None:
     await storage_quota.install(su)
 
 
+async def _routine_admin_manages(conn: AdminConnection) -> None:
+    """A marker with a check: `services.upgrade` hands a database an earlier release made
+    as the superuser to the routine admin (`users.hand_over_user_database`) before it
+    migrates it; from here on the admin that migrates must own grantkey's schema."""
+    cur = await conn.execute(
+        "SELECT pg_catalog.pg_has_role(n.nspowner, 'USAGE') AS owns FROM pg_catalog.pg_namespace n "
+        "WHERE n.nspname OPERATOR(pg_catalog.=) 'grantkey_meta'")
+    row = await cur.fetchone()
+    if row is None or not row["owns"]:
+        raise RuntimeError("grantkey_meta is not the admin's: it was not handed over")
+
+
 QUOTA_VERSION = 5  # from this version on, a user database can hold a storage quota
 USER_MIGRATIONS = [
     Migration(2, "guard: keys create tables, never code", _install_guard, needs_superuser=True),
@@ -185,6 +197,8 @@ USER_MIGRATIONS = [
               _reader_role),
     Migration(QUOTA_VERSION, "storage quota: a trigger on every table", _storage_quota,
               needs_superuser=True),
+    Migration(6, "grantkey's routine admin (not a superuser) manages the database",
+              _routine_admin_manages),
 ]
 USER_BASELINE = 1  # what users.harden_database makes
 

@@ -15,13 +15,13 @@ from psycopg import sql
 
 from grantkey.db.cluster import AdminConnection
 from grantkey.db.keys import storable
+from grantkey.db.managers import PRIVILEGE_ROLE_PATTERN, Managers, acting_as, as_admin
 from grantkey.domain import names
 from grantkey.domain.grants import GrantsPlan
 
 GRANTABLE_RELKINDS = ["r", "v", "m", "f", "p"]
 HIDDEN_SCHEMAS = ["pg_catalog", "information_schema", "grantkey_meta", "pg_toast"]
 OWNER_PRIVILEGES = ["delete", "insert", "references", "select", "trigger", "truncate", "update"]
-PRIVILEGE_ROLE_PATTERN = r"^gk_[0-9a-f]+_[tnq][0-9]"
 
 
 class MissingObject(Exception):
@@ -146,9 +146,12 @@ async def _wanted_roles(conn: AdminConnection, user_id: str, plan: GrantsPlan) -
 
 
 async def apply_grants(
-    conn: AdminConnection, user_id: str, key_role: str, plan: GrantsPlan
+    conn: AdminConnection, user_id: str, key_role: str, plan: GrantsPlan,
+    managers: Managers | None = None,
 ) -> None:
     """Give `key_role` what `plan` asks for. Raises MissingObject for unknown objects.
+    With `managers`, the granter makes, drops and grants the privilege roles; the admin
+    grants them the objects (as the owner role's heir).
 
     A privilege role that exists but that the object's live ACL no longer names (its object
     was dropped and the OID reused) is dropped, removing its stale members, and made anew:
@@ -164,13 +167,21 @@ async def apply_grants(
     for item in wanted:
         if state[item.role]["live"]:
             continue
+        if managers is not None:
+            await acting_as(conn, managers.granter)
         if state[item.role]["present"]:  # IF EXISTS: a cleanup may be dropping it too
             await conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(
                 sql.Identifier(item.role)))
         await conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(item.role)))
+        if managers is not None:
+            await as_admin(conn)
         await conn.execute(item.grant)
+    if managers is not None:
+        await acting_as(conn, managers.granter)
     await conn.execute(sql.SQL("GRANT {} TO {}").format(
         sql.SQL(", ").join(sql.Identifier(w.role) for w in wanted), sql.Identifier(key_role)))
+    if managers is not None:
+        await as_admin(conn)
 
 
 async def orphan_privilege_roles(conn: AdminConnection, user_id: str) -> list[str]:

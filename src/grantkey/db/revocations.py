@@ -71,13 +71,46 @@ async def bounded_lock_wait(meta: AdminConnection) -> None:
 async def leave_every_role(meta: AdminConnection, role: str, oid: int) -> None:
     """The role leaves its privilege roles and the user's public role (memberships are
     cluster-wide: this runs on the metadata database, out of tenants' reach)."""
+    target = sql.Identifier(role)
+    if meta.info.server_version < 160000 or await _is_superuser(meta):
+        cur = await meta.execute(
+            "SELECT DISTINCT r.rolname::text AS rolname FROM pg_catalog.pg_auth_members m "
+            "JOIN pg_catalog.pg_roles r ON r.oid = m.roleid WHERE m.member = %s::oid", [oid])
+        groups = [row["rolname"] for row in await cur.fetchall()]
+        if groups:
+            await meta.execute(sql.SQL("REVOKE {} FROM {} CASCADE").format(
+                sql.SQL(", ").join(sql.Identifier(g) for g in groups), target))
+        return
     cur = await meta.execute(
-        "SELECT r.rolname::text AS rolname FROM pg_catalog.pg_auth_members m "
-        "JOIN pg_catalog.pg_roles r ON r.oid = m.roleid WHERE m.member = %s::oid", [oid])
-    groups = [row["rolname"] for row in await cur.fetchall()]
-    if groups:
-        await meta.execute(sql.SQL("REVOKE {} FROM {} CASCADE").format(
-            sql.SQL(", ").join(sql.Identifier(g) for g in groups), sql.Identifier(role)))
+        "SELECT r.rolname::text AS rolname, g.rolname::text AS grantor, "
+        "       g.rolname OPERATOR(pg_catalog.=) CURRENT_USER AS mine, "
+        "       g.oid IS NOT NULL AND pg_catalog.pg_has_role(g.oid, 'SET') AS settable "
+        "FROM pg_catalog.pg_auth_members m JOIN pg_catalog.pg_roles r ON r.oid = m.roleid "
+        "LEFT JOIN pg_catalog.pg_roles g ON g.oid = m.grantor WHERE m.member = %s::oid", [oid])
+    rows = await cur.fetchall()
+    # A non-superuser revokes what it granted, and what a role it can SET ROLE to granted
+    # (the user's granter, see `managers`), each as that grantor.
+    by_grantor: dict[tuple[str | None, bool, bool], list[str]] = {}
+    for row in rows:
+        key = (row["grantor"], bool(row["mine"]), bool(row["settable"]))
+        by_grantor.setdefault(key, []).append(row["rolname"])
+    for (grantor, mine, settable), groups in sorted(by_grantor.items(), key=lambda i: str(i[0])):
+        revoke = sql.SQL("REVOKE {} FROM {}").format(
+            sql.SQL(", ").join(sql.Identifier(g) for g in groups), target)
+        if mine or (settable and grantor is not None):
+            if not mine and grantor is not None:
+                await meta.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(grantor)))
+            await meta.execute(sql.SQL("{} GRANTED BY CURRENT_USER CASCADE").format(revoke))
+            if not mine:
+                await meta.execute("RESET ROLE")
+        else:
+            await meta.execute(sql.SQL("{} CASCADE").format(revoke))
+
+
+async def _is_superuser(conn: AdminConnection) -> bool:
+    cur = await conn.execute("SELECT pg_catalog.current_setting('is_superuser') AS su")
+    row = await cur.fetchone()
+    return row is not None and row["su"] == "on"
 
 
 async def record_pending(meta: AdminConnection, role: str, user_id: str, database: str,
@@ -240,19 +273,42 @@ async def hand_over_and_drop_owned(conn: AdminConnection, role: str, owner_role:
     await conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
 
 
+# Every database whose objects or ACLs name the roles (pg_shdepend), connectable. Grants on
+# shared objects (a database, a tablespace: another tenant can `GRANT CONNECT ON DATABASE`
+# its own database to any role) are recorded with dbid 0: `DROP OWNED` in any database
+# revokes those, so they name the database this runs in (the metadata database).
+DATABASES_NAMING = """
+SELECT DISTINCT COALESCE(d.datname, pg_catalog.current_database())::text AS datname
+  FROM pg_catalog.pg_shdepend s LEFT JOIN pg_catalog.pg_database d ON d.oid = s.dbid
+ WHERE s.refclassid = 'pg_catalog.pg_authid'::pg_catalog.regclass
+   AND s.refobjid = ANY(%s::oid[]) AND (s.dbid = 0 OR d.datallowconn)
+"""
+
+
 async def databases_naming(conn: AdminConnection, oid: int) -> list[str]:
-    """Every database whose objects or ACLs name the role (pg_shdepend), connectable."""
-    cur = await conn.execute(
-        "SELECT DISTINCT d.datname::text AS datname FROM pg_catalog.pg_shdepend s "
-        "JOIN pg_catalog.pg_database d ON d.oid = s.dbid "
-        "WHERE s.refclassid = 'pg_catalog.pg_authid'::pg_catalog.regclass "
-        "AND s.refobjid = %s::oid AND d.datallowconn", [oid])
+    """Every database where `DROP OWNED BY` the role has something to do."""
+    cur = await conn.execute(DATABASES_NAMING, [[oid]])
     return [row["datname"] for row in await cur.fetchall()]
 
 
 async def drop_owned(conn: AdminConnection, role: str) -> None:
     await bounded_cleanup_wait(conn)
     await conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+
+
+async def take_privileges_of(meta: AdminConnection, role: str) -> None:
+    """`DROP OWNED BY` needs the privileges of the role. An admin that is not a superuser
+    has them for key roles (through the owner role) but not for the reader and manager
+    roles it holds only with ADMIN OPTION (or SET): it grants itself INHERIT on such a role
+    first; dropping the role ends that membership."""
+    cur = await meta.execute("SELECT pg_catalog.pg_has_role(%s::text, 'USAGE') AS has",
+                             [role])
+    row = await cur.fetchone()
+    if row is not None and row["has"]:
+        return
+    grant = ("GRANT {} TO CURRENT_USER WITH INHERIT TRUE"
+             if meta.info.server_version >= 160000 else "GRANT {} TO CURRENT_USER")
+    await meta.execute(sql.SQL(grant).format(sql.Identifier(role)))
 
 
 async def drop_role(conn: AdminConnection, role: str) -> None:
@@ -263,6 +319,8 @@ async def drop_role_everywhere(cluster: Cluster, role: str, oid: int) -> None:
     """Drop what the role holds in every database that names it, then the role."""
     async with cluster.metadata() as meta:
         databases = await databases_naming(meta, oid)
+        if databases:
+            await take_privileges_of(meta, role)
     for database in databases:
         async with cluster.autocommit(database) as conn, conn.transaction():
             await drop_owned(conn, role)

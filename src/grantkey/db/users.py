@@ -7,7 +7,9 @@ from typing import Any
 from psycopg import sql
 
 from grantkey.db import revocations
-from grantkey.db.cluster import AdminConnection, Cluster
+from grantkey.db.bootstrap import hand_over_schema as bootstrap_hand_over
+from grantkey.db.cluster import METADATA_DATABASE, AdminConnection, Cluster
+from grantkey.domain import names
 from grantkey.domain.keys import User
 from grantkey.domain.names import USERNAME_PATTERN
 from grantkey.domain.secrets_box import scram_verifier
@@ -150,6 +152,34 @@ async def install_postgis(su: AdminConnection) -> None:
         await su.execute("CREATE EXTENSION IF NOT EXISTS postgis SCHEMA public")
 
 
+_GRANT_OWNER_16 = sql.SQL("GRANT {} TO {} WITH ADMIN TRUE, INHERIT TRUE, SET FALSE")
+_GRANT_PUBLIC_16 = sql.SQL("GRANT {} TO {} WITH ADMIN TRUE, INHERIT TRUE, SET FALSE")
+_GRANT_ADMIN_16 = sql.SQL("GRANT {} TO {} WITH ADMIN TRUE, INHERIT FALSE, SET FALSE")
+
+
+async def hand_over_user_database(su: AdminConnection, user_id: str, routine: str) -> None:
+    """As the superuser, for a user database an earlier release made as the superuser: the
+    routine admin gets `grantkey_meta`, ADMIN OPTION on every role of the user (PostgreSQL
+    16+ lets a non-superuser manage only those), and INHERIT on the owner role (not SET: see
+    `db.managers`)."""
+    if not await is_superuser(su) or routine == su.info.user:
+        return
+    await bootstrap_hand_over(su, KEYS_SCHEMA, routine)
+    cur = await su.execute(
+        "SELECT rolname::text AS rolname FROM pg_catalog.pg_roles "
+        "WHERE pg_catalog.starts_with(rolname::text, %s::text)", [f"gk_{user_id}_"])
+    target = sql.Identifier(routine)
+    for row in await cur.fetchall():
+        role = row["rolname"]
+        owner = role == f"gk_{user_id}_owner"
+        public = role == f"gk_{user_id}_public"
+        if su.info.server_version >= 160000:
+            grant = _GRANT_OWNER_16 if owner else _GRANT_PUBLIC_16 if public else _GRANT_ADMIN_16
+            await su.execute(grant.format(sql.Identifier(role), target))
+        elif owner or public:
+            await su.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), target))
+
+
 async def mark_ready(conn: AdminConnection, user_id: str, schema_version: int) -> None:
     await conn.execute("UPDATE public.users SET state = 'ready', schema_version = %s "
                        "WHERE id = %s", [schema_version, user_id])
@@ -202,17 +232,75 @@ async def drop_user_everywhere(cluster: Cluster, user_id: str, database: str) ->
 
 async def drop_user_roles(cluster: Cluster, user_id: str) -> None:
     """Every role named for the user: logins stopped, sessions ended, what other databases
-    grant them dropped (another tenant may have granted them something), then the role."""
+    grant them dropped (another tenant may have granted them something), then the role.
+
+    In bulk as the superuser where one is at hand (the CLI and `serve`'s start-up repair:
+    the embedded cluster's, or GRANTKEY_SUPERUSER_URL): an admin that is not a superuser
+    pays, for each DROP ROLE, a walk of every role it reaches (db.managers), so a user with
+    N keys would cost N² catalog lookups. Else one role at a time, as the admin."""
+    if await _drop_user_roles_as_superuser(cluster, user_id):
+        return
     async with cluster.autocommit() as conn:
         cur = await conn.execute(
             "SELECT rolname::text AS rolname, oid FROM pg_catalog.pg_roles "
             "WHERE pg_catalog.starts_with(rolname::text, %s::text)", [f"gk_{user_id}_"])
-        roles = [(row["rolname"], int(row["oid"])) for row in await cur.fetchall()]
+        # the manager roles last: they granted memberships in the others (db.managers)
+        managers = (names.maker_role(user_id), names.granter_role(user_id))
+        roles = sorted(((row["rolname"], int(row["oid"])) for row in await cur.fetchall()),
+                       key=lambda item: item[0] in managers)
         for role, oid in roles:
             await conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(sql.Identifier(role)))
             await revocations.terminate_sessions(conn, oid)
     for role, oid in roles:
         await revocations.drop_role_everywhere(cluster, role, oid)
+
+
+DROP_BATCH = 200  # roles per DROP OWNED / DROP ROLE statement (each takes a lock per role)
+
+
+def _batches(roles: list[str]) -> list[list[str]]:
+    return [roles[i:i + DROP_BATCH] for i in range(0, len(roles), DROP_BATCH)]
+
+
+def _role_list(roles: list[str]) -> sql.Composable:
+    return sql.SQL(", ").join(sql.Identifier(role) for role in roles)
+
+
+async def _drop_user_roles_as_superuser(cluster: Cluster, user_id: str) -> bool:
+    """`drop_user_roles` in a few statements as the superuser (no ADMIN OPTION walks).
+    False, having done nothing, where no superuser is at hand."""
+    async with cluster.superuser_session(METADATA_DATABASE) as su:
+        if not await is_superuser(su):
+            return False
+        cur = await su.execute(
+            "SELECT rolname::text AS rolname, oid FROM pg_catalog.pg_roles "
+            "WHERE pg_catalog.starts_with(rolname::text, %s::text)", [f"gk_{user_id}_"])
+        found = {row["rolname"]: int(row["oid"]) for row in await cur.fetchall()}
+        for role in found:
+            await su.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(sql.Identifier(role)))
+    if not found:
+        return True
+    oids = list(found.values())
+    async with cluster.superuser_session(METADATA_DATABASE) as su:  # once NOLOGIN is committed
+        await su.execute(
+            "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity "
+            "WHERE usesysid = ANY(%s::oid[])", [oids])
+        cur = await su.execute(revocations.DATABASES_NAMING, [oids])
+        databases = [row["datname"] for row in await cur.fetchall()]
+    # the manager roles last: they granted memberships in the others (db.managers)
+    managers = (names.maker_role(user_id), names.granter_role(user_id))
+    roles = sorted(found, key=lambda role: (role in managers, role))
+    for database in databases:
+        for batch in _batches(roles):
+            async with cluster.superuser_session(database) as su:
+                await revocations.bounded_cleanup_wait(su)
+                await su.execute(sql.SQL("DROP OWNED BY {}").format(_role_list(batch)))
+    others = [role for role in roles if role not in managers]
+    for batch in [*_batches(others), [role for role in roles if role in managers]]:
+        if batch:
+            async with cluster.superuser_session(METADATA_DATABASE) as su:
+                await su.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(_role_list(batch)))
+    return True
 
 
 async def owner_roles(conn: AdminConnection) -> dict[str, str]:

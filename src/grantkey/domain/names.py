@@ -46,6 +46,18 @@ def reader_role(user_id: str) -> str:
     return f"{NAME_PREFIX}{user_id}_reader"
 
 
+def maker_role(user_id: str) -> str:
+    """NOLOGIN, CREATEROLE: creates the user's key roles when the admin is not a superuser
+    (see `db.managers`)."""
+    return f"{NAME_PREFIX}{user_id}_maker"
+
+
+def granter_role(user_id: str) -> str:
+    """NOLOGIN, CREATEROLE: creates the user's privilege roles and grants them (and the
+    reader role) to key roles when the admin is not a superuser (see `db.managers`)."""
+    return f"{NAME_PREFIX}{user_id}_granter"
+
+
 def user_id_of_database(database: str) -> str:
     return database.removeprefix(NAME_PREFIX)
 

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from grantkey.db import keys as key_store
+from grantkey.db import managers as manager_store
 from grantkey.db import migrations, privileges
 from grantkey.db import revocations as revocation_store
 from grantkey.db.cluster import AdminConnection, Cluster
@@ -179,13 +180,14 @@ class KeyService:
             if plan.create_schemas and not await migrations.guard_installed(conn):
                 raise ValidationFailed([NO_GUARD_MESSAGE])
             checkpoint("key.validated")
+            managers = await manager_store.managers_for(conn, user.id, user.owner_role)
             await key_store.create_key_role(
                 conn, role, self.box.role_password(role, token), names.reader_role(user.id),
-                user.owner_role
+                user.owner_role, managers
             )
             checkpoint("key.role_created")
             try:
-                await privileges.apply_grants(conn, user.id, role, plan)
+                await privileges.apply_grants(conn, user.id, role, plan, managers)
             except privileges.MissingObject as missing:
                 raise ValidationFailed(
                     [f"Grants can only grant {missing.kind} permissions you have"]

@@ -16,6 +16,7 @@ from grantkey.db import privileges
 from grantkey.db import revocations as store
 from grantkey.db import users as user_store
 from grantkey.db.cluster import Cluster
+from grantkey.db.managers import PRIVILEGE_ROLE_PATTERN
 from grantkey.db.role_pools import RolePools
 from grantkey.domain import names
 from grantkey.domain.keys import KeyRecord, Principal, User
@@ -223,7 +224,7 @@ class Revoker:
                 # handed to the owner, and a privilege role never keeps code a key gave it
                 async with self.cluster.user_database(database) as conn:
                     for oid in [role_oid, *await store.privilege_role_oids(
-                            conn, prefix, privileges.PRIVILEGE_ROLE_PATTERN)]:
+                            conn, prefix, PRIVILEGE_ROLE_PATTERN)]:
                         await store.drop_key_code(conn, oid)
                 async with self.cluster.user_database(database) as conn:
                     await store.revoke_foreign_grants(conn, role_oid, prefix)

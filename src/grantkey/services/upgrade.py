@@ -30,8 +30,11 @@ async def upgrade_user_databases(cluster: Cluster) -> dict[str, int]:
         try:
             async with cluster.metadata() as meta:
                 behind = await user_store.users_behind(meta, migrations.USER_LATEST)
+            routine = lock.info.user
             for row in behind:
                 try:
+                    async with cluster.superuser_session(row["database"]) as su:
+                        await user_store.hand_over_user_database(su, row["id"], routine)
                     async with cluster.autocommit(row["database"]) as conn, conn.transaction():
                         version = await migrations.run_user_migrations(
                             conn, partial(cluster.superuser_session, row["database"]))
@@ -74,6 +77,11 @@ async def apply_storage_quotas(cluster: Cluster, size: str) -> dict[str, str]:
     return changed
 
 
-async def apply_cluster_limits(admin_url: str, temp_file_limit: str) -> None:
+async def apply_cluster_limits(superuser_url: str, temp_file_limit: str) -> None:
     """For a cluster grantkey owns (the embedded one): bounds on temporary files."""
-    await bootstrap.apply_cluster_limits(admin_url, temp_file_limit)
+    await bootstrap.apply_cluster_limits(superuser_url, temp_file_limit)
+
+
+async def prepare_routine_admin(superuser_url: str, role: str) -> None:
+    """For a cluster grantkey owns: the routine admin role, and what it must own."""
+    await bootstrap.prepare_routine_admin(superuser_url, role)

@@ -10,6 +10,7 @@ from functools import partial
 import psycopg
 
 from grantkey.db import keys as key_store
+from grantkey.db import managers as manager_store
 from grantkey.db import migrations, storage_quota
 from grantkey.db import users as user_store
 from grantkey.db.cluster import Cluster
@@ -116,6 +117,7 @@ class UserService:
                 conn, partial(self.cluster.superuser_session, user.database))
             for record in self._builtin_keys(user, master_token):
                 await key_store.insert_key(conn, record)
+            await manager_store.managers_for(conn, user.id, user.owner_role)
             checkpoint("user.keys_inserted")
             quota = "-1"
             if version >= migrations.QUOTA_VERSION:  # else no superuser: `serve` refuses a quota
