@@ -325,7 +325,7 @@ def test_a_masters_database_role_default_does_not_change_who_grantkey_acts_as(
     tenants: Callable[[], Account], services: Services, box: SecretBox, admin_url: str,
     routine_url: str,
 ) -> None:
-    """BREAK. The master owns its database, so it may `ALTER DATABASE … SET role = X` for
+    """Was a break. The master owns its database, so it may `ALTER DATABASE … SET role = X` for
     any X; PostgreSQL applies it at the start of every later session that may SET ROLE to
     X. The routine admin may SET ROLE to every user's maker and granter, and the superuser
     to any role at all: grantkey's own connections to that database then act as X (the
@@ -346,27 +346,22 @@ def test_a_masters_database_role_default_does_not_change_who_grantkey_acts_as(
         undo_database_settings(admin_url, account)
 
 
-def test_a_masters_database_role_default_does_not_block_another_users_cleanup(
-    tenants: Callable[[], Account], services: Services, box: SecretBox, run: Run,
-    owner_sql: Callable[[Account, str], None], make_key: Callable[..., KeyHandle],
-    http: httpx.Client, admin_url: str,
+def bait_then_delete(
+    services: Services, box: SecretBox, run: Run, owner_sql: Callable[[Account, str], None],
+    make_key: Callable[..., KeyHandle], http: httpx.Client, admin_url: str,
+    attacker: Account, victim: Account, baited: Callable[[KeyHandle], list[str]],
+    setting: sql.Composable,
 ) -> None:
-    """BREAK (cross-tenant). The attacker's master grants something in its own database to
-    the victim's key and manager roles (so removing them must `DROP OWNED` there), then
-    sets its database's `role` default to its own maker. grantkey's connection there (the
-    routine admin's for a key, the superuser's for a user) acts as that maker and gets
-    `permission denied to drop objects`: the victim's revoked key role and every role of
-    the deleted victim stay behind, and every start-up retry fails the same way. Root
-    cause and fix: as above (pin `role=none`)."""
-    attacker, victim = tenants(), tenants()
+    """The attacker's master grants a table of its database to the `baited` roles of the
+    victim (so removing them must `DROP OWNED` there) and sets `setting` on its database;
+    then the victim's key, and the victim, are deleted: nothing of theirs may stay."""
     owner_sql(victim, "CREATE TABLE cities (name text)")
     key = make_key(victim, "k", table_grants([("public", "cities", ["select"])]))
     with master_of(services, box, attacker).connect() as conn:
-        conn.execute(sql.SQL("CREATE TABLE bait (a int); GRANT SELECT ON bait TO {}, {}, {}").format(
-            sql.Identifier(key.role), sql.Identifier(maker(victim)),
-            sql.Identifier(victim.user.owner_role)))
-        conn.execute(sql.SQL("ALTER DATABASE {} SET role = {}").format(
-            sql.Identifier(attacker.user.database), sql.Literal(maker(attacker))))
+        conn.execute(sql.SQL("CREATE TABLE bait (a int); GRANT SELECT ON bait TO {}").format(
+            sql.SQL(", ").join(sql.Identifier(role) for role in baited(key))))
+        conn.execute(sql.SQL("ALTER DATABASE {} SET {}").format(
+            sql.Identifier(attacker.user.database), setting))
     try:
         delete_key(http, victim, "k")
         key_left = role_exists(admin_url, key.role)
@@ -376,12 +371,30 @@ def test_a_masters_database_role_default_does_not_block_another_users_cleanup(
         undo_database_settings(admin_url, attacker)
 
 
+def test_a_masters_database_role_default_does_not_block_another_users_cleanup(
+    tenants: Callable[[], Account], services: Services, box: SecretBox, run: Run,
+    owner_sql: Callable[[Account, str], None], make_key: Callable[..., KeyHandle],
+    http: httpx.Client, admin_url: str,
+) -> None:
+    """Was a break (cross-tenant). The attacker's master grants something in its own database to
+    the victim's key and manager roles (so removing them must `DROP OWNED` there), then
+    sets its database's `role` default to its own maker. grantkey's connection there (the
+    routine admin's for a key, the superuser's for a user) acts as that maker and gets
+    `permission denied to drop objects`: the victim's revoked key role and every role of
+    the deleted victim stay behind, and every start-up retry fails the same way. Root
+    cause and fix: as above (pin `role=none`)."""
+    attacker, victim = tenants(), tenants()
+    bait_then_delete(services, box, run, owner_sql, make_key, http, admin_url, attacker, victim,
+                     lambda key: [key.role, maker(victim), victim.user.owner_role],
+                     sql.SQL("role = {}").format(sql.Literal(maker(attacker))))
+
+
 def test_a_masters_database_transaction_timeout_does_not_block_another_users_cleanup(
     tenants: Callable[[], Account], services: Services, box: SecretBox, run: Run,
     owner_sql: Callable[[Account, str], None], make_key: Callable[..., KeyHandle],
     http: httpx.Client, admin_url: str,
 ) -> None:
-    """BREAK (cross-tenant, PostgreSQL 17+). Same bait, then `ALTER DATABASE … SET
+    """Was a break (cross-tenant, PostgreSQL 17+). Same bait, then `ALTER DATABASE … SET
     transaction_timeout = '1ms'`: every transaction grantkey opens there (admin and
     superuser) is ended before its `DROP OWNED` completes. `ADMIN_SESSION` pins
     `statement_timeout`, `lock_timeout` and `idle_in_transaction_session_timeout` but not
@@ -391,27 +404,15 @@ def test_a_masters_database_transaction_timeout_does_not_block_another_users_cle
     if server_version(admin_url) < 170000:
         pytest.skip("transaction_timeout is new in PostgreSQL 17")
     attacker, victim = tenants(), tenants()
-    owner_sql(victim, "CREATE TABLE cities (name text)")
-    key = make_key(victim, "k", table_grants([("public", "cities", ["select"])]))
-    with master_of(services, box, attacker).connect() as conn:
-        conn.execute(sql.SQL("CREATE TABLE bait (a int); GRANT SELECT ON bait TO {}, {}").format(
-            sql.Identifier(key.role), sql.Identifier(maker(victim))))
-        conn.execute(sql.SQL("ALTER DATABASE {} SET transaction_timeout = '1ms'").format(
-            sql.Identifier(attacker.user.database)))
-    try:
-        delete_key(http, victim, "k")
-        key_left = role_exists(admin_url, key.role)
-        run(services.users.delete(victim.username))
-        assert (key_left, leftover_roles(admin_url, victim)) == (False, [])
-    finally:
-        undo_database_settings(admin_url, attacker)
+    bait_then_delete(services, box, run, owner_sql, make_key, http, admin_url, attacker, victim,
+                     lambda key: [key.role, maker(victim)], sql.SQL("transaction_timeout = '1ms'"))
 
 
 def test_a_grant_on_another_tenants_database_does_not_block_deleting_the_managers(
     tenants: Callable[[], Account], services: Services, box: SecretBox, run: Run,
     admin_url: str,
 ) -> None:
-    """BREAK (cross-tenant). The attacker's master owns its database and grants `CONNECT`
+    """Was a break (cross-tenant). The attacker's master owns its database and grants `CONNECT`
     on it to the victim's maker and granter. A database's ACL lives in a shared catalog:
     pg_shdepend records it with `dbid = 0`, which `_drop_user_roles_as_superuser` (and
     `revocations.databases_naming`) skip by joining `pg_database ON d.oid = s.dbid`. The
@@ -441,7 +442,7 @@ def test_a_masters_createrole_self_grant_gives_the_maker_no_set_on_keys(
     tenants: Callable[[], Account], services: Services, box: SecretBox,
     owner_sql: Callable[[Account, str], None], http: httpx.Client, admin_url: str,
 ) -> None:
-    """BREAK (design invariant; no tenant gain found). `createrole_self_grant` is a user
+    """Was a break (design invariant; no tenant gain found). `createrole_self_grant` is a user
     setting, so the master may `ALTER DATABASE … SET createrole_self_grant = 'set,
     inherit'`; every role created on a later admin connection to that database is then
     granted to its creator with SET and INHERIT: the maker holds SET on each new key role,
