@@ -188,6 +188,12 @@ async def _routine_admin_manages(conn: AdminConnection) -> None:
         raise RuntimeError("grantkey_meta is not the admin's: it was not handed over")
 
 
+async def _withheld_tables(conn: AdminConnection) -> None:
+    """Made by the quota's installation, and here (by the admin) where there is no superuser:
+    grantkey's queries about privilege roles read them, with a quota or without one."""
+    await conn.execute(storage_quota.WITHHELD_TABLES)
+
+
 QUOTA_VERSION = 5  # from this version on, a user database can hold a storage quota
 USER_MIGRATIONS = [
     Migration(2, "guard: keys create tables, never code", _install_guard, needs_superuser=True),
@@ -199,6 +205,12 @@ USER_MIGRATIONS = [
               needs_superuser=True),
     Migration(6, "grantkey's routine admin (not a superuser) manages the database",
               _routine_admin_manages),
+    Migration(7, "storage quota: CREATE on schemas withheld over the limit",
+              storage_quota.install, needs_superuser=True),
+    # after 7: a superuser migration runs in a session of its own, committed first; one
+    # that made these tables in this transaction would wait for it forever
+    Migration(8, "storage quota: where CREATE withheld is kept, with or without a superuser",
+              _withheld_tables),
 ]
 USER_BASELINE = 1  # what users.harden_database makes
 

@@ -81,7 +81,10 @@ SELECT w.role, r.oid IS NOT NULL AS present,
                           AND a.grantee = r.oid AND a.privilege_type = w.privilege)
              OR EXISTS (SELECT 1 FROM pg_namespace n, aclexplode(n.nspacl) a
                         WHERE w.catalog = 'pg_namespace' AND n.oid = w.object_oid
-                          AND a.grantee = r.oid AND a.privilege_type = w.privilege),
+                          AND a.grantee = r.oid AND a.privilege_type = w.privilege)
+             OR EXISTS (SELECT 1 FROM grantkey_meta.create_withheld h
+                        WHERE w.catalog = 'pg_namespace' AND h.schema_oid = w.object_oid
+                          AND h.grantee = r.oid AND w.privilege = 'CREATE'),
                 false) AS live
 FROM unnest(%(roles)s::text[], %(catalogs)s::text[], %(oids)s::oid[], %(privileges)s::text[])
      AS w(role, catalog, object_oid, privilege)
@@ -192,7 +195,10 @@ async def orphan_privilege_roles(conn: AdminConnection, user_id: str) -> list[st
         "AND NOT EXISTS (SELECT 1 FROM pg_class c, aclexplode(c.relacl) a "
         "                WHERE c.relacl IS NOT NULL AND a.grantee = r.oid) "
         "AND NOT EXISTS (SELECT 1 FROM pg_namespace n, aclexplode(n.nspacl) a "
-        "                WHERE n.nspacl IS NOT NULL AND a.grantee = r.oid)",
+        "                WHERE n.nspacl IS NOT NULL AND a.grantee = r.oid) "
+        # CREATE withheld by the storage quota (of a schema that still exists)
+        "AND NOT EXISTS (SELECT 1 FROM grantkey_meta.create_withheld h "
+        "                JOIN pg_namespace n ON n.oid = h.schema_oid WHERE h.grantee = r.oid)",
         [names.user_role_prefix(user_id), PRIVILEGE_ROLE_PATTERN],
     )
     return [row["rolname"] for row in await cur.fetchall()]
@@ -225,13 +231,18 @@ FROM keys k JOIN pg_class c ON c.relowner = k.key_oid AND c.relkind::text = ANY(
 JOIN pg_namespace n ON n.oid = c.relnamespace
 """
 
+# (CREATE withheld by the storage quota over its limit is still the key's.)
 _SCHEMA_GRANTS = _HOLDERS + """
-SELECT h.rolname AS role, n.nspname AS name,
-       array_agg(DISTINCT pg_catalog.lower(a.privilege_type)) AS permissions
+SELECT h.rolname AS role, g.nspname AS name,
+       array_agg(DISTINCT pg_catalog.lower(g.privilege)) AS permissions
 FROM holders h
-JOIN pg_namespace n ON n.nspacl IS NOT NULL
-CROSS JOIN LATERAL aclexplode(n.nspacl) a
-WHERE a.grantee = h.holder
+JOIN (SELECT n.nspname, a.grantee, a.privilege_type AS privilege
+        FROM pg_namespace n CROSS JOIN LATERAL aclexplode(n.nspacl) a
+       WHERE n.nspacl IS NOT NULL
+      UNION ALL
+      SELECT n.nspname, w.grantee, 'CREATE'
+        FROM grantkey_meta.create_withheld w JOIN pg_namespace n ON n.oid = w.schema_oid) g
+  ON g.grantee = h.holder
 GROUP BY 1, 2
 """
 

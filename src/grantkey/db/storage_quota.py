@@ -1,6 +1,6 @@
 """A per-user storage quota that client SQL cannot lift (off unless GRANTKEY_STORAGE_QUOTA).
 
-Installed into each user database by the superuser (user migration 5):
+Installed into each user database by the superuser (user migrations 5 and 7):
 
 - `grantkey_meta.storage_quota`: one row, the limit in bytes (NULL: none), written only by
   grantkey's admin (it owns `grantkey_meta`; no client role can reach the schema);
@@ -14,14 +14,17 @@ Installed into each user database by the superuser (user migration 5):
 - an event trigger before every DDL command that, over the limit, refuses all but DROP …
   and REVOKE (any other may store data: a table or index, a rewrite, or catalog text such
   as a comment, a view, a default or a function body);
-- a sweep after each SQL API request of a user with a quota, for the tables PostgreSQL
-  makes without firing any event trigger (`EXPLAIN ANALYZE CREATE TABLE AS …`, also from
-  DO or a function).
+- a sweep (services/quota_keeper.py: after each SQL API request of a user with a quota,
+  and every second while one runs) for the tables PostgreSQL makes without firing any event
+  trigger (`EXPLAIN ANALYZE CREATE TABLE AS …`, also from DO or a function): it gives them
+  the trigger and, over the limit, withholds CREATE on every schema (`withhold_create`), so
+  that no more can be made, until the database is back under it (`restore_create`).
 
-Known limits (docs/security.md): such an EXPLAIN ANALYZE still runs over the limit, so each
-request may copy data into a new table until the sweep after it; `COMMENT ON DATABASE`
-(a shared catalog, no event trigger) is outside the measure; VACUUM FULL and CLUSTER fire no
-event trigger (a fillfactor lowered while under the limit lets them grow a table up to ten times).
+Known limits (docs/security.md): a request that crosses the limit may make such tables
+until the next sweep (about a second); a temporary one lives to the end of its request;
+`COMMENT ON DATABASE` (a shared catalog, no event trigger) is outside the measure; VACUUM
+FULL and CLUSTER fire no event trigger (a fillfactor lowered while under the limit lets
+them grow a table up to ten times).
 
 The quota is soft, as CARTO's: the statement that crosses the limit completes, and so may
 others for up to MEASURE_SECONDS; every write after that is refused until rows or tables
@@ -29,8 +32,9 @@ are deleted. The size is PostgreSQL's own `pg_database_size` (a stat of every fi
 database: ~6 ms with 1,000 tables), so a measure under the limit is kept in
 `grantkey_meta.storage_used` for MEASURE_SECONDS; one over it is made again at each
 statement, so that deleting data reopens writes at once. With no limit, a write statement
-pays one row read. The triggers' functions belong to the superuser, run with a pinned
-search_path and take no arguments.
+pays one row read. The quota's functions belong to the superuser and run with a pinned
+search_path; those SECURITY DEFINER take no arguments (`schema_acl`, which does, is not
+one, and no client can run any of them).
 """
 
 from __future__ import annotations
@@ -98,19 +102,22 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $quot
 BEGIN
   -- over the limit, only what frees storage (DROP …, REVOKE) stays open: any other DDL
   -- may store data (in a new table or index, a rewrite, or the catalogs: a comment, a
-  -- view's text, a default, a function's body)
-  IF tg_tag LIKE 'DROP %' OR tg_tag = 'REVOKE' THEN
-    RETURN;
-  END IF;
-  -- grantkey's own sessions: the superuser and the admin (owner of grantkey_meta)
-  IF session_user::text OPERATOR(pg_catalog.=) (
+  -- view's text, a default, a function's body); grantkey's own sessions (the superuser
+  -- and the admin, owner of grantkey_meta) pass
+  IF NOT (tg_tag LIKE 'DROP %' OR tg_tag = 'REVOKE')
+     AND session_user::text OPERATOR(pg_catalog.<>) (
        SELECT n.nspowner::pg_catalog.regrole::text FROM pg_catalog.pg_namespace n
        WHERE n.nspname OPERATOR(pg_catalog.=) 'grantkey_meta')
-     OR (SELECT r.rolsuper FROM pg_catalog.pg_roles r
-         WHERE r.rolname OPERATOR(pg_catalog.=) session_user) THEN
-    RETURN;
+     AND NOT (SELECT r.rolsuper FROM pg_catalog.pg_roles r
+              WHERE r.rolname OPERATOR(pg_catalog.=) session_user) THEN
+    PERFORM grantkey_meta.refuse_over_quota();
   END IF;
-  PERFORM grantkey_meta.refuse_over_quota();
+  -- while CREATE on schemas is withheld, a DDL command runs on the real ACLs (a REVOKE
+  -- then takes away what it names, a DROP OWNED finds what it drops); the end of the
+  -- command withholds again
+  IF (SELECT w.active FROM grantkey_meta.create_withholding w) THEN
+    PERFORM grantkey_meta.restore_create();
+  END IF;
 END
 $quota$;
 
@@ -155,12 +162,125 @@ CREATE OR REPLACE FUNCTION grantkey_meta.keep_quota_triggers() RETURNS event_tri
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $quota$
 BEGIN
   PERFORM grantkey_meta.add_quota_triggers();
+  IF (SELECT w.active FROM grantkey_meta.create_withholding w) THEN
+    PERFORM grantkey_meta.withhold_create();
+  END IF;
+END
+$quota$;
+
+-- A schema's ACL rebuilt from its entries: without CREATE (restore false), or with the
+-- CREATE entries withheld from it put back (restore true; those of dropped roles are not).
+-- Entries are written as aclitem text, names quoted as aclitem input reads them.
+CREATE OR REPLACE FUNCTION grantkey_meta.schema_acl(acl aclitem[], schema oid,
+                                                    restore boolean) RETURNS aclitem[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $quota$
+  SELECT coalesce(array_agg(format('%s=%s/%s',
+                                   CASE WHEN p.grantee = 0 THEN '' ELSE quote_ident(ge.rolname) END,
+                                   p.privileges, quote_ident(gr.rolname))::aclitem
+                            ORDER BY p.grantor, p.grantee), '{}')
+    FROM (SELECT e.grantor, e.grantee,
+                 string_agg(CASE e.privilege WHEN 'USAGE' THEN 'U' ELSE 'C' END
+                            || CASE WHEN e.grantable THEN '*' ELSE '' END, ''
+                            ORDER BY e.privilege DESC) AS privileges
+            FROM (SELECT a.grantor, a.grantee, a.privilege, bool_or(a.grantable) AS grantable
+                    FROM (SELECT x.grantor, x.grantee, x.privilege_type AS privilege,
+                                 x.is_grantable AS grantable
+                            FROM aclexplode(acl) x
+                           WHERE restore OR x.privilege_type <> 'CREATE'
+                          UNION ALL
+                          SELECT w.grantor, w.grantee, 'CREATE', w.grantable
+                            FROM grantkey_meta.create_withheld w
+                           WHERE restore AND w.schema_oid = schema) a
+                   GROUP BY a.grantor, a.grantee, a.privilege) e
+           GROUP BY e.grantor, e.grantee) p
+    LEFT JOIN pg_roles ge ON ge.oid = p.grantee
+    JOIN pg_roles gr ON gr.oid = p.grantor
+   WHERE p.grantee = 0 OR ge.oid IS NOT NULL
+$quota$;
+
+-- Over the limit: no role keeps CREATE on any schema clients use, so that nothing can make
+-- a table where no event trigger fires (EXPLAIN ANALYZE CREATE TABLE AS …). What is taken
+-- is recorded in create_withheld and put back by restore_create. The ACLs are written in
+-- the catalog, not by REVOKE: that keeps each entry's grantor and grant option, fires no
+-- event trigger, and every DDL command runs on the real ACLs (quota_before_ddl).
+CREATE OR REPLACE FUNCTION grantkey_meta.withhold_create() RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $quota$
+DECLARE
+  s record;
+BEGIN
+  FOR s IN
+    SELECT n.oid, coalesce(n.nspacl, acldefault('n', n.nspowner)) AS acl
+      FROM pg_namespace n
+     WHERE n.nspname <> ALL ('{information_schema,grantkey_meta}'::name[])
+       AND NOT n.nspname::text LIKE 'pg\\_%'
+       AND EXISTS (SELECT 1 FROM aclexplode(coalesce(n.nspacl, acldefault('n', n.nspowner))) x
+                    WHERE x.privilege_type = 'CREATE')
+  LOOP
+    INSERT INTO grantkey_meta.create_withheld (schema_oid, grantor, grantee, grantable)
+    SELECT s.oid, x.grantor, x.grantee, x.is_grantable FROM aclexplode(s.acl) x
+     WHERE x.privilege_type = 'CREATE'
+    ON CONFLICT (schema_oid, grantor, grantee) DO UPDATE SET grantable = excluded.grantable;
+    UPDATE pg_namespace n SET nspacl = grantkey_meta.schema_acl(s.acl, s.oid, false)
+     WHERE n.oid = s.oid;
+  END LOOP;
+END
+$quota$;
+
+CREATE OR REPLACE FUNCTION grantkey_meta.restore_create() RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $quota$
+DECLARE
+  s record;
+BEGIN
+  FOR s IN
+    SELECT n.oid, coalesce(n.nspacl, acldefault('n', n.nspowner)) AS acl
+      FROM pg_namespace n
+     WHERE n.oid IN (SELECT w.schema_oid FROM grantkey_meta.create_withheld w)
+  LOOP
+    UPDATE pg_namespace n SET nspacl = grantkey_meta.schema_acl(s.acl, s.oid, true)
+     WHERE n.oid = s.oid;
+  END LOOP;
+  DELETE FROM grantkey_meta.create_withheld;
+END
+$quota$;
+
+-- After each request of a user with a quota, and when the limit changes: over the limit,
+-- withhold CREATE on schemas; back under it (or with no limit), put it back. True while
+-- withheld.
+CREATE OR REPLACE FUNCTION grantkey_meta.fit_create_to_quota() RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $quota$
+DECLARE
+  allowed bigint;
+  over boolean;
+BEGIN
+  SELECT q.limit_bytes INTO allowed FROM grantkey_meta.storage_quota q;
+  over := allowed IS NOT NULL AND pg_database_size(current_database()) > allowed;
+  IF over THEN
+    UPDATE grantkey_meta.create_withholding SET active = true WHERE NOT active;
+    PERFORM grantkey_meta.withhold_create();
+  ELSIF (SELECT w.active FROM grantkey_meta.create_withholding w) THEN
+    PERFORM grantkey_meta.restore_create();
+    UPDATE grantkey_meta.create_withholding SET active = false;
+  END IF;
+  RETURN over;
 END
 $quota$;
 """
 
 _FUNCTIONS = ["refuse_over_quota()", "quota_before_write()", "quota_before_ddl()",
-              "add_quota_triggers()", "keep_quota_triggers()"]
+              "add_quota_triggers()", "keep_quota_triggers()",
+              "schema_acl(aclitem[], oid, boolean)", "withhold_create()", "restore_create()",
+              "fit_create_to_quota()"]
+# What the quota withholds over the limit (see withhold_create). Made by the admin too
+# (user migration 8) where there is no superuser: grantkey's queries about privilege roles
+# read it.
+WITHHELD_TABLES = """
+CREATE TABLE IF NOT EXISTS grantkey_meta.create_withheld (
+  schema_oid oid NOT NULL, grantor oid NOT NULL, grantee oid NOT NULL,
+  grantable boolean NOT NULL, PRIMARY KEY (schema_oid, grantor, grantee));
+CREATE TABLE IF NOT EXISTS grantkey_meta.create_withholding (
+  one boolean PRIMARY KEY DEFAULT true CHECK (one), active boolean NOT NULL DEFAULT false);
+INSERT INTO grantkey_meta.create_withholding (one) VALUES (true) ON CONFLICT DO NOTHING;
+"""
 KEEP_TRIGGER = "grantkey_quota_keep"
 DDL_TRIGGER = "grantkey_quota_ddl"
 
@@ -185,8 +305,17 @@ async def install(su: AdminConnection) -> None:
                            "WHERE n.nspname OPERATOR(pg_catalog.=) 'grantkey_meta'")
     row = await cur.fetchone()
     assert row is not None
-    await su.execute(sql.SQL("ALTER TABLE grantkey_meta.storage_quota OWNER TO {}").format(
-        sql.Identifier(row["owner"])))
+    admin = sql.Identifier(row["owner"])
+    await su.execute(WITHHELD_TABLES)
+    cur = await su.execute(  # (ALTER … OWNER locks the table even when nothing changes)
+        "SELECT c.relname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
+        "ON n.oid OPERATOR(pg_catalog.=) c.relnamespace WHERE n.nspname OPERATOR(pg_catalog.=) "
+        "'grantkey_meta' AND c.relname OPERATOR(pg_catalog.=) ANY (%s::name[]) "
+        "AND c.relowner OPERATOR(pg_catalog.<>) n.nspowner",
+        [["storage_quota", "create_withheld", "create_withholding"]])
+    for table in await cur.fetchall():
+        await su.execute(sql.SQL("ALTER TABLE grantkey_meta.{} OWNER TO {}").format(
+            sql.Identifier(table["relname"]), admin))
     await su.execute(_FUNCTIONS_DDL)
     for function in _FUNCTIONS:
         await su.execute(sql.SQL("REVOKE ALL ON FUNCTION grantkey_meta.{} FROM PUBLIC").format(
@@ -201,9 +330,9 @@ async def install(su: AdminConnection) -> None:
         "CREATE EVENT TRIGGER {} ON ddl_command_start "
         "EXECUTE FUNCTION grantkey_meta.quota_before_ddl()").format(sql.Identifier(DDL_TRIGGER)))
     # the admin sweeps after requests of users with a quota (see `sweep`)
-    await su.execute(sql.SQL(
-        "GRANT EXECUTE ON FUNCTION grantkey_meta.add_quota_triggers() TO {}").format(
-            sql.Identifier(row["owner"])))
+    for function in ("add_quota_triggers()", "fit_create_to_quota()"):
+        await su.execute(sql.SQL("GRANT EXECUTE ON FUNCTION grantkey_meta.{} TO {}").format(
+            sql.SQL(function), admin))
     await su.execute("SELECT grantkey_meta.add_quota_triggers()")
 
 
@@ -215,19 +344,35 @@ async def set_limit(conn: AdminConnection, size: str) -> int | None:
         "OPERATOR(pg_catalog.=) '-1' THEN NULL ELSE pg_catalog.pg_size_bytes(%(size)s::text) "
         "END RETURNING limit_bytes", {"size": size})
     row = await cur.fetchone()
+    await fit_create(conn)
     return None if row is None or row["limit_bytes"] is None else int(row["limit_bytes"])
 
 
+async def fit_create(conn: AdminConnection) -> bool:
+    """Over the limit, withhold CREATE on schemas; under it, put it back. True while
+    withheld (False where the database predates user migration 7)."""
+    cur = await conn.execute(
+        "SELECT pg_catalog.to_regprocedure('grantkey_meta.fit_create_to_quota()') IS NOT NULL "
+        "AS present")
+    row = await cur.fetchone()
+    if row is None or not row["present"]:
+        return False
+    cur = await conn.execute("SELECT grantkey_meta.fit_create_to_quota() AS withheld")
+    row = await cur.fetchone()
+    return row is not None and bool(row["withheld"])
+
 
 async def sweep(cluster: Cluster, database: str) -> bool:
-    """Give every table of `database` the trigger: for tables made where no event trigger
-    fires (`EXPLAIN ANALYZE CREATE TABLE AS …`). Run after each request of a user with a
-    quota; waits at most a second for a table a client holds. False if it could not
-    (logged; the next request sweeps again)."""
+    """After each request of a user with a quota: give every table of `database` the
+    trigger (for tables made where no event trigger fires: `EXPLAIN ANALYZE CREATE TABLE
+    AS …`), and, over the limit, withhold CREATE on its schemas so that no more such tables
+    can be made (put back once under it). Waits at most a second for what a client holds.
+    False if it could not (logged; the next request sweeps again)."""
     try:
         async with cluster.user_database(database) as conn:
             await conn.execute("SET LOCAL lock_timeout = '1s'")
             await conn.execute("SELECT grantkey_meta.add_quota_triggers()")
+            await fit_create(conn)
     except (GrantkeyError, psycopg.Error) as error:
         log.info("quota sweep of a user database skipped: %s", type(error).__name__)
         return False

@@ -52,6 +52,7 @@ class Services:
         await self.cluster.open()
 
     async def close(self) -> None:
+        await self.sql.quota.close()
         await self.revoker.drain()
         await self.pools.close()
         await self.cluster.close()

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from grantkey.db import storage_quota
 from grantkey.db.cluster import Cluster
 from grantkey.db.role_pools import RoleConnection, RolePools, RoleTarget
 from grantkey.db.sql_errors import connection_lost, translate
@@ -19,6 +18,7 @@ from grantkey.domain.keys import Principal
 from grantkey.domain.secrets_box import SecretBox
 from grantkey.errors import DatabaseUnavailable, LoginRefused, QueryInterrupted, Unauthorized
 from grantkey.services.lru import Lru
+from grantkey.services.quota_keeper import QuotaKeeper
 from grantkey.services.repair import RoleRepair
 from grantkey.services.resolver import KeyResolver
 
@@ -76,8 +76,7 @@ class SqlService:
         # deriving the password and building the conninfo cost more than the query itself
         self._targets: Lru[tuple[str, str, str], RoleTarget] = Lru(target_cache_size)
         self.repair: RoleRepair | None = None
-        self._sweeping: set[str] = set()
-        self._sweeps: set[asyncio.Task[None]] = set()
+        self.quota = QuotaKeeper(cluster)
 
     def target_for(self, principal: Principal) -> RoleTarget:
         role, database = principal.key.role, principal.user.database
@@ -103,7 +102,21 @@ class SqlService:
         return any(key[:2] == (database, role) for key in self._targets)
 
     async def start(self, principal: Principal, query: str) -> RunningQuery:
-        """Run `query` up to its first row. Errors here get a proper status."""
+        """Run `query` up to its first row. Errors here get a proper status. A user with a
+        storage quota has their database swept while it runs and after (QuotaKeeper)."""
+        if principal.user.storage_quota == "-1":
+            return await self._start(principal, query)
+        database = principal.user.database
+        self.quota.enter(database)
+        try:
+            running = await self._start(principal, query)
+        except BaseException:
+            self.quota.leave(database)
+            raise
+        running.quota_database = database  # `finish` leaves
+        return running
+
+    async def _start(self, principal: Principal, query: str) -> RunningQuery:
         target = self.target_for(principal)
         conn = await self._acquire(principal, target)
         limit = self.master_time_limit if principal.is_master else self.time_limit
@@ -126,8 +139,6 @@ class SqlService:
             await _shielded(self._release(execution, target, conn))
             raise
         running = RunningQuery(execution, target, conn, names, started)
-        if principal.user.storage_quota != "-1":
-            running.quota_database = principal.user.database
         execution.on_stopped = partial(self.finish, running)
         return running
 
@@ -153,29 +164,13 @@ class SqlService:
             return
         running.released = True
         if running.quota_database is not None:
-            self._sweep_soon(running.quota_database)
+            self.quota.leave(running.quota_database)
         execution = running.execution
         if execution.finished and not execution.timed_out:
             execution.stop_timers()
             if self.pools.release_at_once(running.target, running.conn):
                 return  # the usual case: no task needed to protect it from cancellation
         await _shielded(self._release(running.execution, running.target, running.conn))
-
-    def _sweep_soon(self, database: str) -> None:
-        """After a request of a user with a storage quota: tables made where no event
-        trigger fires get the quota's trigger (one sweep per database at a time)."""
-        if database in self._sweeping:
-            return
-        self._sweeping.add(database)
-        task = asyncio.get_running_loop().create_task(self._sweep(database))
-        self._sweeps.add(task)
-        task.add_done_callback(self._sweeps.discard)
-
-    async def _sweep(self, database: str) -> None:
-        try:
-            await storage_quota.sweep(self.cluster, database)
-        finally:
-            self._sweeping.discard(database)
 
     async def _release(self, execution: Execution, target: RoleTarget,
                        conn: RoleConnection) -> None:
