@@ -549,6 +549,7 @@ def test_keys_made_and_deleted_while_create_is_withheld_hold_to_the_quota(
     assert_no_create(limited.sql(http, SNEAKY[0], late.token))
     deleted = http.delete(f"{limited.keys_url}/doomed", params={"api_key": limited.master_token})
     assert deleted.status_code in (200, 204), deleted.text
+    assert limited.sql(http, "SELECT 1", doomed.token).status_code == 401
     dropped = limited.sql(http, "DROP SCHEMA gone", limited.master_token)
     assert dropped.status_code == 200, dropped.text
     back_under_the_limit(http, limited, admin_url)

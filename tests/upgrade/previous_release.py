@@ -29,7 +29,9 @@ BEFORE_MIGRATIONS = "d92998a40c0a480d56acd33e15addc7804db77ef"
 # main before the routine admin (2026-11-30): every user database made by the superuser,
 # at user migration 5
 BEFORE_ROUTINE_ADMIN = "5d80e41fe7ff1d3e491a29185aba402a42c65e36"
-PREVIOUS_RELEASES = [BEFORE_MIGRATIONS, BEFORE_ROUTINE_ADMIN]
+# main before the quota withheld CREATE over its limit (2026-12-01): at user migration 6
+BEFORE_CREATE_WITHHELD = "1732c378528a5af2506315f9b9ba73ad24fb73f4"
+PREVIOUS_RELEASES = [BEFORE_MIGRATIONS, BEFORE_ROUTINE_ADMIN, BEFORE_CREATE_WITHHELD]
 ROOT = Path(__file__).resolve().parents[2]
 
 
