@@ -204,43 +204,29 @@ $quota$;
 -- the catalog, not by REVOKE: that keeps each entry's grantor and grant option, fires no
 -- event trigger, and every DDL command runs on the real ACLs (quota_before_ddl).
 CREATE OR REPLACE FUNCTION grantkey_meta.withhold_create() RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $quota$
-DECLARE
-  s record;
-BEGIN
-  FOR s IN
-    SELECT n.oid, coalesce(n.nspacl, acldefault('n', n.nspowner)) AS acl
-      FROM pg_namespace n
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $quota$
+  -- every schema but PostgreSQL's and grantkey's, with its ACL (the default one if none)
+  WITH schemas AS (
+    SELECT n.oid, coalesce(n.nspacl, acldefault('n', n.nspowner)) AS acl FROM pg_namespace n
      WHERE n.nspname <> ALL ('{information_schema,grantkey_meta}'::name[])
-       AND NOT n.nspname::text LIKE 'pg\\_%'
-       AND EXISTS (SELECT 1 FROM aclexplode(coalesce(n.nspacl, acldefault('n', n.nspowner))) x
-                    WHERE x.privilege_type = 'CREATE')
-  LOOP
+       AND NOT n.nspname::text LIKE 'pg\\_%'),
+  taken AS (
     INSERT INTO grantkey_meta.create_withheld (schema_oid, grantor, grantee, grantable)
-    SELECT s.oid, x.grantor, x.grantee, x.is_grantable FROM aclexplode(s.acl) x
-     WHERE x.privilege_type = 'CREATE'
-    ON CONFLICT (schema_oid, grantor, grantee) DO UPDATE SET grantable = excluded.grantable;
-    UPDATE pg_namespace n SET nspacl = grantkey_meta.schema_acl(s.acl, s.oid, false)
-     WHERE n.oid = s.oid;
-  END LOOP;
-END
+    SELECT s.oid, x.grantor, x.grantee, x.is_grantable
+      FROM schemas s CROSS JOIN LATERAL aclexplode(s.acl) x WHERE x.privilege_type = 'CREATE'
+    ON CONFLICT (schema_oid, grantor, grantee) DO UPDATE SET grantable = excluded.grantable
+    RETURNING schema_oid)
+  UPDATE pg_namespace n SET nspacl = grantkey_meta.schema_acl(s.acl, s.oid, false)
+    FROM schemas s WHERE n.oid = s.oid AND s.oid IN (SELECT t.schema_oid FROM taken t);
 $quota$;
 
 CREATE OR REPLACE FUNCTION grantkey_meta.restore_create() RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $quota$
-DECLARE
-  s record;
-BEGIN
-  FOR s IN
-    SELECT n.oid, coalesce(n.nspacl, acldefault('n', n.nspowner)) AS acl
-      FROM pg_namespace n
-     WHERE n.oid IN (SELECT w.schema_oid FROM grantkey_meta.create_withheld w)
-  LOOP
-    UPDATE pg_namespace n SET nspacl = grantkey_meta.schema_acl(s.acl, s.oid, true)
-     WHERE n.oid = s.oid;
-  END LOOP;
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $quota$
+  UPDATE pg_namespace n
+     SET nspacl = grantkey_meta.schema_acl(coalesce(n.nspacl, acldefault('n', n.nspowner)),
+                                           n.oid, true)
+   WHERE n.oid IN (SELECT w.schema_oid FROM grantkey_meta.create_withheld w);
   DELETE FROM grantkey_meta.create_withheld;
-END
 $quota$;
 
 -- After each request of a user with a quota, and when the limit changes: over the limit,
