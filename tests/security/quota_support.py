@@ -55,16 +55,23 @@ SNEAKY = [
 ]
 
 
-def withholding(admin_url: str, account: Account) -> bool:
+def withholding(admin_url: str, account: Account) -> bool | None:
+    """True once CREATE is withheld (committed), False once it is back (committed), None
+    in between (the flag is set before the withholding commits, and cleared just before
+    the restore does)."""
     with psycopg.connect(admin_url, dbname=account.user.database) as conn:
-        row = conn.execute("SELECT active FROM grantkey_meta.create_withholding").fetchone()
-        return bool(row and row[0])
+        row = conn.execute(
+            "SELECT last_value <> 0, EXISTS (SELECT 1 FROM grantkey_meta.create_withheld) "
+            "FROM grantkey_meta.create_withheld_flag").fetchone()
+    assert row is not None
+    flag, records = row
+    return True if flag and records else False if not (flag or records) else None
 
 
 def wait_withholding(admin_url: str, account: Account, active: bool) -> None:
     """The sweep after a request withholds or restores CREATE: wait for it (at most 10 s)."""
     deadline = time.monotonic() + 10
-    while withholding(admin_url, account) != active:
+    while withholding(admin_url, account) is not active:
         assert time.monotonic() < deadline, f"CREATE withholding never became {active}"
         time.sleep(0.05)
 

@@ -163,6 +163,8 @@ async def apply_grants(
     wanted = await _wanted_roles(conn, user_id, plan)
     if not wanted:
         return
+    if any(w.catalog == "pg_namespace" for w in wanted):
+        await _wait_for_quota_sweeper(conn)
     cur = await conn.execute(_LIVENESS, {
         "roles": [w.role for w in wanted], "catalogs": [w.catalog for w in wanted],
         "oids": [w.object_oid for w in wanted], "privileges": [w.privilege for w in wanted]})
@@ -185,6 +187,16 @@ async def apply_grants(
         sql.SQL(", ").join(sql.Identifier(w.role) for w in wanted), sql.Identifier(key_role)))
     if managers is not None:
         await as_admin(conn)
+
+
+async def _wait_for_quota_sweeper(conn: AdminConnection) -> None:
+    """Schema grants while the storage quota's sweeper rewrites schema ACLs would fail
+    (`tuple concurrently updated`): take its lock (the limit's row) first."""
+    cur = await conn.execute(
+        "SELECT pg_catalog.to_regclass('grantkey_meta.storage_quota') IS NOT NULL AS present")
+    row = await cur.fetchone()
+    if row is not None and row["present"]:
+        await conn.execute("SELECT 1 FROM grantkey_meta.storage_quota FOR UPDATE")
 
 
 async def orphan_privilege_roles(conn: AdminConnection, user_id: str) -> list[str]:

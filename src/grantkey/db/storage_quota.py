@@ -18,7 +18,10 @@ Installed into each user database by the superuser (user migrations 5 and 7):
   and every second while one runs) for the tables PostgreSQL makes without firing any event
   trigger (`EXPLAIN ANALYZE CREATE TABLE AS …`, also from DO or a function): it gives them
   the trigger and, over the limit, withholds CREATE on every schema (`withhold_create`), so
-  that no more can be made, until the database is back under it (`restore_create`).
+  that no more can be made, until the database is back under it (`restore_create`); while
+  withheld (a sequence, `create_withheld_flag`, read outside any snapshot) a client's change
+  to a schema's privileges is refused. A client session blocking the sweep for over
+  BLOCKER_SECONDS is ended.
 
 Known limits (docs/security.md): a request that crosses the limit may make such tables
 until the next sweep (about a second); a temporary one lives to the end of its request;
@@ -39,6 +42,8 @@ one, and no client can run any of them).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 
 import psycopg
@@ -100,23 +105,38 @@ $quota$;
 CREATE OR REPLACE FUNCTION grantkey_meta.quota_before_ddl() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $quota$
 BEGIN
-  -- over the limit, only what frees storage (DROP …, REVOKE) stays open: any other DDL
-  -- may store data (in a new table or index, a rewrite, or the catalogs: a comment, a
-  -- view's text, a default, a function's body); grantkey's own sessions (the superuser
-  -- and the admin, owner of grantkey_meta) pass
-  IF NOT (tg_tag LIKE 'DROP %' OR tg_tag = 'REVOKE')
-     AND session_user::text OPERATOR(pg_catalog.<>) (
+  -- grantkey's own sessions (the superuser, and the admin: owner of grantkey_meta) pass
+  IF session_user::text OPERATOR(pg_catalog.=) (
        SELECT n.nspowner::pg_catalog.regrole::text FROM pg_catalog.pg_namespace n
        WHERE n.nspname OPERATOR(pg_catalog.=) 'grantkey_meta')
-     AND NOT (SELECT r.rolsuper FROM pg_catalog.pg_roles r
-              WHERE r.rolname OPERATOR(pg_catalog.=) session_user) THEN
+     OR (SELECT r.rolsuper FROM pg_catalog.pg_roles r
+         WHERE r.rolname OPERATOR(pg_catalog.=) session_user) THEN
+    RETURN;
+  END IF;
+  -- over the limit, only what frees storage (DROP …, REVOKE) stays open: any other DDL
+  -- may store data (in a new table or index, a rewrite, or the catalogs: a comment, a
+  -- view's text, a default, a function's body)
+  IF NOT (tg_tag LIKE 'DROP %' OR tg_tag = 'REVOKE') THEN
     PERFORM grantkey_meta.refuse_over_quota();
   END IF;
-  -- while CREATE on schemas is withheld, a DDL command runs on the real ACLs (a REVOKE
-  -- then takes away what it names, a DROP OWNED finds what it drops); the end of the
-  -- command withholds again
-  IF (SELECT w.active FROM grantkey_meta.create_withholding w) THEN
-    PERFORM grantkey_meta.restore_create();
+  IF tg_tag = ANY ('{ALTER SCHEMA,DROP OWNED,REASSIGN OWNED}'::text[]) THEN
+    PERFORM grantkey_meta.refuse_while_withheld();
+  END IF;
+END
+$quota$;
+
+-- While CREATE is withheld, a client's change to a schema's privileges (GRANT or REVOKE on
+-- a schema, ALTER SCHEMA, DROP or REASSIGN OWNED) would meet an ACL that is not the real
+-- one: it is refused. The flag is a sequence: read outside any snapshot, so a transaction
+-- that began before the withholding sees it too.
+CREATE OR REPLACE FUNCTION grantkey_meta.refuse_while_withheld() RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $quota$
+BEGIN
+  IF (SELECT f.last_value FROM grantkey_meta.create_withheld_flag f)
+     OPERATOR(pg_catalog.<>) 0 THEN
+    RAISE EXCEPTION 'schema privileges cannot change while the database is over its storage quota'
+      USING ERRCODE = '53400',
+            HINT = 'Delete rows or tables to bring the database under its quota, then try again.';
   END IF;
 END
 $quota$;
@@ -139,7 +159,7 @@ BEGIN
            AND t.tgname OPERATOR(pg_catalog.=) 'grantkey_quota'
      WHERE c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p}'::"char"[])
        AND n.nspname OPERATOR(pg_catalog.<>) ALL ('{information_schema,grantkey_meta}'::name[])
-       AND (NOT n.nspname::text OPERATOR(pg_catalog.~~) 'pg\\_%'
+       AND (NOT pg_catalog.starts_with(n.nspname::text, 'pg_')
             OR n.oid OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema())
        -- missing, disabled, or replaced (CREATE OR REPLACE TRIGGER with another function,
        -- timing, events or condition)
@@ -162,9 +182,22 @@ CREATE OR REPLACE FUNCTION grantkey_meta.keep_quota_triggers() RETURNS event_tri
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $quota$
 BEGIN
   PERFORM grantkey_meta.add_quota_triggers();
-  IF (SELECT w.active FROM grantkey_meta.create_withholding w) THEN
-    PERFORM grantkey_meta.withhold_create();
+  IF (SELECT f.last_value FROM grantkey_meta.create_withheld_flag f)
+     OPERATOR(pg_catalog.=) 0 THEN
+    RETURN;
   END IF;
+  IF session_user::text OPERATOR(pg_catalog.<>) (
+       SELECT n.nspowner::pg_catalog.regrole::text FROM pg_catalog.pg_namespace n
+       WHERE n.nspname OPERATOR(pg_catalog.=) 'grantkey_meta')
+     AND NOT (SELECT r.rolsuper FROM pg_catalog.pg_roles r
+              WHERE r.rolname OPERATOR(pg_catalog.=) session_user)
+     AND EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_ddl_commands() d
+                  WHERE d.command_tag = ANY ('{GRANT,REVOKE}'::text[])
+                    AND d.object_type OPERATOR(pg_catalog.=) 'SCHEMA') THEN
+    PERFORM grantkey_meta.refuse_while_withheld();
+  END IF;
+  -- what grantkey's admin granted meanwhile (a key made over the limit) is withheld too
+  PERFORM grantkey_meta.withhold_create();
 END
 $quota$;
 
@@ -201,32 +234,53 @@ $quota$;
 -- Over the limit: no role keeps CREATE on any schema clients use, so that nothing can make
 -- a table where no event trigger fires (EXPLAIN ANALYZE CREATE TABLE AS …). What is taken
 -- is recorded in create_withheld and put back by restore_create. The ACLs are written in
--- the catalog, not by REVOKE: that keeps each entry's grantor and grant option, fires no
--- event trigger, and every DDL command runs on the real ACLs (quota_before_ddl).
+-- the catalog, not by REVOKE: that keeps each entry's grantor and grant option and fires no
+-- event trigger. Each schema's row is locked first and its ACL read after, so a change
+-- committed meanwhile is neither lost nor recorded as withheld.
 CREATE OR REPLACE FUNCTION grantkey_meta.withhold_create() RETURNS void
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $quota$
-  -- every schema but PostgreSQL's and grantkey's, with its ACL (the default one if none)
-  WITH schemas AS (
-    SELECT n.oid, coalesce(n.nspacl, acldefault('n', n.nspowner)) AS acl FROM pg_namespace n
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $quota$
+DECLARE
+  schema oid;
+  acl aclitem[];
+BEGIN
+  FOR schema IN
+    SELECT n.oid FROM pg_namespace n
      WHERE n.nspname <> ALL ('{information_schema,grantkey_meta}'::name[])
-       AND NOT n.nspname::text LIKE 'pg\\_%'),
-  taken AS (
+       AND NOT starts_with(n.nspname::text, 'pg_')
+       AND EXISTS (SELECT 1 FROM aclexplode(coalesce(n.nspacl, acldefault('n', n.nspowner))) x
+                    WHERE x.privilege_type = 'CREATE')
+  LOOP
+    PERFORM 1 FROM pg_namespace n WHERE n.oid = schema FOR UPDATE;
+    SELECT coalesce(n.nspacl, acldefault('n', n.nspowner)) INTO acl
+      FROM pg_namespace n WHERE n.oid = schema;
     INSERT INTO grantkey_meta.create_withheld (schema_oid, grantor, grantee, grantable)
-    SELECT s.oid, x.grantor, x.grantee, x.is_grantable
-      FROM schemas s CROSS JOIN LATERAL aclexplode(s.acl) x WHERE x.privilege_type = 'CREATE'
-    ON CONFLICT (schema_oid, grantor, grantee) DO UPDATE SET grantable = excluded.grantable
-    RETURNING schema_oid)
-  UPDATE pg_namespace n SET nspacl = grantkey_meta.schema_acl(s.acl, s.oid, false)
-    FROM schemas s WHERE n.oid = s.oid AND s.oid IN (SELECT t.schema_oid FROM taken t);
+    SELECT schema, x.grantor, x.grantee, x.is_grantable FROM aclexplode(acl) x
+     WHERE x.privilege_type = 'CREATE'
+    ON CONFLICT (schema_oid, grantor, grantee) DO UPDATE SET grantable = excluded.grantable;
+    UPDATE pg_namespace n SET nspacl = grantkey_meta.schema_acl(acl, schema, false)
+     WHERE n.oid = schema;
+  END LOOP;
+END
 $quota$;
 
 CREATE OR REPLACE FUNCTION grantkey_meta.restore_create() RETURNS void
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $quota$
-  UPDATE pg_namespace n
-     SET nspacl = grantkey_meta.schema_acl(coalesce(n.nspacl, acldefault('n', n.nspowner)),
-                                           n.oid, true)
-   WHERE n.oid IN (SELECT w.schema_oid FROM grantkey_meta.create_withheld w);
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $quota$
+DECLARE
+  schema oid;
+  acl aclitem[];
+BEGIN
+  FOR schema IN
+    SELECT n.oid FROM pg_namespace n
+     WHERE n.oid IN (SELECT w.schema_oid FROM grantkey_meta.create_withheld w)
+  LOOP
+    PERFORM 1 FROM pg_namespace n WHERE n.oid = schema FOR UPDATE;
+    SELECT coalesce(n.nspacl, acldefault('n', n.nspowner)) INTO acl
+      FROM pg_namespace n WHERE n.oid = schema;
+    UPDATE pg_namespace n SET nspacl = grantkey_meta.schema_acl(acl, schema, true)
+     WHERE n.oid = schema;
+  END LOOP;
   DELETE FROM grantkey_meta.create_withheld;
+END
 $quota$;
 
 -- After each request of a user with a quota, and when the limit changes: over the limit,
@@ -238,14 +292,19 @@ DECLARE
   allowed bigint;
   over boolean;
 BEGIN
-  SELECT q.limit_bytes INTO allowed FROM grantkey_meta.storage_quota q;
+  -- one sweeper at a time (the limit's row: no client reaches it)
+  SELECT q.limit_bytes INTO allowed FROM grantkey_meta.storage_quota q FOR UPDATE;
   over := allowed IS NOT NULL AND pg_database_size(current_database()) > allowed;
   IF over THEN
-    UPDATE grantkey_meta.create_withholding SET active = true WHERE NOT active;
+    -- the flag first (it is not transactional): from now on no client changes a schema's
+    -- privileges, and every DDL command's end withholds too
+    PERFORM setval('grantkey_meta.create_withheld_flag', 1);
     PERFORM grantkey_meta.withhold_create();
-  ELSIF (SELECT w.active FROM grantkey_meta.create_withholding w) THEN
+  ELSIF (SELECT f.last_value FROM grantkey_meta.create_withheld_flag f) <> 0
+        OR EXISTS (SELECT 1 FROM grantkey_meta.create_withheld) THEN
     PERFORM grantkey_meta.restore_create();
-    UPDATE grantkey_meta.create_withholding SET active = false;
+    -- the flag last: a client's change racing it waits for the rows restored here
+    PERFORM setval('grantkey_meta.create_withheld_flag', 0);
   END IF;
   RETURN over;
 END
@@ -255,7 +314,7 @@ $quota$;
 _FUNCTIONS = ["refuse_over_quota()", "quota_before_write()", "quota_before_ddl()",
               "add_quota_triggers()", "keep_quota_triggers()",
               "schema_acl(aclitem[], oid, boolean)", "withhold_create()", "restore_create()",
-              "fit_create_to_quota()"]
+              "fit_create_to_quota()", "refuse_while_withheld()"]
 # What the quota withholds over the limit (see withhold_create). Made by the admin too
 # (user migration 8) where there is no superuser: grantkey's queries about privilege roles
 # read it.
@@ -263,9 +322,7 @@ WITHHELD_TABLES = """
 CREATE TABLE IF NOT EXISTS grantkey_meta.create_withheld (
   schema_oid oid NOT NULL, grantor oid NOT NULL, grantee oid NOT NULL,
   grantable boolean NOT NULL, PRIMARY KEY (schema_oid, grantor, grantee));
-CREATE TABLE IF NOT EXISTS grantkey_meta.create_withholding (
-  one boolean PRIMARY KEY DEFAULT true CHECK (one), active boolean NOT NULL DEFAULT false);
-INSERT INTO grantkey_meta.create_withholding (one) VALUES (true) ON CONFLICT DO NOTHING;
+CREATE SEQUENCE IF NOT EXISTS grantkey_meta.create_withheld_flag MINVALUE 0 MAXVALUE 1 START 0;
 """
 KEEP_TRIGGER = "grantkey_quota_keep"
 DDL_TRIGGER = "grantkey_quota_ddl"
@@ -298,7 +355,7 @@ async def install(su: AdminConnection) -> None:
         "ON n.oid OPERATOR(pg_catalog.=) c.relnamespace WHERE n.nspname OPERATOR(pg_catalog.=) "
         "'grantkey_meta' AND c.relname OPERATOR(pg_catalog.=) ANY (%s::name[]) "
         "AND c.relowner OPERATOR(pg_catalog.<>) n.nspowner",
-        [["storage_quota", "create_withheld", "create_withholding"]])
+        [["storage_quota", "create_withheld", "create_withheld_flag"]])
     for table in await cur.fetchall():
         await su.execute(sql.SQL("ALTER TABLE grantkey_meta.{} OWNER TO {}").format(
             sql.Identifier(table["relname"]), admin))
@@ -330,36 +387,78 @@ async def set_limit(conn: AdminConnection, size: str) -> int | None:
         "OPERATOR(pg_catalog.=) '-1' THEN NULL ELSE pg_catalog.pg_size_bytes(%(size)s::text) "
         "END RETURNING limit_bytes", {"size": size})
     row = await cur.fetchone()
-    await fit_create(conn)
+    if await _has_fit(conn):
+        await conn.execute("SELECT grantkey_meta.fit_create_to_quota()")
     return None if row is None or row["limit_bytes"] is None else int(row["limit_bytes"])
 
 
-async def fit_create(conn: AdminConnection) -> bool:
-    """Over the limit, withhold CREATE on schemas; under it, put it back. True while
-    withheld (False where the database predates user migration 7)."""
+BLOCKER_SECONDS = 1.0  # how long a client may hold a lock the sweep needs
+
+
+async def sweep(cluster: Cluster, database: str) -> bool:
+    """After each request of a user with a quota (and every second while one runs): over
+    the limit, withhold CREATE on the database's schemas so that no table can be made where
+    no event trigger fires (put back once under it); then give every table the trigger (for
+    tables made so before). Each in its own transaction: a failure of one does not undo the
+    other. A client session that holds a lock either needs for over BLOCKER_SECONDS is ended
+    (else it could keep the quota off for as long as it holds it). False if a step failed
+    (logged; the next sweep makes it again)."""
+    done = True
+    for statement, since_migration_7 in (("SELECT grantkey_meta.fit_create_to_quota()", True),
+                                         ("SELECT grantkey_meta.add_quota_triggers()", False)):
+        try:
+            async with cluster.user_database(database) as conn:
+                if since_migration_7 and not await _has_fit(conn):
+                    continue
+                await conn.execute("SET LOCAL lock_timeout = '3s'")
+                await _ending_blockers(cluster, conn, database, statement)
+        except (GrantkeyError, psycopg.Error) as error:
+            log.info("quota sweep of a user database skipped: %s", type(error).__name__)
+            done = False
+    return done
+
+
+async def _has_fit(conn: AdminConnection) -> bool:
     cur = await conn.execute(
         "SELECT pg_catalog.to_regprocedure('grantkey_meta.fit_create_to_quota()') IS NOT NULL "
         "AS present")
     row = await cur.fetchone()
-    if row is None or not row["present"]:
-        return False
-    cur = await conn.execute("SELECT grantkey_meta.fit_create_to_quota() AS withheld")
-    row = await cur.fetchone()
-    return row is not None and bool(row["withheld"])
+    return row is not None and bool(row["present"])
 
 
-async def sweep(cluster: Cluster, database: str) -> bool:
-    """After each request of a user with a quota: give every table of `database` the
-    trigger (for tables made where no event trigger fires: `EXPLAIN ANALYZE CREATE TABLE
-    AS …`), and, over the limit, withhold CREATE on its schemas so that no more such tables
-    can be made (put back once under it). Waits at most a second for what a client holds.
-    False if it could not (logged; the next request sweeps again)."""
+async def _ending_blockers(cluster: Cluster, conn: AdminConnection, database: str,
+                           statement: str) -> None:
+    watchdog = asyncio.get_running_loop().create_task(
+        _end_blockers(cluster, database, conn.info.backend_pid))
     try:
-        async with cluster.user_database(database) as conn:
-            await conn.execute("SET LOCAL lock_timeout = '1s'")
-            await conn.execute("SELECT grantkey_meta.add_quota_triggers()")
-            await fit_create(conn)
-    except (GrantkeyError, psycopg.Error) as error:
-        log.info("quota sweep of a user database skipped: %s", type(error).__name__)
-        return False
-    return True
+        await conn.execute(statement)
+    finally:
+        watchdog.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watchdog
+
+
+async def _end_blockers(cluster: Cluster, database: str, pid: int) -> None:
+    """Every BLOCKER_SECONDS until cancelled: end the client sessions of `database` that
+    block the sweep's session `pid` (never grantkey's own: the admin's or a superuser's)."""
+    while True:
+        await asyncio.sleep(BLOCKER_SECONDS)
+        try:
+            async with cluster.metadata() as meta:
+                cur = await meta.execute(_END_BLOCKERS, {"pid": pid, "database": database})
+                ended = len(await cur.fetchall())
+        except (GrantkeyError, psycopg.Error) as error:
+            log.info("could not end sessions blocking a quota sweep: %s", type(error).__name__)
+            continue
+        if ended:
+            log.warning("ended %d client session(s) that held a lock the storage quota's "
+                        "sweep needs", ended)
+
+
+_END_BLOCKERS = """
+SELECT pg_catalog.pg_terminate_backend(a.pid)
+  FROM pg_catalog.pg_stat_activity a JOIN pg_catalog.pg_roles r ON r.rolname = a.usename
+ WHERE a.pid OPERATOR(pg_catalog.=) ANY (pg_catalog.pg_blocking_pids(%(pid)s::int))
+   AND a.datname OPERATOR(pg_catalog.=) %(database)s::name
+   AND a.usename OPERATOR(pg_catalog.<>) session_user AND NOT r.rolsuper
+"""
