@@ -27,6 +27,7 @@ ON_15 = [
     "tests/security/test_storage_quota.py",
     "tests/security/test_storage_quota_withheld.py",
     "tests/security/test_storage_quota_attacks.py",
+    "tests/security/test_storage_quota_attacks2.py",
     "tests/security/test_key_roles.py",
     "tests/security/test_sql_escapes.py",
     "tests/security/test_revocation.py",

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
 from psycopg import sql
 
 from grantkey.db.cluster import AdminConnection
@@ -180,13 +181,27 @@ async def apply_grants(
         await conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(item.role)))
         if managers is not None:
             await as_admin(conn)
-        await conn.execute(item.grant)
+        await _grant(conn, item)
     if managers is not None:
         await acting_as(conn, managers.granter)
     await conn.execute(sql.SQL("GRANT {} TO {}").format(
         sql.SQL(", ").join(sql.Identifier(w.role) for w in wanted), sql.Identifier(key_role)))
     if managers is not None:
         await as_admin(conn)
+
+
+async def _grant(conn: AdminConnection, item: _Wanted, attempts: int = 5) -> None:
+    """A schema's catalog row that a client updated in a transaction of its own (any role
+    may run a REVOKE that revokes nothing) makes a concurrent GRANT fail with `tuple
+    concurrently updated` once that transaction ends: grant again, on the new row."""
+    for attempt in range(1, attempts + 1):
+        try:
+            async with conn.transaction():
+                await conn.execute(item.grant)
+            return
+        except psycopg.errors.InternalError as error:
+            if attempt == attempts or "concurrently updated" not in str(error):
+                raise
 
 
 async def _wait_for_quota_sweeper(conn: AdminConnection) -> None:

@@ -270,7 +270,7 @@ async def hand_over_and_drop_owned(conn: AdminConnection, role: str, owner_role:
     await bounded_cleanup_wait(conn)
     await conn.execute(sql.SQL("REASSIGN OWNED BY {} TO {}").format(
         ident, sql.Identifier(owner_role)))
-    await conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
+    await drop_owned(conn, role)
 
 
 # Every database whose objects or ACLs name the roles (pg_shdepend), connectable. Grants on
@@ -293,6 +293,14 @@ async def databases_naming(conn: AdminConnection, oid: int) -> list[str]:
 
 async def drop_owned(conn: AdminConnection, role: str) -> None:
     await bounded_cleanup_wait(conn)
+    # CREATE the storage quota withholds is put back first, so DROP OWNED revokes it
+    cur = await conn.execute(
+        "SELECT pg_catalog.to_regprocedure('grantkey_meta.return_withheld(oid)') IS NOT NULL "
+        "AS present")
+    row = await cur.fetchone()
+    if row is not None and row["present"]:
+        await conn.execute("SELECT grantkey_meta.return_withheld(%s::pg_catalog.regrole)",
+                           [role])
     await conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
 
 

@@ -170,16 +170,23 @@ BEGIN
   LOOP
     -- replaced (enabled again), not ALTER TABLE … ENABLE: that is a command the quota
     -- refuses while over the limit
-    EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER grantkey_quota '
-                              'BEFORE INSERT OR UPDATE ON %s '
-                              'FOR EACH STATEMENT EXECUTE FUNCTION '
-                              'grantkey_meta.quota_before_write()', missing.rel);
+    BEGIN
+      EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER grantkey_quota '
+                                'BEFORE INSERT OR UPDATE ON %s '
+                                'FOR EACH STATEMENT EXECUTE FUNCTION '
+                                'grantkey_meta.quota_before_write()', missing.rel);
+    EXCEPTION WHEN lock_not_available THEN
+      NULL;  -- held by a client past the lock timeout: the next sweep (which ends it) again
+    END;
   END LOOP;
 END
 $quota$;
 
+-- (It waits at most 100 ms for a lock: a table or schema a client holds is left to the
+-- sweep, which ends the holder; a DDL command, grantkey's own included, never waits on it.)
 CREATE OR REPLACE FUNCTION grantkey_meta.keep_quota_triggers() RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $quota$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET lock_timeout = '100ms' AS $quota$
 BEGIN
   PERFORM grantkey_meta.add_quota_triggers();
   IF (SELECT f.last_value FROM grantkey_meta.create_withheld_flag f)
@@ -205,7 +212,8 @@ $quota$;
 -- CREATE entries withheld from it put back (restore true; those of dropped roles are not).
 -- Entries are written as aclitem text, names quoted as aclitem input reads them.
 CREATE OR REPLACE FUNCTION grantkey_meta.schema_acl(acl aclitem[], schema oid,
-                                                    restore boolean) RETURNS aclitem[]
+                                                    restore boolean, just_grantee oid)
+RETURNS aclitem[]
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $quota$
   SELECT coalesce(array_agg(format('%s=%s/%s',
                                    CASE WHEN p.grantee = 0 THEN '' ELSE quote_ident(ge.rolname) END,
@@ -223,7 +231,8 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $quota$
                           UNION ALL
                           SELECT w.grantor, w.grantee, 'CREATE', w.grantable
                             FROM grantkey_meta.create_withheld w
-                           WHERE restore AND w.schema_oid = schema) a
+                           WHERE restore AND w.schema_oid = schema
+                             AND (just_grantee IS NULL OR w.grantee = just_grantee)) a
                    GROUP BY a.grantor, a.grantee, a.privilege) e
            GROUP BY e.grantor, e.grantee) p
     LEFT JOIN pg_roles ge ON ge.oid = p.grantee
@@ -250,15 +259,19 @@ BEGIN
        AND EXISTS (SELECT 1 FROM aclexplode(coalesce(n.nspacl, acldefault('n', n.nspowner))) x
                     WHERE x.privilege_type = 'CREATE')
   LOOP
-    PERFORM 1 FROM pg_namespace n WHERE n.oid = schema FOR UPDATE;
-    SELECT coalesce(n.nspacl, acldefault('n', n.nspowner)) INTO acl
-      FROM pg_namespace n WHERE n.oid = schema;
-    INSERT INTO grantkey_meta.create_withheld (schema_oid, grantor, grantee, grantable)
-    SELECT schema, x.grantor, x.grantee, x.is_grantable FROM aclexplode(acl) x
-     WHERE x.privilege_type = 'CREATE'
-    ON CONFLICT (schema_oid, grantor, grantee) DO UPDATE SET grantable = excluded.grantable;
-    UPDATE pg_namespace n SET nspacl = grantkey_meta.schema_acl(acl, schema, false)
-     WHERE n.oid = schema;
+    BEGIN
+      PERFORM 1 FROM pg_namespace n WHERE n.oid = schema FOR UPDATE;
+      SELECT coalesce(n.nspacl, acldefault('n', n.nspowner)) INTO acl
+        FROM pg_namespace n WHERE n.oid = schema;
+      INSERT INTO grantkey_meta.create_withheld (schema_oid, grantor, grantee, grantable)
+      SELECT schema, x.grantor, x.grantee, x.is_grantable FROM aclexplode(acl) x
+       WHERE x.privilege_type = 'CREATE'
+      ON CONFLICT (schema_oid, grantor, grantee) DO UPDATE SET grantable = excluded.grantable;
+      UPDATE pg_namespace n SET nspacl = grantkey_meta.schema_acl(acl, schema, false, NULL)
+       WHERE n.oid = schema;
+    EXCEPTION WHEN lock_not_available THEN
+      NULL;  -- held by a client past the lock timeout: the next sweep (which ends it) again
+    END;
   END LOOP;
 END
 $quota$;
@@ -276,10 +289,38 @@ BEGIN
     PERFORM 1 FROM pg_namespace n WHERE n.oid = schema FOR UPDATE;
     SELECT coalesce(n.nspacl, acldefault('n', n.nspowner)) INTO acl
       FROM pg_namespace n WHERE n.oid = schema;
-    UPDATE pg_namespace n SET nspacl = grantkey_meta.schema_acl(acl, schema, true)
+    UPDATE pg_namespace n SET nspacl = grantkey_meta.schema_acl(acl, schema, true, NULL)
      WHERE n.oid = schema;
+    DELETE FROM grantkey_meta.create_withheld w WHERE w.schema_oid = schema;
   END LOOP;
-  DELETE FROM grantkey_meta.create_withheld;
+  -- (only what was restored here: a schema withheld meanwhile, by a DDL command's end,
+  -- keeps its records for the next sweep)
+  DELETE FROM grantkey_meta.create_withheld w
+   WHERE NOT EXISTS (SELECT 1 FROM pg_namespace n WHERE n.oid = w.schema_oid);
+END
+$quota$;
+
+-- Before DROP OWNED BY a role (a deleted key's): its withheld CREATE goes back into the
+-- ACLs, so that DROP OWNED revokes it (and its dependency on the schema) and DROP ROLE can
+-- follow; the role has lost its login and memberships by then.
+CREATE OR REPLACE FUNCTION grantkey_meta.return_withheld(role oid) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $quota$
+DECLARE
+  schema oid;
+  acl aclitem[];
+BEGIN
+  FOR schema IN
+    SELECT DISTINCT w.schema_oid FROM grantkey_meta.create_withheld w
+      JOIN pg_namespace n ON n.oid = w.schema_oid WHERE w.grantee = role
+  LOOP
+    PERFORM 1 FROM pg_namespace n WHERE n.oid = schema FOR UPDATE;
+    SELECT coalesce(n.nspacl, acldefault('n', n.nspowner)) INTO acl
+      FROM pg_namespace n WHERE n.oid = schema;
+    UPDATE pg_namespace n SET nspacl = grantkey_meta.schema_acl(acl, schema, true, role)
+     WHERE n.oid = schema;
+    DELETE FROM grantkey_meta.create_withheld w
+     WHERE w.schema_oid = schema AND w.grantee = role;
+  END LOOP;
 END
 $quota$;
 
@@ -313,8 +354,8 @@ $quota$;
 
 _FUNCTIONS = ["refuse_over_quota()", "quota_before_write()", "quota_before_ddl()",
               "add_quota_triggers()", "keep_quota_triggers()",
-              "schema_acl(aclitem[], oid, boolean)", "withhold_create()", "restore_create()",
-              "fit_create_to_quota()", "refuse_while_withheld()"]
+              "schema_acl(aclitem[], oid, boolean, oid)", "withhold_create()", "restore_create()",
+              "fit_create_to_quota()", "refuse_while_withheld()", "return_withheld(oid)"]
 # What the quota withholds over the limit (see withhold_create). Made by the admin too
 # (user migration 8) where there is no superuser: grantkey's queries about privilege roles
 # read it.
@@ -373,7 +414,7 @@ async def install(su: AdminConnection) -> None:
         "CREATE EVENT TRIGGER {} ON ddl_command_start "
         "EXECUTE FUNCTION grantkey_meta.quota_before_ddl()").format(sql.Identifier(DDL_TRIGGER)))
     # the admin sweeps after requests of users with a quota (see `sweep`)
-    for function in ("add_quota_triggers()", "fit_create_to_quota()"):
+    for function in ("add_quota_triggers()", "fit_create_to_quota()", "return_withheld(oid)"):
         await su.execute(sql.SQL("GRANT EXECUTE ON FUNCTION grantkey_meta.{} TO {}").format(
             sql.SQL(function), admin))
     await su.execute("SELECT grantkey_meta.add_quota_triggers()")
@@ -439,8 +480,9 @@ async def _ending_blockers(cluster: Cluster, conn: AdminConnection, database: st
 
 
 async def _end_blockers(cluster: Cluster, database: str, pid: int) -> None:
-    """Every BLOCKER_SECONDS until cancelled: end the client sessions of `database` that
-    block the sweep's session `pid` (never grantkey's own: the admin's or a superuser's)."""
+    """Every BLOCKER_SECONDS until cancelled: end the client sessions of `database` at the
+    root of what blocks the sweep's session `pid` (never grantkey's own: the admin's or a
+    superuser's; never one that is only waiting)."""
     while True:
         await asyncio.sleep(BLOCKER_SECONDS)
         try:
@@ -455,10 +497,19 @@ async def _end_blockers(cluster: Cluster, database: str, pid: int) -> None:
                         "sweep needs", ended)
 
 
+# The sessions at the root of what blocks the sweep (holding a lock, not waiting for one:
+# a session that only waits in the same queue is not ended), clients of this database only.
 _END_BLOCKERS = """
+WITH RECURSIVE chain(pid) AS (
+  SELECT b FROM pg_catalog.unnest(pg_catalog.pg_blocking_pids(%(pid)s::int)) AS b
+  UNION
+  SELECT b FROM chain c, pg_catalog.unnest(pg_catalog.pg_blocking_pids(c.pid)) AS b
+)
 SELECT pg_catalog.pg_terminate_backend(a.pid)
-  FROM pg_catalog.pg_stat_activity a JOIN pg_catalog.pg_roles r ON r.rolname = a.usename
- WHERE a.pid OPERATOR(pg_catalog.=) ANY (pg_catalog.pg_blocking_pids(%(pid)s::int))
-   AND a.datname OPERATOR(pg_catalog.=) %(database)s::name
+  FROM chain c JOIN pg_catalog.pg_stat_activity a ON a.pid OPERATOR(pg_catalog.=) c.pid
+  JOIN pg_catalog.pg_roles r ON r.rolname OPERATOR(pg_catalog.=) a.usename
+ WHERE a.datname OPERATOR(pg_catalog.=) %(database)s::name
    AND a.usename OPERATOR(pg_catalog.<>) session_user AND NOT r.rolsuper
+   AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_locks l
+                    WHERE l.pid OPERATOR(pg_catalog.=) a.pid AND NOT l.granted)
 """
