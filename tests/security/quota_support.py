@@ -99,3 +99,18 @@ def back_under_the_limit(http: httpx.Client, account: Account, admin_url: str) -
 def assert_no_create(response: httpx.Response) -> None:
     assert response.status_code == 403, response.text
     assert "permission denied for schema" in response.json()["error"][0]
+
+
+# One request: cross the limit, then copy a table by EXPLAIN ANALYZE every tenth of a second
+# for two seconds, until refused; answers where it was refused and how many copies exist.
+COPY_LOOP = (
+    "DO $$DECLARE until timestamptz; BEGIN " + FILL.format(table="big") + "; "
+    "until := clock_timestamp() + interval '2 seconds'; "
+    "FOR i IN 1..1000 LOOP EXIT WHEN clock_timestamp() > until; BEGIN "
+    "EXECUTE pg_catalog.format('EXPLAIN ANALYZE CREATE TABLE copy%s AS "
+    "SELECT * FROM big LIMIT 10', i); "
+    "EXCEPTION WHEN insufficient_privilege THEN "
+    "PERFORM set_config('gk.refused', i::text, false); EXIT; END; "
+    "PERFORM pg_sleep(0.1); END LOOP; END$$; "
+    "SELECT current_setting('gk.refused', true) AS refused_at, "
+    "(SELECT count(*) FROM pg_tables WHERE tablename LIKE 'copy%') AS copies")

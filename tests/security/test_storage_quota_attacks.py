@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import Account
 from tests.security.quota_support import (
+    COPY_LOOP,
     FILL,
     HEADROOM,
     assert_no_create,
@@ -100,19 +101,6 @@ def test_a_revoke_in_a_repeatable_read_transaction_that_began_before_the_withhol
 # a client holding a lock it needs made every sweep fail, for as long as it held it. The
 # sweep's steps are now separate, and a client session blocking one for over a second is
 # ended.
-
-COPY_LOOP = (
-    "DO $$DECLARE until timestamptz; BEGIN " + FILL.format(table="big") + "; "
-    "until := clock_timestamp() + interval '2 seconds'; "
-    "FOR i IN 1..1000 LOOP EXIT WHEN clock_timestamp() > until; BEGIN "
-    "EXECUTE pg_catalog.format('EXPLAIN ANALYZE CREATE TABLE copy%s AS "
-    "SELECT * FROM big LIMIT 10', i); "
-    "EXCEPTION WHEN insufficient_privilege THEN "
-    "PERFORM set_config('gk.refused', i::text, false); EXIT; END; "
-    "PERFORM pg_sleep(0.1); END LOOP; END$$; "
-    "SELECT current_setting('gk.refused', true) AS refused_at, "
-    "(SELECT count(*) FROM pg_tables WHERE tablename LIKE 'copy%') AS copies")
-
 
 @pytest.mark.parametrize("hold", [
     # a schema's catalog row, updated by a REVOKE that revokes nothing (allowed over the limit)

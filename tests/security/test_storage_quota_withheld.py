@@ -19,7 +19,7 @@ from grantkey.services.upgrade import apply_storage_quotas
 from grantkey.settings import Settings
 from tests.conftest import Account, KeyHandle
 from tests.security.quota_support import (
-    FILL,
+    COPY_LOOP,
     SNEAKY,
     assert_no_create,
     back_under_the_limit,
@@ -175,18 +175,7 @@ def test_a_request_that_crosses_the_quota_cannot_go_on_copying_tables_to_its_end
     """The database is swept every second while a request of its user runs: CREATE is
     withheld from the request that crossed the limit, not only from the next one. (Before,
     this loop made a copy every tenth of a second to the end of its time limit.)"""
-    loop = (
-        "DO $$DECLARE until timestamptz; BEGIN " + FILL.format(table="big") + "; "
-        "until := clock_timestamp() + interval '2 seconds'; "
-        "FOR i IN 1..1000 LOOP EXIT WHEN clock_timestamp() > until; BEGIN "
-        "EXECUTE pg_catalog.format('EXPLAIN ANALYZE CREATE TABLE copy%s AS "
-        "SELECT * FROM big LIMIT 10', i); "
-        "EXCEPTION WHEN insufficient_privilege THEN "
-        "PERFORM set_config('gk.refused', i::text, false); EXIT; END; "
-        "PERFORM pg_sleep(0.1); END LOOP; END$$; "
-        "SELECT current_setting('gk.refused', true) AS refused_at, "
-        "(SELECT count(*) FROM pg_tables WHERE tablename LIKE 'copy%') AS copies")
-    done = limited.sql(http, loop, limited.master_token)
+    done = limited.sql(http, COPY_LOOP, limited.master_token)
     assert done.status_code == 200, done.text
     row = done.json()["rows"][0]
     assert row["refused_at"], f"{row['copies']} copies made over the limit, none refused"

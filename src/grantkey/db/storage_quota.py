@@ -240,6 +240,20 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $quota$
    WHERE p.grantee = 0 OR ge.oid IS NOT NULL
 $quota$;
 
+-- A schema's ACL (the default one if none), its row locked first and read after: a change
+-- committed meanwhile is neither lost nor taken for what was there before.
+CREATE OR REPLACE FUNCTION grantkey_meta.locked_schema_acl(schema oid) RETURNS aclitem[]
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $quota$
+DECLARE
+  acl aclitem[];
+BEGIN
+  PERFORM 1 FROM pg_namespace n WHERE n.oid = schema FOR UPDATE;
+  SELECT coalesce(n.nspacl, acldefault('n', n.nspowner)) INTO acl
+    FROM pg_namespace n WHERE n.oid = schema;
+  RETURN acl;
+END
+$quota$;
+
 -- Over the limit: no role keeps CREATE on any schema clients use, so that nothing can make
 -- a table where no event trigger fires (EXPLAIN ANALYZE CREATE TABLE AS …). What is taken
 -- is recorded in create_withheld and put back by restore_create. The ACLs are written in
@@ -260,9 +274,7 @@ BEGIN
                     WHERE x.privilege_type = 'CREATE')
   LOOP
     BEGIN
-      PERFORM 1 FROM pg_namespace n WHERE n.oid = schema FOR UPDATE;
-      SELECT coalesce(n.nspacl, acldefault('n', n.nspowner)) INTO acl
-        FROM pg_namespace n WHERE n.oid = schema;
+      acl := grantkey_meta.locked_schema_acl(schema);
       INSERT INTO grantkey_meta.create_withheld (schema_oid, grantor, grantee, grantable)
       SELECT schema, x.grantor, x.grantee, x.is_grantable FROM aclexplode(acl) x
        WHERE x.privilege_type = 'CREATE'
@@ -286,9 +298,7 @@ BEGIN
     SELECT n.oid FROM pg_namespace n
      WHERE n.oid IN (SELECT w.schema_oid FROM grantkey_meta.create_withheld w)
   LOOP
-    PERFORM 1 FROM pg_namespace n WHERE n.oid = schema FOR UPDATE;
-    SELECT coalesce(n.nspacl, acldefault('n', n.nspowner)) INTO acl
-      FROM pg_namespace n WHERE n.oid = schema;
+    acl := grantkey_meta.locked_schema_acl(schema);
     UPDATE pg_namespace n SET nspacl = grantkey_meta.schema_acl(acl, schema, true, NULL)
      WHERE n.oid = schema;
     DELETE FROM grantkey_meta.create_withheld w WHERE w.schema_oid = schema;
@@ -313,9 +323,7 @@ BEGIN
     SELECT DISTINCT w.schema_oid FROM grantkey_meta.create_withheld w
       JOIN pg_namespace n ON n.oid = w.schema_oid WHERE w.grantee = role
   LOOP
-    PERFORM 1 FROM pg_namespace n WHERE n.oid = schema FOR UPDATE;
-    SELECT coalesce(n.nspacl, acldefault('n', n.nspowner)) INTO acl
-      FROM pg_namespace n WHERE n.oid = schema;
+    acl := grantkey_meta.locked_schema_acl(schema);
     UPDATE pg_namespace n SET nspacl = grantkey_meta.schema_acl(acl, schema, true, role)
      WHERE n.oid = schema;
     DELETE FROM grantkey_meta.create_withheld w
@@ -354,7 +362,8 @@ $quota$;
 
 _FUNCTIONS = ["refuse_over_quota()", "quota_before_write()", "quota_before_ddl()",
               "add_quota_triggers()", "keep_quota_triggers()",
-              "schema_acl(aclitem[], oid, boolean, oid)", "withhold_create()", "restore_create()",
+              "schema_acl(aclitem[], oid, boolean, oid)", "locked_schema_acl(oid)",
+              "withhold_create()", "restore_create()",
               "fit_create_to_quota()", "refuse_while_withheld()", "return_withheld(oid)"]
 # What the quota withholds over the limit (see withhold_create). Made by the admin too
 # (user migration 8) where there is no superuser: grantkey's queries about privilege roles
