@@ -136,6 +136,7 @@ class Settings:
     max_header_bytes: int = 65_536
     header_timeout: float = 10.0
     body_timeout: float = 30.0
+    shutdown_seconds: float = 10.0
     # only for the processes that need it (serve's start, the CLI); never given to workers
     superuser_url: str | None = field(default=None, repr=False)
 
@@ -171,6 +172,7 @@ class Settings:
             max_header_bytes=_env_int(env, "GRANTKEY_MAX_HEADER_BYTES", 65_536, minimum=1024),
             header_timeout=_env_float(env, "GRANTKEY_HEADER_TIMEOUT", 10.0),
             body_timeout=_env_float(env, "GRANTKEY_BODY_TIMEOUT", 30.0),
+            shutdown_seconds=_env_float(env, "GRANTKEY_SHUTDOWN_SECONDS", 10.0),
             superuser_url=env.get("GRANTKEY_SUPERUSER_URL") or None,
         )
         given = {name: value for name, value in overrides.items() if value is not None}
@@ -201,6 +203,7 @@ class Settings:
             "GRANTKEY_MAX_HEADER_BYTES": str(self.max_header_bytes),
             "GRANTKEY_HEADER_TIMEOUT": str(self.header_timeout),
             "GRANTKEY_BODY_TIMEOUT": str(self.body_timeout),
+            "GRANTKEY_SHUTDOWN_SECONDS": str(self.shutdown_seconds),
         }
         if self.sql_max_connections is not None:
             env["GRANTKEY_SQL_MAX_CONNECTIONS"] = str(self.sql_max_connections)

@@ -135,8 +135,9 @@ class Cluster:
         if self._metadata is not None:
             pools.append(self._metadata)
             self._metadata = None
-        for pool in pools:
-            await pool.close()
+        # at once, each with a short wait for its connections (the process is stopping)
+        await asyncio.gather(*(pool.close(timeout=1.0) for pool in pools),
+                             return_exceptions=True)
 
     async def max_connections(self) -> int:
         """PostgreSQL's max_connections."""
@@ -157,30 +158,38 @@ class Cluster:
         A failure marks PostgreSQL down (requests fail at once, `check_available`, and those
         already waiting on a pool fail as it is replaced); the first success after it marks
         it up and replaces the admin pools again, whose reconnection back-off would
-        otherwise keep answering 503 for many seconds."""
-        conn: AdminConnection | None = None
-        while True:
-            try:
-                if conn is None or conn.closed:
-                    conn = await psycopg.AsyncConnection.connect(
-                        self.conninfo(METADATA_DATABASE), autocommit=True, connect_timeout=2,
-                        row_factory=dict_row)
-                await asyncio.wait_for(conn.execute("SELECT 1"), interval * 2)
-                if self.down_since is not None:
-                    await self._replace_pools()
-                    log.warning("PostgreSQL is reachable again after %.1f s",
-                                time.monotonic() - self.down_since)
-                    self.down_since = None
-            except (psycopg.Error, OSError, TimeoutError):
-                if self.down_since is None:
-                    self.down_since = time.monotonic()
-                    log.warning("PostgreSQL is unreachable: requests answer 503 until it is back")
-                    await self._replace_pools()  # who waits on the old pools fails now
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await conn.close()
-                conn = None
-            await asyncio.sleep(interval if self.down_since is None else interval / 2)
+        otherwise keep answering 503 for many seconds. Its connection closes when cancelled."""
+        held: list[AdminConnection] = []
+        try:
+            while True:
+                await self._watch_once(held, interval)
+                await asyncio.sleep(interval if self.down_since is None else interval / 2)
+        finally:
+            for conn in held:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+
+    async def _watch_once(self, held: list[AdminConnection], interval: float) -> None:
+        try:
+            if not held or held[0].closed:
+                held[:] = [await psycopg.AsyncConnection.connect(
+                    self.conninfo(METADATA_DATABASE), autocommit=True, connect_timeout=2,
+                    row_factory=dict_row)]
+            await asyncio.wait_for(held[0].execute("SELECT 1"), interval * 2)
+            if self.down_since is not None:
+                await self._replace_pools()
+                log.warning("PostgreSQL is reachable again after %.1f s",
+                            time.monotonic() - self.down_since)
+                self.down_since = None
+        except (psycopg.Error, OSError, TimeoutError):
+            if self.down_since is None:
+                self.down_since = time.monotonic()
+                log.warning("PostgreSQL is unreachable: requests answer 503 until it is back")
+                await self._replace_pools()  # who waits on the old pools fails now
+            for conn in held:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+            held.clear()
 
     async def _replace_pools(self) -> None:
         old = list(self._user_pools.values())

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -31,6 +32,8 @@ from grantkey.http.openapi import openapi
 from grantkey.services.container import Services
 from grantkey.settings import Settings
 
+log = logging.getLogger("grantkey.server")
+
 
 async def health(request: Request) -> Response:
     """Ready: this process can serve (PostgreSQL answers). `/health` and `/health/ready`."""
@@ -48,6 +51,31 @@ async def live(request: Request) -> Response:
     return json_response({"status": "live", "version": __version__})
 
 
+async def shut_down(tasks: list[asyncio.Task[None]], close: Callable[[], Awaitable[None]],
+                    seconds: float) -> bool:
+    """Cancel the background tasks, then close the services, all within one deadline: a
+    process told to stop must exit, whatever a connection or a cleanup does. What is still
+    running at the deadline is cancelled and left (logged). True if all ended in time."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=seconds)
+    stuck = [task.get_name() for task in tasks if not task.done()]
+    closing = asyncio.ensure_future(close())
+    await asyncio.wait([closing], timeout=max(0.0, deadline - loop.time()))
+    if not closing.done():
+        closing.cancel()
+        stuck.append("closing the services")
+    elif not closing.cancelled() and closing.exception() is not None:
+        log.warning("closing the services failed: %s", type(closing.exception()).__name__)
+    if stuck:
+        log.warning("shutdown: still running after %g s, abandoned: %s", seconds,
+                    ", ".join(stuck))
+    return not stuck
+
+
 def create_app(settings: Settings | None = None) -> GrantkeyApp:
     """Build the app. Settings come from GRANTKEY_* (serve sets them for every worker)."""
     settings = settings or Settings.from_env()
@@ -58,18 +86,14 @@ def create_app(settings: Settings | None = None) -> GrantkeyApp:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await services.open(migrate=False)
-        tasks = [asyncio.create_task(services.cluster.watch_forever()),
-                 asyncio.create_task(listen_for_revocations(services)),
-                 asyncio.create_task(services.pools.reap_forever()),
-                 asyncio.create_task(services.revoker.retry_forever())]
+        tasks = [asyncio.create_task(services.cluster.watch_forever(), name="watch"),
+                 asyncio.create_task(listen_for_revocations(services), name="listen"),
+                 asyncio.create_task(services.pools.reap_forever(), name="reap"),
+                 asyncio.create_task(services.revoker.retry_forever(), name="retry")]
         try:
             yield
         finally:
-            for task in tasks:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            await services.close()
+            await shut_down(tasks, services.close, settings.shutdown_seconds)
 
     sql_handler = sql_api.handler()
     app = GrantkeyApp(
