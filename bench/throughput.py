@@ -1,8 +1,13 @@
 """SQL API throughput and p99 latency against the floor, side by side in one run (issue 5, 1-2).
 
-Run: python bench/throughput.py [--duration 15] [--runs 3] [--keys 1000] [--zipf 1.1]
-Needs wrk (Debian: apt-get install wrk). Both servers run with --workers 2 on 127.0.0.1;
-wrk uses 2 threads and 64 connections.
+Run: python bench/throughput.py [--duration 10] [--runs 3] [--keys 1000] [--big-keys 10000]
+Needs wrk (Debian: apt-get install wrk). Both servers run with --workers 2 on 127.0.0.1, with
+grantkey's default settings; wrk uses 2 threads and 64 connections.
+
+Each many-keys run follows `--warmup` seconds of the same traffic (not counted): it measures
+the steady state. What a cold pool costs is shown apart, by the order check: on a fresh
+server, round-robin on an empty pool (cold), again (fresh: warm, with no other history),
+then Zipf, then round-robin again (after), which must stay within 10% of fresh.
 
 The configurations of one query run in rounds (floor, then each client; the order of the
 clients reversed every other round), and each ratio is taken against the floor of the same
@@ -23,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
 
@@ -86,9 +92,14 @@ def setup(server: BenchServer, keys: int) -> dict[str, object]:
     grants = [{"type": "apis", "apis": ["sql"]}, {"type": "database", "tables": [
         {"schema": "public", "name": "ten", "permissions": ["select"]}]}]
     url = f"{server.url}/user/bench/api/v3/api_keys"
-    tokens = [http.post(url, params={"api_key": master},
-                        json={"name": f"k{i}", "grants": grants}).json()["token"]
-              for i in range(keys)]
+
+    def create(i: int) -> str:
+        with httpx.Client(timeout=60) as client:
+            return str(client.post(url, params={"api_key": master},
+                                   json={"name": f"k{i}", "grants": grants}).json()["token"])
+
+    with ThreadPoolExecutor(4) as pool:
+        tokens = list(pool.map(create, range(keys)))
     embedded = EmbeddedPostgres(server.data_dir)
     with psycopg.connect(embedded.admin_url, dbname="grantkey") as conn:
         database, owner = conn.execute(
@@ -128,39 +139,33 @@ def max_key_sessions(admin_url: str, stop: threading.Event, seen: list[int]) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--duration", type=int, default=15)
+    parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--keys", type=int, default=1000)
+    parser.add_argument("--big-keys", type=int, default=10000,
+                        help="keys of the large Zipf configuration (0: leave it out)")
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="seconds of the same traffic before each many-keys run")
     parser.add_argument("--cap", type=int, default=None,
                         help="GRANTKEY_SQL_MAX_CONNECTIONS of each worker (default: sized by "
                              "serve from the cluster; results with a cap go to "
                              "throughput-cap<N>-<date>.md)")
     parser.add_argument("--zipf", type=float, default=1.1,
                         help="popularity exponent of the Zipf configurations")
-    parser.add_argument("--settle", type=int, default=8,
-                        help="seconds idle before the fresh run of the order check (the "
-                             "bench server reaps idle connections after 5 s)")
     args = parser.parse_args()
-    env = {"GRANTKEY_SQL_IDLE_SECONDS": "5"}
-    if args.cap is not None:
-        env["GRANTKEY_SQL_MAX_CONNECTIONS"] = str(args.cap)
+    env = {} if args.cap is None else {"GRANTKEY_SQL_MAX_CONNECTIONS": str(args.cap)}
     rows: list[tuple[str, str, dict[str, float]]] = []
-    orders: list[str] = []
     with BenchServer(workers=WORKERS, env=env) as server:
-        ready = setup(server, args.keys)
+        ready = setup(server, max(args.keys, args.big_keys))
         floor, floor_url = start_floor(str(ready["floor"]))
         try:
-            tokens = list(ready["tokens"])  # type: ignore[call-overload]
+            everyone = list(ready["tokens"])  # type: ignore[call-overload]
+            tokens = everyone[:args.keys]
             token = tokens[0]
             basic = base64.b64encode(f"bench:{token}".encode()).decode()
             basic_script = lua(f'wrk.headers["Authorization"] = "Basic {basic}"\n')
-            listing = ", ".join(f'"{t}"' for t in tokens)
             for label, q in QUERIES.items():
                 sql = f"{ready['sql']}?q={quote(q)}"
-                many = lua(f"tokens = {{{listing}}}\ni = 0\nrequest = function()\n"
-                           f"  i = i + 1\n  return wrk.format('GET', '{urlpath(sql)}&api_key=' "
-                           f".. tokens[(i % #tokens) + 1])\nend\n")
-                popular = zipf_script(tokens, urlpath(sql), args.zipf)
                 configs = [
                     ("floor", f"{floor_url}?q={quote(q)}", None),
                     ("floor without prepared statements (context)",
@@ -168,16 +173,25 @@ def main() -> None:
                     ("regular key, Basic", sql, basic_script),
                     ("regular key, query string", f"{sql}&api_key={token}", None),
                     ("no key (default public)", sql, None),
-                    (f"{len(tokens)} keys round-robin", sql, many),
-                    (f"{len(tokens)} keys Zipf {args.zipf:g}", sql, popular),
+                    (f"{len(tokens)} keys round-robin", sql, round_robin_script(tokens, sql)),
+                    (f"{len(tokens)} keys Zipf {args.zipf:g}", sql,
+                     zipf_script(tokens, urlpath(sql), args.zipf)),
                 ]
+                if args.big_keys > args.keys:
+                    configs.append((f"{len(everyone)} keys Zipf {args.zipf:g}", sql,
+                                    zipf_script(everyone, urlpath(sql), args.zipf)))
                 rows.extend(rounds(label, configs, args, str(ready["admin"])))
-                orders.append(order_check(label, sql, many, popular, args,
-                                          str(ready["admin"])))
         finally:
             floor.terminate()
             floor.wait(30)
-    report(rows, orders, args)
+    report(rows, order_check(args, env), args)
+
+
+def round_robin_script(tokens: list[str], sql: str) -> str:
+    listing = ", ".join(f'"{t}"' for t in tokens)
+    return lua(f"tokens = {{{listing}}}\ni = 0\nrequest = function()\n  i = i + 1\n"
+               f"  return wrk.format('GET', '{urlpath(sql)}&api_key=' "
+               f".. tokens[(i % #tokens) + 1])\nend\n")
 
 
 Config = tuple[str, str, str | None]
@@ -206,22 +220,28 @@ def logins(admin_url: str) -> int:
     return int(count or 0)
 
 
-def order_check(label: str, sql: str, round_robin: str, popular: str,
-                args: argparse.Namespace, admin_url: str) -> str:
-    """Round-robin on a fresh pool, then Zipf, then round-robin again on the same server:
-    the pool must not collapse whatever the order (issue 11: within 10%)."""
-    results = []
-    for name, script in (("fresh", round_robin), ("zipf", popular), ("after", round_robin)):
-        if name == "fresh":
-            time.sleep(args.settle)  # idle connections reaped: an empty pool
-        before = logins(admin_url)
-        result = wrk(sql, args.duration, script)
-        result["logins_per_s"] = (logins(admin_url) - before) / args.duration
-        results.append(result)
-        print(label, "order", name, result, flush=True)
-    fresh, _, after = results
-    return (f"| {label} | {fresh['rps']:,.0f} | {fresh['logins_per_s']:,.0f} | "
-            f"{results[1]['rps']:,.0f} | {after['rps']:,.0f} | {after['logins_per_s']:,.0f} | "
+def order_check(args: argparse.Namespace, env: dict[str, str]) -> str:
+    """On a fresh server: round-robin on an empty pool (cold), again (fresh), then Zipf, then
+    round-robin again (after): the pool must not collapse whatever the order (issue 11:
+    after within 10% of fresh). The 10-row query."""
+    with BenchServer(workers=WORKERS, env=env) as server:
+        ready = setup(server, args.keys)
+        tokens = list(ready["tokens"])  # type: ignore[call-overload]
+        sql = f"{ready['sql']}?q={quote(QUERIES['10 rows'])}"
+        round_robin = round_robin_script(tokens, sql)
+        popular = zipf_script(tokens, urlpath(sql), args.zipf)
+        results = {}
+        for name, script in (("cold", round_robin), ("fresh", round_robin),
+                             ("zipf", popular), ("after", round_robin)):
+            before = logins(str(ready["admin"]))
+            result = wrk(sql, args.duration, script)
+            result["logins_per_s"] = (logins(str(ready["admin"])) - before) / args.duration
+            results[name] = result
+            print("order", name, result, flush=True)
+    cold, fresh, zipf, after = (results[n] for n in ("cold", "fresh", "zipf", "after"))
+    return (f"| 10 rows | {cold['rps']:,.0f} | {cold['logins_per_s']:,.0f} | "
+            f"{fresh['rps']:,.0f} | {fresh['logins_per_s']:,.0f} | {zipf['rps']:,.0f} | "
+            f"{after['rps']:,.0f} | {after['logins_per_s']:,.0f} | "
             f"{after['rps'] / fresh['rps']:.2f} |")
 
 
@@ -234,6 +254,8 @@ def rounds(label: str, configs: list[Config], args: argparse.Namespace,
     for number in range(args.runs):
         clients = configs[1:] if number % 2 == 0 else configs[:0:-1]
         for name, url, script in [configs[0], *clients]:
+            if " keys " in name:  # the steady state: its own traffic first, not counted
+                wrk(url, args.warmup, script)
             stop = threading.Event()
             sampler = threading.Thread(target=max_key_sessions,
                                        args=(admin_url, stop, sessions[name]))
@@ -258,13 +280,15 @@ def urlpath(url: str) -> str:
     return "/" + url.split("/", 3)[3]
 
 
-def report(rows: list[tuple[str, str, dict[str, float]]], orders: list[str],
+def report(rows: list[tuple[str, str, dict[str, float]]], order: str,
            args: argparse.Namespace) -> None:
     lines = ["# SQL API throughput against the floor", "",
              *(f"- {k}: {v}" for k, v in machine().items()),
              f"- wrk -t2 -c64 -d{args.duration}s, {args.runs} rounds; req/s and p99 are medians "
              "of the rounds, the ratios medians of each round's ratio to that round's floor; "
-             f"both servers --workers {WORKERS}; key-role connection cap per worker "
+             f"both servers --workers {WORKERS}, grantkey with its default settings; each "
+             f"many-keys run follows {args.warmup} s of the same traffic (not counted); "
+             "key-role connection cap per worker "
              f"{'sized by serve' if args.cap is None else args.cap}; logins/s = sessions "
              "PostgreSQL started per second; steal = CPU time the host took during the runs", "",
              "| query | client | req/s | ratio to floor | p99 ms | p99 / floor | non-2xx | "
@@ -276,10 +300,11 @@ def report(rows: list[tuple[str, str, dict[str, float]]], orders: list[str],
                      f"{r['p99_ms']:.2f} | {r['p99_ratio']:.2f} | "
                      f"{r['non2xx']:.0f} | {sessions} | {r['logins_per_s']:,.0f} | "
                      f"{r['steal_pct']:.0f}% |")
-    lines += ["", "Order check, same server: round-robin on an empty pool, then Zipf, then "
-              "round-robin again (req/s; the last column: after / fresh).", "",
-              "| query | round-robin fresh | logins/s | Zipf | round-robin after Zipf | "
-              "logins/s | after / fresh |", "|---|---|---|---|---|---|---|", *orders]
+    lines += ["", "Order check, a fresh server (10 rows, 1 run each, req/s): round-robin on an "
+              "empty pool (cold), again (fresh), then Zipf, then round-robin again (after); "
+              "the last column: after / fresh.", "",
+              "| query | cold | logins/s | fresh | logins/s | Zipf | after | logins/s | "
+              "after / fresh |", "|---|---|---|---|---|---|---|---|---|", order]
     write_result("throughput" if args.cap is None else f"throughput-cap{args.cap}", lines)
 
 

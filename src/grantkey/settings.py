@@ -215,12 +215,18 @@ class Settings:
 
 
 DEFAULT_SQL_MAX_CONNECTIONS = 100  # in-process services (tests, CLI) not sized by `serve`
+FILES_RESERVE = 1024  # a worker's HTTP clients, admin connections and files
 ADMIN_RESERVE = 10  # PostgreSQL's reserved and grantkey's own start-up connections
 # each process's admin connections at most: the metadata pool (8), 32 user-database pools
 # of 4, the LISTEN, watch and revocation-cleanup connections
 ADMIN_PER_WORKER = 8 + 32 * 4 + 4
 
 
-def sql_connections_per_worker(cluster_max: int, workers: int) -> int:
-    """What the cluster can hold for key roles, split across the workers."""
-    return max(1, (cluster_max - ADMIN_RESERVE - ADMIN_PER_WORKER * workers) // workers)
+def sql_connections_per_worker(cluster_max: int, workers: int,
+                               open_files: int | None = None) -> int:
+    """What the cluster can hold for key roles, split across the workers; no more than a
+    process's open-file limit leaves once its clients and admin connections are counted."""
+    share = (cluster_max - ADMIN_RESERVE - ADMIN_PER_WORKER * workers) // workers
+    if open_files is not None:
+        share = min(share, open_files - FILES_RESERVE)
+    return max(1, share)

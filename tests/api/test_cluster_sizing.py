@@ -5,6 +5,9 @@ the workers, and the server says so at start."""
 from __future__ import annotations
 
 import os
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import psycopg
@@ -19,7 +22,7 @@ GIB = 2**30
 
 
 @pytest.mark.parametrize(("memory", "connections", "buffers"), [
-    (24 * GIB, "960", "3072MB"), (2 * GIB, "100", "256MB"), (512 * GIB, "2000", "8192MB"),
+    (24 * GIB, "3600", "3072MB"), (2 * GIB, "300", "256MB"), (512 * GIB, "4000", "8192MB"),
     (512 * 2**20, "100", "128MB"),
 ])
 def test_the_cluster_is_sized_from_the_machines_memory(
@@ -36,6 +39,26 @@ def test_the_key_role_cap_is_what_the_cluster_holds_split_across_workers() -> No
     assert sql_connections_per_worker(960, 2) == 335
     assert sql_connections_per_worker(400, 2) == 55
     assert sql_connections_per_worker(20, 4) == 1
+
+
+def test_the_key_role_cap_leaves_room_under_the_open_files_limit() -> None:
+    """A worker holds a socket per key session: with Debian's usual soft limit of 1,024
+    and no higher hard limit, the cap leaves room for clients (1,024 files)."""
+    assert sql_connections_per_worker(2400, 2, open_files=1024) == 1
+    assert sql_connections_per_worker(2400, 2, open_files=2048) == 1024
+    assert sql_connections_per_worker(2400, 2, open_files=1_048_576) == 1055
+
+
+def test_serve_lifts_the_soft_open_files_limit_to_the_hard_one() -> None:
+    script = ("import resource; soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE); "
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)); "
+              "from grantkey.cli.serve import raise_open_files_limit; "
+              "print(raise_open_files_limit(), hard, resource.getrlimit("
+              "resource.RLIMIT_NOFILE)[0])")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True).stdout.split()
+    now, hard, soft = (int(x) for x in out)
+    assert now == soft == (hard if hard != resource.RLIM_INFINITY else 1_048_576)
 
 
 @pytest.mark.parametrize(("name", "value"), [("GRANTKEY_PG_MAX_CONNECTIONS", "5"),

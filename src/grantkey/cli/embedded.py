@@ -67,13 +67,13 @@ def machine_memory() -> int:
 
 def sizing(max_connections: int | None = None, shared_buffers: str | None = None,
            memory: int | None = None) -> dict[str, str]:
-    """The cluster's size from the machine, unless given: 40 connections per GiB of RAM
-    (100 to 2,000: an idle backend costs a few MB, and grantkey keeps one session per busy
-    key), shared buffers an eighth of RAM (128MB to 8GB)."""
+    """The cluster's size from the machine, unless given: 150 connections per GiB of RAM
+    (100 to 4,000: an idle backend holds about 1.2 MiB of its own, and grantkey keeps one
+    session per busy key in each worker), shared buffers an eighth of RAM (128MB to 8GB)."""
     memory = memory or machine_memory()
     gib = memory / 2**30
     if max_connections is None:
-        max_connections = int(min(2000, max(100, 40 * gib)))
+        max_connections = int(min(4000, max(100, 150 * gib)))
     if shared_buffers is None:
         shared_buffers = f"{int(min(8192, max(128, memory / 8 / 2**20)))}MB"
     return {"max_connections": str(max_connections), "shared_buffers": shared_buffers}

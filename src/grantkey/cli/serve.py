@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
+import resource
 import signal
 import threading
 from dataclasses import replace
@@ -64,9 +66,10 @@ async def _prepare(settings: Settings, *, own_cluster: bool) -> Settings:
         cluster_max = await services.cluster.max_connections()
     finally:
         await services.close()
+    open_files = raise_open_files_limit()
     if settings.sql_max_connections is None:
         settings = replace(settings, sql_max_connections=sql_connections_per_worker(
-            cluster_max, settings.workers))
+            cluster_max, settings.workers, open_files))
     click.echo(f"PostgreSQL max_connections {cluster_max}: up to "
                f"{settings.sql_max_connections} key-role connections per worker "
                f"({settings.workers} worker(s))", err=True)
@@ -74,6 +77,17 @@ async def _prepare(settings: Settings, *, own_cluster: bool) -> Settings:
 
 
 _held_locks: list[IO[str]] = []
+
+
+def raise_open_files_limit() -> int:
+    """Lift this process's soft open-file limit to its hard one (workers inherit it): a
+    worker holds a socket per pooled key session. The limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        wanted = 1_048_576 if hard == resource.RLIM_INFINITY else hard
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def _lock_data_dir(data_dir: Path) -> None:

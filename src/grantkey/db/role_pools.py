@@ -1,7 +1,7 @@
 """Connections logged in as key roles, pooled per (database, role, password).
 
-Client SQL only ever runs on these. The pool is bounded in total; when it is full, idle
-connections of the least recently used roles are closed first; requests wait in one FIFO
+Client SQL only ever runs on these. The pool is bounded in total; when it is full, the
+connection idle longest is closed first, whatever its role; requests wait in one FIFO
 line, and one that cannot get a connection within a bounded wait fails with PoolExhausted.
 Fair shares: one key (role) may hold at most `key_limit` connections at once and one user
 (database) at most `user_limit`; a request over its share waits without holding up the
@@ -31,6 +31,8 @@ RoleConnection = psycopg.AsyncConnection[tuple[object, ...]]
 LOGIN_REFUSALS = ("password authentication failed", "does not exist",
                   "is not permitted to log in")
 
+PoolKey = tuple[str, str, int]
+
 
 @dataclass(frozen=True)
 class RoleTarget:
@@ -39,14 +41,66 @@ class RoleTarget:
     conninfo: str
 
     @property
-    def key(self) -> tuple[str, str, int]:
+    def key(self) -> PoolKey:
         return self.database, self.role, hash(self.conninfo)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Idle:
     conn: RoleConnection
     since: float
+
+
+class _IdleConnections:
+    """Idle connections, per key (the newest taken first, so a key's spares age) and all
+    together by age: the one idle longest is closed first to make room, whatever its key
+    (a key in steady use keeps its connections; one not used for a while loses its own,
+    spares first as they are the older)."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[PoolKey, list[_Idle]] = {}
+        self._by_age: OrderedDict[_Idle, PoolKey] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._by_age)
+
+    def pool_keys(self) -> list[PoolKey]:
+        return list(self._by_key)
+
+    def put(self, key: PoolKey, conn: RoleConnection) -> None:
+        item = _Idle(conn, time.monotonic())
+        self._by_key.setdefault(key, []).append(item)
+        self._by_age[item] = key
+
+    def take(self, key: PoolKey) -> RoleConnection | None:
+        items = self._by_key.get(key)
+        if not items:
+            return None
+        item = items.pop()
+        if not items:
+            del self._by_key[key]
+        del self._by_age[item]
+        return item.conn
+
+    def take_oldest(self, older_than: float | None = None) -> RoleConnection | None:
+        """The connection idle longest (if idle since `older_than` or before)."""
+        if not self._by_age:
+            return None
+        item, key = next(iter(self._by_age.items()))
+        if older_than is not None and item.since > older_than:
+            return None
+        del self._by_age[item]
+        items = self._by_key[key]
+        items.remove(item)
+        if not items:
+            del self._by_key[key]
+        return item.conn
+
+    def take_all(self, key: PoolKey) -> list[RoleConnection]:
+        items = self._by_key.pop(key, [])
+        for item in items:
+            del self._by_age[item]
+        return [item.conn for item in items]
 
 
 @dataclass
@@ -55,7 +109,7 @@ class _Waiter:
     future: asyncio.Future[RoleConnection | None]
 
     @property
-    def key(self) -> tuple[str, str, int]:
+    def key(self) -> PoolKey:
         return self.target.key
 
 
@@ -71,7 +125,7 @@ class RolePools:
         self.idle_seconds = idle_seconds
         self.key_limit = max(1, int(max_connections * key_share))
         self.user_limit = max(1, int(max_connections * user_share))
-        self._idle: OrderedDict[tuple[str, str, int], list[_Idle]] = OrderedDict()
+        self._idle = _IdleConnections()
         self._open = 0
         # connections held (or reserved) by requests, per role and per database
         self._held_by_role: Counter[tuple[str, str]] = Counter()
@@ -85,7 +139,7 @@ class RolePools:
 
     @property
     def idle_connections(self) -> int:
-        return sum(len(items) for items in self._idle.values())
+        return len(self._idle)
 
     def held(self, database: str, role: str | None = None) -> int:
         """Connections held by requests of one user, or of one of its roles."""
@@ -210,7 +264,7 @@ class RolePools:
         else:
             self._wake_first()
 
-    def _put_idle(self, key: tuple[str, str, int], conn: RoleConnection) -> None:
+    def _put_idle(self, key: PoolKey, conn: RoleConnection) -> None:
         """A connection nobody holds: straight to the first waiter of its role that is
         within its shares (held for it from here), else idle."""
         for waiter in self._waiters:
@@ -220,8 +274,7 @@ class RolePools:
                 self._hold(waiter.target)
                 waiter.future.set_result(conn)
                 return
-        self._idle.setdefault(key, []).append(_Idle(conn, time.monotonic()))
-        self._idle.move_to_end(key)
+        self._idle.put(key, conn)
         self._wake_first()
 
     def _wake_first(self) -> None:
@@ -265,25 +318,16 @@ class RolePools:
 
     async def discard_role(self, database: str, role: str) -> None:
         """Close every idle connection of one role (after its key was revoked)."""
-        for key in [k for k in self._idle if k[0] == database and k[1] == role]:
-            for item in self._idle.pop(key, []):
-                await self._close(item.conn)
+        for key in [k for k in self._idle.pool_keys() if k[0] == database and k[1] == role]:
+            for conn in self._idle.take_all(key):
+                await self._close(conn)
 
     async def close_idle(self, older_than: float | None = None) -> int:
         cutoff = time.monotonic() - (self.idle_seconds if older_than is None else older_than)
         closed = 0
-        for key in list(self._idle):
-            keep = []
-            for item in self._idle[key]:
-                if item.since <= cutoff:
-                    await self._close(item.conn)
-                    closed += 1
-                else:
-                    keep.append(item)
-            if keep:
-                self._idle[key] = keep
-            else:
-                del self._idle[key]
+        while (conn := self._idle.take_oldest(cutoff)) is not None:
+            await self._close(conn)
+            closed += 1
         return closed
 
     async def reap_forever(self) -> None:
@@ -291,15 +335,10 @@ class RolePools:
             await asyncio.sleep(max(1.0, self.idle_seconds / 4))
             await self.close_idle()
 
-    async def _take_idle(self, key: tuple[str, str, int]) -> RoleConnection | None:
-        items = self._idle.get(key)
-        while items:
-            item = items.pop()
-            if not items:
-                del self._idle[key]
-            if await self._fit(item.conn):
-                return item.conn
-            items = self._idle.get(key)
+    async def _take_idle(self, key: PoolKey) -> RoleConnection | None:
+        while (conn := self._idle.take(key)) is not None:
+            if await self._fit(conn):
+                return conn
         return None
 
     async def _fit(self, conn: RoleConnection) -> bool:
@@ -321,18 +360,8 @@ class RolePools:
         closing.add_done_callback(self._closing.discard)
 
     def _pop_least_recently_used(self) -> RoleConnection | None:
-        """Take one idle connection to close, keeping its slot: a spare one of the least
-        recently used role that has several idle (a burst of one key must not keep several
-        while other keys pay logins), else the only one of the least recently used role."""
-        if not self._idle:
-            return None
-        key = next((k for k, items in self._idle.items() if len(items) > 1),
-                   next(iter(self._idle)))
-        items = self._idle[key]
-        item = items.pop(0)
-        if not items:
-            del self._idle[key]
-        return item.conn
+        """Take the connection idle longest to close, keeping its slot."""
+        return self._idle.take_oldest()
 
     async def _connect(self, target: RoleTarget) -> RoleConnection:
         try:
@@ -362,6 +391,5 @@ class RolePools:
         self._wake_first()
 
     async def close(self) -> None:
-        for key in list(self._idle):
-            for item in self._idle.pop(key):
-                await self._close(item.conn)
+        while (conn := self._idle.take_oldest()) is not None:
+            await self._close(conn)
