@@ -71,6 +71,34 @@ def test_session_settings_and_temp_tables_do_not_leak(account: Account, key: Key
         assert gone.status_code == 400 and "does not exist" in gone.json()["error"][0]
 
 
+def test_single_statements_leave_nothing_behind_either(
+    account: Account, key: KeyHandle, admin_url: str,
+) -> None:
+    """One statement has its DISCARD ALL pipelined behind it: settings, temporary tables
+    and prepared statements are gone by the next request, and a session-level advisory
+    lock is released when the request ends, not when the session is next used."""
+    with httpx.Client(timeout=30) as http:
+        pid = same_backend(http, account, key.token)
+        for query in ("SET search_path TO pg_catalog", "CREATE TEMP TABLE scratch (x int)",
+                      "PREPARE mine AS SELECT 1", "SELECT pg_advisory_lock(424242) AS l"):
+            assert account.sql(http, query, key.token).status_code == 200, query
+        with psycopg.connect(admin_url, dbname=account.user.database) as other:
+            taken = other.execute("SELECT pg_try_advisory_lock(424242)").fetchone()
+            assert taken == (True,)  # released with the request, the session idle
+        assert same_backend(http, account, key.token) == pid
+        path = account.sql(http, "SELECT current_setting('search_path') AS p", key.token)
+        assert path.json()["rows"] == [{"p": '"$user", public'}]
+        for query in ("SELECT * FROM scratch", "EXECUTE mine"):
+            gone = account.sql(http, query, key.token)
+            assert gone.status_code == 400 and "does not exist" in gone.json()["error"][0]
+        begun = account.sql(http, "BEGIN", key.token)  # its pipelined reset fails: the slow way
+        assert begun.status_code == 200
+        assert account.sql(http, "INSERT INTO counter VALUES (7)", key.token).status_code == 200
+        with psycopg.connect(admin_url, dbname=account.user.database) as other:
+            # committed: the insert did not run inside that transaction
+            assert other.execute("SELECT count(*) FROM counter WHERE n = 7").fetchone() == (1,)
+
+
 def test_many_requests_on_one_pooled_session(account: Account, key: KeyHandle) -> None:
     with httpx.Client(timeout=30) as http:
         for index in range(30):

@@ -82,16 +82,71 @@ def test_a_copy_that_reaches_postgresql_is_refused_and_the_session_closed_withou
     read with the same copy result, so a loop waiting for the end never yields."""
     conninfo = psycopg.conninfo.make_conninfo(admin_url, dbname=account.user.database)
 
-    async def scenario(multi: bool) -> bool:
+    async def scenario(multi: bool, reset: bool = False) -> bool:
         async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
             cursor = StreamingCursor(conn)
             with pytest.raises(CopyRefused):
                 if multi:  # several statements: psycopg's own execute() meets the copy
                     await cursor.execute("SELECT 1; " + query)
                 else:
-                    async for _ in cursor.batches(query, 2000):
+                    async for _ in cursor.batches(query, 2000, reset=reset):
                         pass
             return conn.closed
 
     assert run(scenario(multi=False))
+    assert run(scenario(multi=False, reset=True))  # a pipelined reset behind it changes nothing
     assert run(scenario(multi=True))
+
+
+async def _pipelined(conninfo: str, query: str) -> tuple[bool, str, object, object, object]:
+    """`query` with its reset pipelined behind it, then what the same session shows."""
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+        cursor = StreamingCursor(conn)
+        error = ""
+        try:
+            async for _ in cursor.batches(query, 2000, reset=True):
+                pass
+        except psycopg.Error as raised:
+            error = type(raised).__name__
+        status = conn.info.transaction_status
+        if status != psycopg.pq.TransactionStatus.IDLE:
+            await conn.rollback()
+        path = await (await conn.execute("SHOW search_path")).fetchone()
+        temp = await (await conn.execute(
+            "SELECT count(*) FROM pg_catalog.pg_class WHERE relpersistence = 't'")).fetchone()
+        return cursor.reset_done, error, status, (path or [None])[0], (temp or [None])[0]
+
+
+@pytest.mark.parametrize("query", [
+    "SET search_path = nowhere", "CREATE TEMP TABLE scratch (a int)",
+    "SELECT pg_catalog.set_config('search_path', 'nowhere', false)",
+])
+def test_a_reset_pipelined_behind_the_query_undoes_its_session_state(
+    account: Account, run: Callable[[Awaitable[Any]], Any], admin_url: str, query: str,
+) -> None:
+    """DISCARD ALL goes out with the query, in one write: when the results are read the
+    session is already reset, with nothing more to send."""
+    conninfo = psycopg.conninfo.make_conninfo(admin_url, dbname=account.user.database)
+    done, error, status, path, temp = run(_pipelined(conninfo, query))
+    assert (done, error, status) == (True, "", psycopg.pq.TransactionStatus.IDLE)
+    assert (path, temp) == ('"$user", public', 0)
+
+
+def test_a_reset_pipelined_behind_a_failed_statement_still_runs(
+    account: Account, run: Callable[[Awaitable[Any]], Any], admin_url: str,
+) -> None:
+    conninfo = psycopg.conninfo.make_conninfo(admin_url, dbname=account.user.database)
+    done, error, status, _, _ = run(_pipelined(conninfo, "SELECT 1/0"))
+    assert (done, error, status) == (True, "DivisionByZero", psycopg.pq.TransactionStatus.IDLE)
+
+
+def test_a_reset_pipelined_behind_begin_fails_and_says_so(
+    account: Account, run: Callable[[Awaitable[Any]], Any], admin_url: str,
+) -> None:
+    """DISCARD ALL cannot run in the transaction BEGIN opened: not done, and the session is
+    left in a transaction (the release then rolls back and resets it the slow way)."""
+    conninfo = psycopg.conninfo.make_conninfo(admin_url, dbname=account.user.database)
+    done, error, status, path, _ = run(_pipelined(conninfo, "BEGIN"))
+    assert (done, error) == (False, "")
+    assert status == psycopg.pq.TransactionStatus.INERROR
+    assert path == '"$user", public'

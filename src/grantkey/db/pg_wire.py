@@ -11,6 +11,7 @@ psycopg's stream generators (private API): psycopg's minor version is pinned
 
 from __future__ import annotations
 
+import select
 from collections.abc import AsyncGenerator, Generator
 from typing import Any, NoReturn
 
@@ -44,9 +45,11 @@ def chunked_rows_available() -> bool:
 
 
 class StreamingCursor(psycopg.AsyncCursor[Row]):
-    """`batches()` yields lists of rows; afterwards `final` holds the closing result."""
+    """`batches()` yields lists of rows; afterwards `final` holds the closing result, and
+    `reset_done` says whether the session's DISCARD ALL, sent with the query, succeeded."""
 
     final: PGresult | None = None
+    reset_done = False
 
     def _raise_for_result(self, result: PGresult) -> NoReturn:
         """psycopg's check of each result, with COPY refused (plain `execute()` too)."""
@@ -82,24 +85,73 @@ class StreamingCursor(psycopg.AsyncCursor[Row]):
         yield from self._rest_of_statement(res)  # the connection stays usable after an error
         self._raise_for_result(res)
 
-    async def batches(self, query: str, size: int) -> AsyncGenerator[list[Row], None]:
-        """Run `query` (one statement only: the extended protocol refuses several)."""
+    async def batches(self, query: str, size: int, *,
+                      reset: bool = False) -> AsyncGenerator[list[Row], None]:
+        """Run `query` (one statement only: the extended protocol refuses several). With
+        `reset`, DISCARD ALL goes out in the same write, pipelined behind the query: the
+        session is reset as soon as the query ends, with no round trip or wake-up of its
+        own (read back here; `reset_done`)."""
         chunk = size if chunked_rows_available() else 1
         async with self._conn.lock:
-            await self._conn.wait(self._stream_send_gen(query, None, size=chunk))
+            if reset:
+                await self._conn.wait(self._send_then_reset_gen(query, chunk))
+            else:
+                await self._conn.wait(self._stream_send_gen(query, None, size=chunk))
             first = True
             batch: list[Row] = []
-            while res := await self._conn.wait(self._stream_fetchone_gen(first)):
-                batch.extend(self._tx.load_rows(0, res.ntuples, self._make_row))
-                first = False
-                if len(batch) >= size:
-                    yield batch
-                    batch = []
+            try:
+                while res := await self._conn.wait(self._stream_fetchone_gen(first)):
+                    batch.extend(self._tx.load_rows(0, res.ntuples, self._make_row))
+                    first = False
+                    if len(batch) >= size:
+                        yield batch
+                        batch = []
+            except psycopg.Error:
+                if reset:  # the statement ended in an error: the reset still ran after it
+                    self.reset_done = await self._conn.wait(self._reset_answer_gen())
+                raise
+            if reset:
+                self.reset_done = await self._conn.wait(self._reset_answer_gen())
             if self.final is not None and self.final.status == _STATUS.TUPLES_OK:
                 self.pgresult = self.final  # an empty result still has its columns
                 self._tx.set_pgresult(self.final, set_loaders=first)
             if batch:
                 yield batch
+
+    def _send_then_reset_gen(self, query: str, size: int) -> Generator[Any, Any, None]:
+        """psycopg's `_stream_send_gen` in libpq's pipeline mode, with a sync after the
+        query (its own implicit transaction, as without the pipeline) and DISCARD ALL
+        behind it (its own too: DISCARD ALL cannot run in a transaction block)."""
+        yield from self._start_query(query)
+        pgq = self._convert_query(query, None)
+        self._pgconn.enter_pipeline_mode()
+        self._execute_send(pgq, force_extended=True)
+        if size == 1:
+            self._pgconn.set_single_row_mode()
+        else:
+            self._pgconn.set_chunked_rows_mode(size)
+        self._pgconn.pipeline_sync()
+        self._pgconn.send_query_params(RESET, None)
+        self._pgconn.pipeline_sync()
+        self._last_query = query
+        yield from send(self._pgconn)
+
+    def _reset_answer_gen(self) -> Generator[Any, Any, bool]:
+        """After the query's results: its sync, the DISCARD ALL's result and sync; leave
+        pipeline mode. True if the reset succeeded and the session is idle."""
+        ok, syncs = True, 0
+        while syncs < 2:
+            res = yield from fetch(self._pgconn)
+            if res is None:
+                continue
+            if res.status == _STATUS.PIPELINE_SYNC:
+                syncs += 1
+            elif res.status != _STATUS.COMMAND_OK:
+                ok = False
+                if res.status in _COPY:  # cannot happen behind a sync; never spin
+                    self._raise_for_result(res)
+        self._pgconn.exit_pipeline_mode()
+        return ok and self._pgconn.transaction_status == pq.TransactionStatus.IDLE
 
     @property
     def affected_rows(self) -> int:
@@ -145,14 +197,13 @@ async def finish_reset(conn: psycopg.AsyncConnection[Row]) -> bool:
 
 def still_connected(conn: psycopg.AsyncConnection[Row]) -> bool:
     """False if the server closed an idle session (a restart, `pg_terminate_backend`): its
-    farewell is already waiting in the socket. One non-blocking read, no round trip."""
-    if conn.closed:
+    farewell (an error, then the end of the stream) is already waiting. A reset session
+    has nothing to say, so any input at all means it is not fit. No round trip: one poll
+    of the socket (select() cannot watch descriptors past 1,024), no read."""
+    if conn.closed or conn.pgconn.status != pq.ConnStatus.OK:
         return False
-    try:
-        conn.pgconn.consume_input()
-    except psycopg.OperationalError:
+    poller = select.poll()
+    poller.register(conn.pgconn.socket, select.POLLIN)
+    if poller.poll(0):
         return False
-    if conn.pgconn.status != pq.ConnStatus.OK:
-        return False
-    notice = conn.pgconn.get_result() if not conn.pgconn.is_busy() else None
-    return notice is None
+    return not conn.pgconn.is_busy() and conn.pgconn.get_result() is None

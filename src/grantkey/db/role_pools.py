@@ -6,9 +6,10 @@ line, and one that cannot get a connection within a bounded wait fails with Pool
 Fair shares: one key (role) may hold at most `key_limit` connections at once and one user
 (database) at most `user_limit`; a request over its share waits without holding up the
 requests behind it that are within theirs.
-A connection goes back only after ROLLBACK (if a transaction was left open) and DISCARD ALL:
-the DISCARD ALL is sent when the connection is released and its answer read when it is next
-taken (one round trip saved per request; the session is reset either way before reuse).
+A connection goes back only after ROLLBACK (if a transaction was left open) and DISCARD ALL.
+A SQL API query has its DISCARD ALL pipelined behind it (`pg_wire`), read back before the
+release; otherwise the DISCARD ALL is sent when the connection is released and its answer
+read when it is next taken. Either way the session is reset before reuse.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import weakref
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 
@@ -132,6 +134,9 @@ class RolePools:
         self._held_by_database: Counter[str] = Counter()
         self._waiters: deque[_Waiter] = deque()
         self._closing: set[asyncio.Future[None]] = set()
+        # connections whose DISCARD ALL went out on release, its answer still to be read
+        # (a session reset with its query has nothing left to read)
+        self._unread_resets: weakref.WeakSet[RoleConnection] = weakref.WeakSet()
 
     @property
     def open_connections(self) -> int:
@@ -295,6 +300,7 @@ class RolePools:
                 if conn.info.transaction_status != TransactionStatus.IDLE:
                     await conn.rollback()
                 await send_reset(conn)
+                self._unread_resets.add(conn)
             except psycopg.Error:
                 reusable = False
             except BaseException:  # cancelled halfway: the slot must not leak
@@ -305,13 +311,17 @@ class RolePools:
             return
         self._put_idle(target.key, conn)
 
-    def release_at_once(self, target: RoleTarget, conn: RoleConnection) -> bool:
+    def release_at_once(self, target: RoleTarget, conn: RoleConnection, *,
+                        already_reset: bool = False) -> bool:
         """The common release, without suspending (so it cannot be cancelled halfway): the
-        session is idle and its DISCARD ALL goes out at once. False: use `release`."""
+        session is idle and was reset with its query (`already_reset`), else its DISCARD
+        ALL goes out at once. False: use `release`."""
         if conn.closed or conn.info.transaction_status != TransactionStatus.IDLE:
             return False
-        if not send_reset_at_once(conn):
-            return False
+        if not already_reset:
+            if not send_reset_at_once(conn):
+                return False
+            self._unread_resets.add(conn)
         self._unhold(target)
         self._put_idle(target.key, conn)
         return True
@@ -342,12 +352,16 @@ class RolePools:
         return None
 
     async def _fit(self, conn: RoleConnection) -> bool:
-        """Finish the reset of a connection taken from the pool; close it if it failed."""
-        try:
-            fit = await finish_reset(conn)
-        except BaseException:  # cancelled meanwhile: the connection must not leak
-            self._close_later(conn)
-            raise
+        """Finish the reset of a connection taken from the pool, if its answer is unread;
+        close it if that failed or the server closed the session meanwhile."""
+        fit = True
+        if conn in self._unread_resets:
+            self._unread_resets.discard(conn)
+            try:
+                fit = await finish_reset(conn)
+            except BaseException:  # cancelled meanwhile: the connection must not leak
+                self._close_later(conn)
+                raise
         fit = fit and still_connected(conn)
         if not fit:
             await self._close(conn)

@@ -72,6 +72,7 @@ class Execution:
         self.columns: list[Column] = []
         self.rowcount = 0
         self._streamed = 0
+        self._plain = False
 
     async def start(self) -> None:
         self._timer = asyncio.get_running_loop().call_later(self.time_limit, self._on_time_limit)
@@ -87,7 +88,7 @@ class Execution:
 
     async def _start_streaming(self) -> None:
         self._cursor = StreamingCursor(self.conn)
-        self._stream = self._cursor.batches(self.query, BATCH_ROWS)
+        self._stream = self._cursor.batches(self.query, BATCH_ROWS, reset=True)
         await self._next_batch()
         self.columns = _columns(self._cursor.description)
 
@@ -106,7 +107,15 @@ class Execution:
             # after chunks of rows libpq's closing result has no command tag: count them
             self.rowcount = self._streamed or self._cursor.affected_rows
 
+    @property
+    def reset_done(self) -> bool:
+        """The session was reset right after the query (DISCARD ALL pipelined behind it)
+        and nothing ran since: it can go back to its pool as it is."""
+        return (self.finished and not self._plain and self._cursor is not None
+                and self._cursor.reset_done)
+
     async def _start_plain(self) -> None:
+        self._plain = True  # runs after the streamed try's reset: the session is used again
         cursor = StreamingCursor(self.conn)  # refuses COPY like the streamed path
         await cursor.execute(self.query)
         while cursor.nextset():

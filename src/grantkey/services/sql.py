@@ -168,7 +168,8 @@ class SqlService:
         execution = running.execution
         if execution.finished and not execution.timed_out:
             execution.stop_timers()
-            if self.pools.release_at_once(running.target, running.conn):
+            if self.pools.release_at_once(running.target, running.conn,
+                                          already_reset=execution.reset_done):
                 return  # the usual case: no task needed to protect it from cancellation
         await _shielded(self._release(running.execution, running.target, running.conn))
 
