@@ -1,8 +1,8 @@
 """SQL API throughput and p99 latency against the floor, side by side in one run (issue 5, 1-2).
 
 Run: python bench/throughput.py [--duration 10] [--runs 3] [--keys 1000] [--big-keys 10000]
-Needs wrk (Debian: apt-get install wrk). Both servers run with --workers 2 on 127.0.0.1, with
-grantkey's default settings; wrk uses 2 threads and 64 connections.
+Needs wrk (Debian: apt-get install wrk). Both servers run with --workers 2 (or --workers N) on
+127.0.0.1, grantkey with its default settings; wrk uses 2 threads and 64 connections.
 
 Each many-keys run follows `--warmup` seconds of the same traffic (not counted): it measures
 the steady state. What a cold pool costs is shown apart, by the order check: on a fresh
@@ -41,7 +41,6 @@ from grantkey.domain.secrets_box import SecretBox
 
 HERE = Path(__file__).parent
 QUERIES = {"SELECT 1": "SELECT 1 AS x", "10 rows": "SELECT id FROM ten"}
-WORKERS = 2
 
 
 def wrk(url: str, duration: int, script: str | None = None) -> dict[str, float]:
@@ -112,10 +111,10 @@ def setup(server: BenchServer, keys: int) -> dict[str, object]:
             "admin": embedded.admin_url}
 
 
-def start_floor(conninfo: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_floor(conninfo: str, workers: int) -> tuple[subprocess.Popen[bytes], str]:
     port = 18765
     process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "floor_app:app", "--workers", str(WORKERS),
+        [sys.executable, "-m", "uvicorn", "floor_app:app", "--workers", str(workers),
          "--port", str(port), "--no-access-log", "--log-level", "warning"],
         cwd=HERE, env={**os.environ, "BENCH_FLOOR_CONNINFO": conninfo})
     url = f"http://127.0.0.1:{port}/floor"
@@ -152,12 +151,15 @@ def main() -> None:
                              "throughput-cap<N>-<date>.md)")
     parser.add_argument("--zipf", type=float, default=1.1,
                         help="popularity exponent of the Zipf configurations")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="worker processes of both servers (grantkey serve's default is 1; "
+                             "other counts than 2 report to throughput-workers<N>-<date>.md)")
     args = parser.parse_args()
     env = {} if args.cap is None else {"GRANTKEY_SQL_MAX_CONNECTIONS": str(args.cap)}
     rows: list[tuple[str, str, dict[str, float]]] = []
-    with BenchServer(workers=WORKERS, env=env) as server:
+    with BenchServer(workers=args.workers, env=env) as server:
         ready = setup(server, max(args.keys, args.big_keys))
-        floor, floor_url = start_floor(str(ready["floor"]))
+        floor, floor_url = start_floor(str(ready["floor"]), args.workers)
         try:
             everyone = list(ready["tokens"])  # type: ignore[call-overload]
             tokens = everyone[:args.keys]
@@ -224,7 +226,7 @@ def order_check(args: argparse.Namespace, env: dict[str, str]) -> str:
     """On a fresh server: round-robin on an empty pool (cold), again (fresh), then Zipf, then
     round-robin again (after): the pool must not collapse whatever the order (issue 11:
     after within 10% of fresh). The 10-row query."""
-    with BenchServer(workers=WORKERS, env=env) as server:
+    with BenchServer(workers=args.workers, env=env) as server:
         ready = setup(server, args.keys)
         tokens = list(ready["tokens"])  # type: ignore[call-overload]
         sql = f"{ready['sql']}?q={quote(QUERIES['10 rows'])}"
@@ -286,7 +288,7 @@ def report(rows: list[tuple[str, str, dict[str, float]]], order: str,
              *(f"- {k}: {v}" for k, v in machine().items()),
              f"- wrk -t2 -c64 -d{args.duration}s, {args.runs} rounds; req/s and p99 are medians "
              "of the rounds, the ratios medians of each round's ratio to that round's floor; "
-             f"both servers --workers {WORKERS}, grantkey with its default settings; each "
+             f"both servers --workers {args.workers}, grantkey with its default settings; each "
              f"many-keys run follows {args.warmup} s of the same traffic (not counted); "
              "key-role connection cap per worker "
              f"{'sized by serve' if args.cap is None else args.cap}; logins/s = sessions "
@@ -305,7 +307,8 @@ def report(rows: list[tuple[str, str, dict[str, float]]], order: str,
               "the last column: after / fresh.", "",
               "| query | cold | logins/s | fresh | logins/s | Zipf | after | logins/s | "
               "after / fresh |", "|---|---|---|---|---|---|---|---|---|", order]
-    write_result("throughput" if args.cap is None else f"throughput-cap{args.cap}", lines)
+    name = "throughput" if args.cap is None else f"throughput-cap{args.cap}"
+    write_result(name if args.workers == 2 else f"{name}-workers{args.workers}", lines)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from grantkey.domain.keys import Principal, User
 from grantkey.domain.tokens import DEFAULT_PUBLIC_TOKEN
 from grantkey.errors import BasicUserMismatch, Unauthorized
-from grantkey.http.params import Params
+from grantkey.http.params import Params, header
 from grantkey.services.container import Services
 
 
@@ -70,7 +70,7 @@ async def resolve_principal(
     request: Request, services: Services, user: User, params: Params, *, data_api: bool
 ) -> Principal:
     credential = extract_credential(
-        request.headers.get("authorization"), params, user.username, data_api=data_api
+        header(request, b"authorization"), params, user.username, data_api=data_api
     )
     token = credential.token
     if token is None:

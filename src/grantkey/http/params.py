@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
 from starlette.datastructures import UploadFile
@@ -42,8 +43,20 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def header(request: Request, name: bytes) -> str | None:
+    """One header's first value, straight from the ASGI scope (names come lowercased):
+    cheaper than Starlette's `Headers`, which is built and searched for each look-up."""
+    for key, value in request.scope["headers"]:
+        if key == name:
+            text: str = value.decode("latin-1")
+            return text
+    return None
+
+
 async def read_params(request: Request, body_limit: int) -> Params:
-    params = Params(query=dict(request.query_params))
+    # what Starlette's QueryParams holds, as a plain dict (the last of repeated names wins)
+    query = request.scope["query_string"].decode("latin-1")
+    params = Params(query=dict(parse_qsl(query, keep_blank_values=True)))
     if request.method in ("GET", "HEAD", "OPTIONS", "DELETE"):
         return params
     raw = await _read_body(request, body_limit)
