@@ -45,6 +45,12 @@ ADMIN_SESSION = {
     "IntervalStyle": "postgres",
     "TimeZone": "UTC",
     "bytea_output": "hex",
+    "standard_conforming_strings": "on",
+    "client_encoding": "UTF8",
+    "client_min_messages": "notice",
+    "array_nulls": "on",
+    "backslash_quote": "safe_encoding",
+    "transform_null_equals": "off",
 }
 # Settings of newer servers only (an unknown name in the startup packet is fatal), pinned
 # where the server has them: no transaction time limit, and no self-granted SET or INHERIT
@@ -52,7 +58,8 @@ ADMIN_SESSION = {
 ADMIN_SESSION_SINCE = {160000: {"createrole_self_grant": ""}, 170000: {"transaction_timeout": "0"}}
 # Pinned on every key-role session the same way: a client can `ALTER ROLE CURRENT_USER SET`
 # its own defaults (statement_timeout = 1, read-only, another search path, another date
-# style) and so break its key for every later session, the default public key above all;
+# style, another time zone, backslashes read as escapes) and so break its key, or change
+# what its SQL means, for every later session, the default public key above all;
 # settings from the startup packet outrank those. Clients can still SET them per query.
 KEY_SESSION = {
     "search_path": '"$user",\\ public',  # as PostgreSQL's default shows it
@@ -66,6 +73,19 @@ KEY_SESSION = {
     "DateStyle": "ISO",
     "IntervalStyle": "postgres",
     "bytea_output": "hex",
+    "TimeZone": "UTC",
+    "standard_conforming_strings": "on",
+    "client_encoding": "UTF8",
+    "client_min_messages": "notice",
+    "array_nulls": "on",
+    "backslash_quote": "safe_encoding",
+    "transform_null_equals": "off",
+    "extra_float_digits": "1",
+    "xmloption": "content",
+    "xmlbinary": "base64",
+    "row_security": "on",
+    "timezone_abbreviations": "Default",
+    "quote_all_identifiers": "off",
 }
 KEY_SESSION_SINCE = {170000: {"transaction_timeout": "0"}}
 

@@ -58,12 +58,18 @@ class StreamingCursor(psycopg.AsyncCursor[Row]):
             raise CopyRefused()
         super()._raise_for_result(result)
 
-    def _rest_of_statement(self, res: PGresult | None) -> Generator[Any, Any, None]:
-        """Read up to the end of this statement's results (ReadyForQuery)."""
+    def _rest_of_statement(self, res: PGresult | None) -> Generator[Any, Any, PGresult | None]:
+        """Read up to the end of this statement's results (ReadyForQuery); the first error
+        among them, if any (a deferred constraint failing at the implicit commit comes
+        after the statement's own result)."""
+        error = None
         while res is not None:
             if res.status in _COPY:
                 self._raise_for_result(res)
+            if res.status == _STATUS.FATAL_ERROR and error is None:
+                error = res
             res = yield from fetch(self._pgconn)
+        return error
 
     def _stream_fetchone_gen(self, first: bool) -> Any:
         res: PGresult | None = yield from fetch(self._pgconn)
@@ -78,7 +84,9 @@ class StreamingCursor(psycopg.AsyncCursor[Row]):
             return res
         if status in (_STATUS.TUPLES_OK, _STATUS.COMMAND_OK):
             self.final = res
-            yield from self._rest_of_statement(res)
+            failed = yield from self._rest_of_statement(res)
+            if failed is not None:  # the statement ran, its commit did not
+                self._raise_for_result(failed)
             return None
         if status in _COPY:
             self._raise_for_result(res)
@@ -108,10 +116,12 @@ class StreamingCursor(psycopg.AsyncCursor[Row]):
                         batch = []
             except psycopg.Error:
                 if reset:  # the statement ended in an error: the reset still ran after it
-                    self.reset_done = await self._conn.wait(self._reset_answer_gen())
+                    self.reset_done, _ = await self._conn.wait(self._reset_answer_gen())
                 raise
             if reset:
-                self.reset_done = await self._conn.wait(self._reset_answer_gen())
+                self.reset_done, failed = await self._conn.wait(self._reset_answer_gen())
+                if failed is not None:  # the statement ran, its commit did not
+                    self._raise_for_result(failed)
             if self.final is not None and self.final.status == _STATUS.TUPLES_OK:
                 self.pgresult = self.final  # an empty result still has its columns
                 self._tx.set_pgresult(self.final, set_loaders=first)
@@ -136,22 +146,25 @@ class StreamingCursor(psycopg.AsyncCursor[Row]):
         self._last_query = query
         yield from send(self._pgconn)
 
-    def _reset_answer_gen(self) -> Generator[Any, Any, bool]:
-        """After the query's results: its sync, the DISCARD ALL's result and sync; leave
-        pipeline mode. True if the reset succeeded and the session is idle."""
-        ok, syncs = True, 0
+    def _reset_answer_gen(self) -> Generator[Any, Any, tuple[bool, PGresult | None]]:
+        """After the query's results: its sync (an error before it is the query's commit
+        failing), the DISCARD ALL's result and sync; leave pipeline mode. (True if the
+        reset succeeded and the session is idle, the commit's error if any.)"""
+        ok, syncs, failed = True, 0, None
         while syncs < 2:
             res = yield from fetch(self._pgconn)
             if res is None:
                 continue
             if res.status == _STATUS.PIPELINE_SYNC:
                 syncs += 1
+            elif res.status in _COPY:  # cannot happen behind a sync; never spin
+                self._raise_for_result(res)
+            elif syncs == 0:
+                failed = failed or (res if res.status == _STATUS.FATAL_ERROR else None)
             elif res.status != _STATUS.COMMAND_OK:
                 ok = False
-                if res.status in _COPY:  # cannot happen behind a sync; never spin
-                    self._raise_for_result(res)
         self._pgconn.exit_pipeline_mode()
-        return ok and self._pgconn.transaction_status == pq.TransactionStatus.IDLE
+        return ok and self._pgconn.transaction_status == pq.TransactionStatus.IDLE, failed
 
     @property
     def affected_rows(self) -> int:
