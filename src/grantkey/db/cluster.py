@@ -32,8 +32,11 @@ from grantkey.errors import DatabaseUnavailable
 log = logging.getLogger("grantkey.cluster")
 METADATA_DATABASE = "grantkey"
 WATCH_SECONDS = 0.5  # how often each process checks that PostgreSQL answers
-ADMIN_SESSION = {
-    "search_path": "pg_catalog,pg_temp",
+# What both kinds of session pin, with the same value: no time limits, read-write, read
+# committed, no role switched to, and the settings that change how SQL text and values are
+# read and written (dates, times, bytea, strings, client encoding, notices, NULL in arrays,
+# backslashes, `= NULL`).
+COMMON_SESSION = {
     "role": "none",
     "default_transaction_read_only": "off",
     "default_transaction_isolation": "read\\ committed",
@@ -52,6 +55,7 @@ ADMIN_SESSION = {
     "backslash_quote": "safe_encoding",
     "transform_null_equals": "off",
 }
+ADMIN_SESSION = {"search_path": "pg_catalog,pg_temp", **COMMON_SESSION}
 # Settings of newer servers only (an unknown name in the startup packet is fatal), pinned
 # where the server has them: no transaction time limit, and no self-granted SET or INHERIT
 # on the roles a CREATEROLE admin creates (`db.managers` relies on holding neither).
@@ -63,23 +67,7 @@ ADMIN_SESSION_SINCE = {160000: {"createrole_self_grant": ""}, 170000: {"transact
 # settings from the startup packet outrank those. Clients can still SET them per query.
 KEY_SESSION = {
     "search_path": '"$user",\\ public',  # as PostgreSQL's default shows it
-    "role": "none",
-    "idle_session_timeout": "0",
-    "statement_timeout": "0",
-    "lock_timeout": "0",
-    "idle_in_transaction_session_timeout": "0",
-    "default_transaction_read_only": "off",
-    "default_transaction_isolation": "read\\ committed",
-    "DateStyle": "ISO",
-    "IntervalStyle": "postgres",
-    "bytea_output": "hex",
-    "TimeZone": "UTC",
-    "standard_conforming_strings": "on",
-    "client_encoding": "UTF8",
-    "client_min_messages": "notice",
-    "array_nulls": "on",
-    "backslash_quote": "safe_encoding",
-    "transform_null_equals": "off",
+    **COMMON_SESSION,
     "extra_float_digits": "1",
     "xmloption": "content",
     "xmlbinary": "base64",
