@@ -8,6 +8,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from grantkey.db import pg_wire
 from grantkey.db.pg_wire import CopyRefused, StreamingCursor, finish_reset, send_reset
 from grantkey.db.sql_exec import _several_statements
 from tests.conftest import Account
@@ -150,3 +151,26 @@ def test_a_reset_pipelined_behind_begin_fails_and_says_so(
     assert (done, error) == (False, "")
     assert status == psycopg.pq.TransactionStatus.INERROR
     assert path == '"$user", public'
+
+
+def test_the_libpq_psycopg_loaded_can_queue_a_sync_without_sending_it() -> None:
+    """The fence for `queue_pipeline_sync`: psycopg's wheel ships libpq 17 or newer, where
+    PQsendPipelineSync exists and is found, so a query and its pipelined reset leave in
+    one send. If this fails, a psycopg upgrade changed the libpq it loads."""
+    assert psycopg.pq.version() >= 170000
+    assert pg_wire._libpq_send_pipeline_sync() is not None
+
+
+@pytest.mark.parametrize("queued", [True, False], ids=["sync queued", "libpq without it"])
+def test_a_pipelined_reset_works_with_and_without_a_queued_sync(
+    account: Account, run: Callable[[Awaitable[Any]], Any], admin_url: str,
+    monkeypatch: pytest.MonkeyPatch, queued: bool,
+) -> None:
+    if not queued:
+        monkeypatch.setattr(pg_wire, "_libpq_send_pipeline_sync", lambda: None)
+    conninfo = psycopg.conninfo.make_conninfo(admin_url, dbname=account.user.database)
+    done, error, status, path, temp = run(_pipelined(conninfo, "CREATE TEMP TABLE t (a int)"))
+    assert (done, error, status) == (True, "", psycopg.pq.TransactionStatus.IDLE)
+    assert (path, temp) == ('"$user", public', 0)
+    done, error, _, _, _ = run(_pipelined(conninfo, "SELECT 1/0"))
+    assert (done, error) == (True, "DivisionByZero")

@@ -11,8 +11,10 @@ psycopg's stream generators (private API): psycopg's minor version is pinned
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import select
-from collections.abc import AsyncGenerator, Generator
+from collections.abc import AsyncGenerator, Callable, Generator
 from typing import Any, NoReturn
 
 import psycopg
@@ -25,6 +27,35 @@ from grantkey.domain.sql_text import COPY_REFUSED
 Row = tuple[Any, ...]
 _STATUS = pq.ExecStatus
 _COPY = frozenset({_STATUS.COPY_IN, _STATUS.COPY_OUT, _STATUS.COPY_BOTH})
+
+
+@functools.cache
+def _libpq_send_pipeline_sync() -> Callable[[int], int] | None:
+    """libpq 17's PQsendPipelineSync (a Sync queued without sending), from the libpq psycopg
+    loaded; None with an older libpq or where it cannot be found (Linux maps only)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libpq" in line and ".so" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        function = getattr(ctypes.CDLL(path), "PQsendPipelineSync", None)
+        if function is not None:
+            function.argtypes = [ctypes.c_void_p]
+            function.restype = ctypes.c_int
+            return function  # type: ignore[no-any-return]
+    return None
+
+
+def queue_pipeline_sync(pgconn: pq.abc.PGconn) -> None:
+    """A Sync left in libpq's buffer for the next flush (libpq 17+), so that a query and
+    what follows it leave in one send; with an older libpq, a sync that flushes."""
+    function = _libpq_send_pipeline_sync()
+    pointer = getattr(pgconn, "pgconn_ptr", None)  # every implementation has it; abc not
+    if function is None or pointer is None:
+        pgconn.pipeline_sync()
+    elif function(pointer) != 1:
+        raise psycopg.OperationalError(f"failed to queue a pipeline sync: {pgconn.error_message!r}")
 
 
 class CopyRefused(Exception):
@@ -140,7 +171,7 @@ class StreamingCursor(psycopg.AsyncCursor[Row]):
             self._pgconn.set_single_row_mode()
         else:
             self._pgconn.set_chunked_rows_mode(size)
-        self._pgconn.pipeline_sync()
+        queue_pipeline_sync(self._pgconn)  # the query and its reset leave in one send
         self._pgconn.send_query_params(RESET, None)
         self._pgconn.pipeline_sync()
         self._last_query = query

@@ -11,6 +11,10 @@ take to arrive (uvicorn with httptools bounds neither).
   (or, if the answer already began, the connection is dropped). Its size is the handlers'
   business (GRANTKEY_MAX_BODY_BYTES).
 
+A response's head is held until its body's first bytes (or the end of the event loop's
+turn) and leaves with them in one send: uvicorn writes them apart, two system calls (and two
+TCP segments) for every small answer.
+
 Each request's scope carries an extension, "grantkey.abort", whose `abort()` drops the
 connection at once: the SQL API's streamed answers use it when a client stops reading
 (GRANTKEY_SEND_TIMEOUT) and when an answer is cut short (so that it never looks complete).
@@ -49,6 +53,39 @@ def url_limit(settings: Settings) -> int:
     """httptools refuses a request line of 64 KiB or more with a bare 400: ours comes first,
     with a message saying what to do (longer SQL goes in a POST body)."""
     return 65_000
+
+
+class _HeadHeldTransport:
+    """The transport as one response cycle sees it: its first write (the head, or a 100
+    Continue) is held until the next write, which carries it, or the end of the loop's
+    turn; anything else the cycle does with the transport (close, abort, ...) first sends
+    what is held, so bytes always leave in order."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+        self._first = True
+
+    def write(self, data: bytes) -> None:
+        if self._first:
+            self._first = False
+            self._held = bytes(data)
+            self._loop.call_soon(self.flush)
+            return
+        if self._held is not None:
+            data, self._held = self._held + data, None
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        if self._held is not None:
+            held, self._held = self._held, None
+            if not self._transport.is_closing():
+                self._transport.write(held)
+
+    def __getattr__(self, name: str) -> object:
+        self.flush()
+        return getattr(self._transport, name)
 
 
 class BoundedHttpProtocol(HttpToolsProtocol):
@@ -96,6 +133,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._in_head = False
         self._disarm_head_timer()
         super().on_headers_complete()
+        if self.cycle is not None:  # its task has not run yet
+            self.cycle.transport = _HeadHeldTransport(self.transport, self.loop)  # type: ignore[assignment]
         # the body (if any) has its own deadline; on_message_complete disarms it
         self._body_timer = self.loop.call_later(_limits()[3], self._body_too_slow)
 
@@ -123,7 +162,13 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         else:
             self._answer_and_close(408, "The request body did not arrive in time")
 
+    def _flush_held(self) -> None:
+        """Writes of the protocol itself come after what the answer's cycle holds."""
+        if self.cycle is not None and isinstance(self.cycle.transport, _HeadHeldTransport):
+            self.cycle.transport.flush()
+
     def send_400_response(self, msg: str) -> None:
+        self._flush_held()
         if not self.transport.is_closing():  # not after our own 431
             super().send_400_response(msg)
 
@@ -158,6 +203,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def _answer_and_close(self, status: int, message: str) -> None:
         self._disarm_head_timer()
+        self._flush_held()
         if self.transport.is_closing():
             return
         body = message.encode("ascii")
