@@ -23,8 +23,8 @@ from psycopg import sql
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, write_result
 
-from grantkey.cli.embedded import EmbeddedPostgres
-from grantkey.db.bootstrap import bootstrap
+from grantkey.cli.embedded import ROUTINE_ROLE, EmbeddedPostgres
+from grantkey.db.bootstrap import bootstrap, prepare_routine_admin
 from grantkey.services.container import Services
 from grantkey.settings import Settings
 
@@ -36,9 +36,11 @@ def make_user(pgdata: Path) -> tuple[str, str, str]:
     pg.start()
 
     async def create() -> tuple[str, str]:
+        await prepare_routine_admin(pg.superuser_url, ROUTINE_ROLE)
         await bootstrap(pg.admin_url)
         services = Services(Settings(data_dir=pgdata, database_url=pg.admin_url,
-                                     secret="b" * 64), pg.admin_url)
+                                     secret="b" * 64, superuser_url=pg.superuser_url),
+                            pg.admin_url)
         await services.open(migrate=False)
         try:
             made = await services.users.create("bench")
@@ -47,7 +49,7 @@ def make_user(pgdata: Path) -> tuple[str, str, str]:
             await services.close()
 
     database, owner = asyncio.run(create())
-    return pg.admin_url, database, owner
+    return pg.superuser_url, database, owner
 
 
 def latencies(conn: psycopg.Connection[tuple[object, ...]], owner: str, mode: str,
