@@ -174,17 +174,25 @@ def test_large_results_at_batch_boundaries_reset_the_session(
         assert_clean(http, account, key.token, admin_url, 717171)
 
 
+def error_mid_stream(account: Account, key: KeyHandle, admin_url: str, column: str,
+                     lock: int, checks: int = 1) -> None:
+    """A 5,000-row stream whose first column fails at some row, after the session's state
+    was changed: no 500, and every later request finds the session clean."""
+    query = (f"SELECT {column}, set_config('search_path', 'pg_catalog', false) AS s,"
+             f" pg_advisory_lock({lock}) AS l FROM generate_series(1, 5000) g")
+    with httpx.Client(timeout=30) as http:
+        pid_of(http, account, key.token)
+        assert sql_or_cut(http, account, query, key.token) < 500
+        for _ in range(checks):
+            assert_clean(http, account, key.token, admin_url, lock)
+
+
 @pytest.mark.parametrize("where", [1, 2500, 4001])
 def test_server_error_mid_stream_resets_the_session(
     account: Account, key: KeyHandle, admin_url: str, where: int,
 ) -> None:
-    query = (f"SELECT CASE WHEN g = {where} THEN 1 / 0 ELSE g END AS g,"
-             " set_config('search_path', 'pg_catalog', false) AS s,"
-             " pg_advisory_lock(818181) AS l FROM generate_series(1, 5000) g")
-    with httpx.Client(timeout=30) as http:
-        pid_of(http, account, key.token)
-        assert sql_or_cut(http, account, query, key.token) < 500
-        assert_clean(http, account, key.token, admin_url, 818181)
+    error_mid_stream(account, key, admin_url,
+                     f"CASE WHEN g = {where} THEN 1 / 0 ELSE g END AS g", 818181)
 
 
 @pytest.mark.parametrize("where", [1, 2500])
@@ -193,13 +201,8 @@ def test_client_side_load_error_mid_stream_resets_the_session(
 ) -> None:
     """psycopg cannot load 'infinity' as a Python date: a psycopg error raised by the row
     loader while the query's own results are still unread."""
-    query = (f"SELECT CASE WHEN g = {where} THEN 'infinity'::date ELSE current_date END AS d,"
-             " set_config('search_path', 'pg_catalog', false) AS s,"
-             " pg_advisory_lock(919191) AS l FROM generate_series(1, 5000) g")
-    with httpx.Client(timeout=30) as http:
-        pid_of(http, account, key.token)
-        assert sql_or_cut(http, account, query, key.token) < 500
-        assert_clean(http, account, key.token, admin_url, 919191)
+    error_mid_stream(account, key, admin_url, f"CASE WHEN g = {where} THEN 'infinity'::date "
+                     "ELSE current_date END AS d", 919191)
 
 
 @pytest.mark.parametrize("where", [1, 2500])
@@ -209,14 +212,9 @@ def test_non_psycopg_loader_error_mid_stream_leaves_no_pipeline_behind(
     """Deeply nested JSON: Python's json.loads raises RecursionError (not a psycopg.Error)
     with the pipeline still open and the DISCARD ALL's answer unread."""
     deep = "(repeat('[', 5000) || repeat(']', 5000))::jsonb"
-    query = (f"SELECT CASE WHEN g = {where} THEN {deep} ELSE '1'::jsonb END AS j,"
-             " set_config('search_path', 'pg_catalog', false) AS s,"
-             " pg_advisory_lock(929292) AS l FROM generate_series(1, 5000) g")
-    with httpx.Client(timeout=30) as http:
-        pid_of(http, account, key.token)
-        assert sql_or_cut(http, account, query, key.token) < 500
-        for _ in range(3):
-            assert_clean(http, account, key.token, admin_url, 929292)
+    error_mid_stream(account, key, admin_url,
+                     f"CASE WHEN g = {where} THEN {deep} ELSE '1'::jsonb END AS j", 929292,
+                     checks=3)
 
 
 def test_client_disconnecting_mid_stream_leaves_nothing(
