@@ -9,10 +9,11 @@ from typing import Any
 import psycopg
 
 from grantkey.db import users as user_store
+from grantkey.db.locks import USER_LOCK_CLASS
 from grantkey.domain import names
 from grantkey.domain.keys import User
 from grantkey.services.container import Services
-from grantkey.services.reconcile import USER_LOCK_CLASS, reconcile
+from grantkey.services.reconcile import reconcile
 
 
 def half_made_user(services: Services) -> User:

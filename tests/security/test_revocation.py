@@ -12,8 +12,8 @@ import psycopg
 import pytest
 
 from grantkey.domain.tokens import digest
-from grantkey.http.notifications import listen_for_revocations
 from grantkey.services.container import Services
+from grantkey.services.notifications import listen_for_revocations
 from tests.conftest import Account, KeyHandle
 from tests.support import apis_only
 

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from grantkey.cli.common import cluster_options, fail, load_settings, print_table, run_with_services
+from grantkey.http.documents import key_document
 from grantkey.services.container import Services
 from grantkey.services.keys import KeyView, ListQuery
 
@@ -40,11 +41,11 @@ def _grants_from_options(
 
 def _print_keys(views: list[KeyView], as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps([view.document() for view in views]))
+        click.echo(json.dumps([key_document(view) for view in views]))
         return
     rows = []
     for view in views:
-        doc = view.document()
+        doc = key_document(view)
         tables = ", ".join(f"{t['schema']}.{t['name']}:{','.join(t['permissions'])}"
                            for t in doc["grants"][1]["tables"])
         rows.append([view.record.name, doc["type"], ",".join(view.record.apis), tables,
@@ -105,7 +106,7 @@ def create(username: str, name: str, grants: str | None, apis: tuple[str, ...],
 
     view = run_with_services(load_settings(data_dir, database_url), work)
     if as_json:
-        click.echo(json.dumps(view.document()))
+        click.echo(json.dumps(key_document(view)))
     else:
         click.echo(f"created key {name}\ntoken: {view.token}")
 
@@ -143,6 +144,6 @@ def regenerate(username: str, name: str, as_json: bool, data_dir: Path,
 
     view = run_with_services(load_settings(data_dir, database_url), work)
     if as_json:
-        click.echo(json.dumps(view.document()))
+        click.echo(json.dumps(key_document(view)))
     else:
         click.echo(f"regenerated key {name}\ntoken: {view.token}")

@@ -147,6 +147,11 @@ class Cluster:
         await asyncio.gather(*(pool.close(timeout=1.0) for pool in pools),
                              return_exceptions=True)
 
+    async def ping(self) -> None:
+        """Returns if the metadata database answers; DatabaseUnavailable otherwise."""
+        async with self.metadata() as conn:
+            await conn.execute("SELECT 1")
+
     async def max_connections(self) -> int:
         """PostgreSQL's max_connections."""
         async with self.metadata() as conn:

@@ -8,7 +8,7 @@ NOLOGIN privilege role named from the object's OID; keys join those roles.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -19,6 +19,7 @@ from grantkey.db.keys import storable
 from grantkey.db.managers import PRIVILEGE_ROLE_PATTERN, Managers, acting_as, as_admin
 from grantkey.domain import names
 from grantkey.domain.grants import GrantsPlan
+from grantkey.domain.keys import LiveGrants
 
 GRANTABLE_RELKINDS = ["r", "v", "m", "f", "p"]
 HIDDEN_SCHEMAS = ["pg_catalog", "information_schema", "grantkey_meta", "pg_toast"]
@@ -31,12 +32,6 @@ class MissingObject(Exception):
     def __init__(self, kind: str) -> None:
         super().__init__(kind)
         self.kind = kind
-
-
-@dataclass
-class LiveGrants:
-    tables: list[dict[str, Any]] = field(default_factory=list)
-    schemas: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

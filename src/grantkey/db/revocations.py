@@ -19,6 +19,7 @@ from __future__ import annotations
 import psycopg
 from psycopg import sql
 
+from grantkey.db import sessions
 from grantkey.db.cluster import AdminConnection, Cluster
 
 REVOCATIONS_DDL = """
@@ -166,9 +167,7 @@ async def forget_pending(meta: AdminConnection, role: str) -> None:
 
 async def terminate_sessions(conn: AdminConnection, oid: int) -> None:
     """By OID: once a role is dropped, pg_stat_activity no longer shows its name."""
-    await conn.execute(
-        "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity "
-        "WHERE usesysid = %s::oid", [oid])
+    await sessions.terminate_role_sessions(conn, [oid])
 
 
 async def notify(meta: AdminConnection, channel: str, payload: str) -> None:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
 from psycopg import sql
 
-from grantkey.db import revocations
+from grantkey.db import revocations, sessions
 from grantkey.db.bootstrap import hand_over_schema as bootstrap_hand_over
 from grantkey.db.cluster import METADATA_DATABASE, AdminConnection, Cluster
 from grantkey.domain import names
 from grantkey.domain.keys import User
 from grantkey.domain.names import USERNAME_PATTERN
 from grantkey.domain.secrets_box import scram_verifier
+from grantkey.errors import UserExists
 
 LOGIN_ROLE_OPTIONS = sql.SQL(
     "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT"
@@ -68,11 +70,15 @@ async def list_users(conn: AdminConnection) -> list[User]:
 
 
 async def reserve_user(conn: AdminConnection, user: User) -> None:
-    await conn.execute(
-        "INSERT INTO public.users (id, username, database, owner_role, public_role, state) "
-        "VALUES (%s, %s, %s, %s, %s, 'creating')",
-        [user.id, user.username, user.database, user.owner_role, user.public_role],
-    )
+    """UserExists if the name is taken."""
+    try:
+        await conn.execute(
+            "INSERT INTO public.users (id, username, database, owner_role, public_role, state) "
+            "VALUES (%s, %s, %s, %s, %s, 'creating')",
+            [user.id, user.username, user.database, user.owner_role, user.public_role],
+        )
+    except psycopg.errors.UniqueViolation:
+        raise UserExists(user.username) from None
 
 
 async def create_builtin_roles(
@@ -282,9 +288,7 @@ async def _drop_user_roles_as_superuser(cluster: Cluster, user_id: str) -> bool:
         return True
     oids = list(found.values())
     async with cluster.superuser_session(METADATA_DATABASE) as su:  # once NOLOGIN is committed
-        await su.execute(
-            "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity "
-            "WHERE usesysid = ANY(%s::oid[])", [oids])
+        await sessions.terminate_role_sessions(su, oids)
         cur = await su.execute(revocations.DATABASES_NAMING, [oids])
         databases = [row["datname"] for row in await cur.fetchall()]
     # the manager roles last: they granted memberships in the others (db.managers)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 
 class KeyType(StrEnum):
@@ -93,3 +94,11 @@ def _hidden(char: str) -> bool:
 
 
 KEY_NAME_MAX_LENGTH = 255
+
+
+@dataclass
+class LiveGrants:
+    """A regular key's tables and schemas as PostgreSQL shows them now (CARTO's shape)."""
+
+    tables: list[dict[str, Any]] = field(default_factory=list)
+    schemas: list[dict[str, Any]] = field(default_factory=list)

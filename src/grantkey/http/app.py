@@ -27,9 +27,9 @@ from grantkey.http.errors import (
     unexpected_error,
 )
 from grantkey.http.fast_path import GrantkeyApp
-from grantkey.http.notifications import listen_for_revocations
 from grantkey.http.openapi import openapi
 from grantkey.services.container import Services
+from grantkey.services.notifications import listen_for_revocations
 from grantkey.settings import Settings
 
 log = logging.getLogger("grantkey.server")
@@ -38,8 +38,7 @@ log = logging.getLogger("grantkey.server")
 async def health(request: Request) -> Response:
     """Ready: this process can serve (PostgreSQL answers). `/health` and `/health/ready`."""
     try:
-        async with services_of(request).cluster.metadata() as conn:
-            await conn.execute("SELECT 1")
+        await services_of(request).cluster.ping()
     except DatabaseUnavailable:
         return json_response({"status": "unavailable", "postgres": "unreachable"}, 503,
                              {"Retry-After": RETRY_AFTER})

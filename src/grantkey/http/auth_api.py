@@ -11,6 +11,7 @@ from starlette.routing import Route
 from grantkey.domain.numbers import strict_int
 from grantkey.errors import BadInput, BadListParameter
 from grantkey.http.context import Call, endpoint, user_routes
+from grantkey.http.documents import key_document
 from grantkey.http.errors import Family, json_response
 from grantkey.http.paging import pagination_links
 from grantkey.services.keys import KeyView, ListQuery
@@ -67,7 +68,7 @@ async def list_keys(call: Call) -> Response:
     links = pagination_links(call.request.url, query.page, query.per_page, page.total)
     result = []
     for view in page.keys:
-        document = view.document()
+        document = key_document(view)
         document["_links"] = {"self": _key_url(call, view)}
         result.append(document)
     return json_response({"total": page.total, "count": len(result), "result": result,
@@ -79,12 +80,12 @@ async def create_key(call: Call) -> Response:
     if not isinstance(body, dict):
         raise BadInput("The request body must be a JSON object with 'name' and 'grants'")
     view = await call.services.keys.create(call.principal, body.get("name"), body.get("grants"))
-    return json_response(view.document(), 201)
+    return json_response(key_document(view), 201)
 
 
 async def show_key(call: Call) -> Response:
     view = await call.services.keys.show(call.principal, call.request.path_params["name"])
-    return json_response(view.document())
+    return json_response(key_document(view))
 
 
 async def delete_key(call: Call) -> Response:
@@ -94,7 +95,7 @@ async def delete_key(call: Call) -> Response:
 
 async def regenerate_token(call: Call) -> Response:
     view = await call.services.keys.regenerate(call.principal, call.request.path_params["name"])
-    return json_response(view.document())
+    return json_response(key_document(view))
 
 
 def routes() -> list[Route]:

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from psycopg import sql
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
@@ -22,7 +21,7 @@ from grantkey.http.context import Call, RequestHandler, endpoint, user_routes
 from grantkey.http.errors import Family, render_error
 from grantkey.http.formats import EXTENSIONS, GEOJSON_COLUMN, MEDIA_TYPES, WRITERS
 from grantkey.http.protocol import ABORT_EXTENSION
-from grantkey.services.sql import RunningQuery
+from grantkey.services.sql import RunningQuery, wrapped_query
 
 log = logging.getLogger("grantkey.sql")
 CALLBACK = re.compile(r"[A-Za-z_$][A-Za-z0-9_$.]{0,99}")
@@ -93,21 +92,16 @@ def parse_sql_params(call: Call) -> SqlParams:
 def effective_query(options: SqlParams) -> str:
     """Paging wraps a SELECT (CARTO's rule); GeoJSON adds the geometry as GeoJSON text.
 
-    The client's SQL is composed as it is: it runs as the key's own role, so wrapping it
-    gives it no power it did not have.
+    The client's SQL is wrapped as it is (`db/wrapping.py`).
     """
     query = options.query.strip().rstrip(";")
-    composed: sql.Composable = sql.SQL(query)
-    if options.format == "geojson":
-        composed = sql.SQL("SELECT *, ST_AsGeoJSON(the_geom, {}) AS {} FROM ({}) AS cdbq").format(
-            sql.Literal(options.dp), sql.Identifier(GEOJSON_COLUMN), composed)
+    geojson = (options.dp, GEOJSON_COLUMN) if options.format == "geojson" else None
+    page = None
     if options.rows_per_page is not None and PAGEABLE.match(query):
-        composed = sql.SQL("SELECT * FROM ({}) AS cdbq LIMIT {} OFFSET {}").format(
-            composed, sql.Literal(options.rows_per_page),
-            sql.Literal(options.rows_per_page * options.page))
-    elif options.format != "geojson":
+        page = (options.rows_per_page, options.rows_per_page * options.page)
+    if geojson is None and page is None:
         return options.query
-    return composed.as_string(None)
+    return wrapped_query(query, geojson=geojson, page=page)
 
 
 def _disposition(options: SqlParams) -> str:

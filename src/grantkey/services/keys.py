@@ -13,10 +13,16 @@ from grantkey.db import managers as manager_store
 from grantkey.db import migrations, privileges
 from grantkey.db import revocations as revocation_store
 from grantkey.db.cluster import AdminConnection, Cluster
-from grantkey.db.privileges import LiveGrants
 from grantkey.domain import names
 from grantkey.domain.grants import grants_messages, plan_grants
-from grantkey.domain.keys import KeyRecord, KeyType, Principal, User, key_name_messages
+from grantkey.domain.keys import (
+    KeyRecord,
+    KeyType,
+    LiveGrants,
+    Principal,
+    User,
+    key_name_messages,
+)
 from grantkey.domain.secrets_box import SecretBox
 from grantkey.domain.tokens import DEFAULT_PUBLIC_TOKEN, digest, new_token
 from grantkey.errors import (
@@ -29,7 +35,6 @@ from grantkey.errors import (
 from grantkey.faults import checkpoint
 from grantkey.services.revocation import Revoker
 
-TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S +0000"
 NO_GUARD_MESSAGE = (
     "Grants schema create is not available on this server: keys that create tables need "
     "a guard against creating code, which only a PostgreSQL superuser can install")
@@ -43,18 +48,6 @@ class KeyView:
     record: KeyRecord
     token: str | None
     grants: LiveGrants
-
-    def document(self) -> dict[str, Any]:
-        record = self.record
-        return {
-            "name": record.name,
-            "user": {"username": self.user.username},
-            "type": record.type.value,
-            "token": self.token,
-            "grants": grants_document(record, self.grants),
-            "created_at": _timestamp(record.created_at),
-            "updated_at": _timestamp(record.updated_at),
-        }
 
 
 @dataclass(frozen=True)
@@ -72,10 +65,6 @@ class ListQuery:
     per_page: int = 20
 
 
-def _timestamp(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime(TIMESTAMP_FORMAT)
-
-
 def readable_token(box: SecretBox, record: KeyRecord) -> str | None:
     """A key's token, where it can be known: the literal for the default public key, the
     sealed copy for the others (None when tokens are not stored)."""
@@ -84,20 +73,6 @@ def readable_token(box: SecretBox, record: KeyRecord) -> str | None:
     if record.sealed_token is None:
         return None
     return box.decrypt_token(record.sealed_token, record.id.encode())
-
-
-def grants_document(record: KeyRecord, live: LiveGrants) -> list[dict[str, Any]]:
-    """CARTO's grants array, rebuilt from live PostgreSQL state, in CARTO's order."""
-    database: dict[str, Any] = {"type": "database", "tables": [], "schemas": []}
-    if record.type is KeyType.REGULAR:
-        database["tables"] = live.tables
-        database["schemas"] = live.schemas
-    if record.table_metadata:
-        database["table_metadata"] = []
-    sections: list[dict[str, Any]] = [{"type": "apis", "apis": list(record.apis)}, database]
-    if record.services:
-        sections.append({"type": "dataservices", "services": list(record.services)})
-    return sections
 
 
 class KeyService:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import psycopg
-
+from grantkey.db.notify import listening
+from grantkey.errors import DatabaseUnavailable
 from grantkey.services.container import Services
 from grantkey.services.revocation import CHANNEL, deleted_username, payload_role
 
@@ -18,21 +18,17 @@ async def listen_for_revocations(services: Services) -> None:
     """Runs until cancelled. On any disconnection the whole cache is cleared."""
     while True:
         try:
-            conn = await psycopg.AsyncConnection.connect(
-                services.cluster.conninfo("grantkey"), autocommit=True
-            )
-            async with conn:
-                await conn.execute(f"LISTEN {CHANNEL}")
+            async with listening(services.cluster.conninfo("grantkey"), CHANNEL) as payloads:
                 _forget_everything(services)
                 # revocations decided while no LISTEN was in place were not heard: act on
                 # every one whose cleanup is still owed (the rest have no role left)
                 await _end_pending_revocations(services)
-                async for notice in conn.notifies():
-                    await _apply(services, notice.payload)
+                async for payload in payloads:
+                    await _apply(services, payload)
         except asyncio.CancelledError:
             raise
-        except psycopg.Error as error:
-            log.warning("revocation listener lost its connection: %s", type(error).__name__)
+        except DatabaseUnavailable as error:
+            log.warning("revocation listener lost its connection: %s", error)
         _forget_everything(services)  # changes may be missed while disconnected
         await asyncio.sleep(RETRY_SECONDS)
 

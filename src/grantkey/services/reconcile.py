@@ -19,17 +19,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-import psycopg
-from psycopg import sql
-
+from grantkey.db import locks
+from grantkey.db import repair as repair_store
 from grantkey.db import users as user_store
 from grantkey.db.cluster import Cluster
-from grantkey.errors import GrantkeyError
+from grantkey.db.failures import CLEANUP_ERRORS
 from grantkey.services.revocation import Revoker
 
 log = logging.getLogger("grantkey.reconcile")
 
-USER_LOCK_CLASS = 0x676B  # "gk": the first key of the advisory lock held while provisioning
 _DATABASE = re.compile(r"gk_([0-9a-f]{16})")
 _ROLE = re.compile(r"gk_([0-9a-f]{16})_.*")
 
@@ -53,7 +51,7 @@ async def _attempt(repair: Repair, what: str, work: Callable[[], Awaitable[bool 
     """Run one repair; True if it did its work (False: nothing to do, or it failed)."""
     try:
         result = await work()
-    except (GrantkeyError, psycopg.Error) as error:
+    except CLEANUP_ERRORS as error:
         log.warning("start-up repair of %s failed, left for the next start: %s", what, error)
         repair.failed.append(what)
         return False
@@ -63,19 +61,10 @@ async def _attempt(repair: Repair, what: str, work: Callable[[], Awaitable[bool 
 async def reconcile(cluster: Cluster, revoker: Revoker | None = None) -> Repair:
     repair = Repair()
     async with cluster.autocommit() as conn:
-        cur = await conn.execute("SELECT id, database FROM public.users WHERE state <> 'ready'")
-        pending = await cur.fetchall()
-        cur = await conn.execute("SELECT id FROM public.users")
-        known = {row["id"] for row in await cur.fetchall()}
-        cur = await conn.execute("SELECT datname FROM pg_database")
-        databases = [row["datname"] for row in await cur.fetchall()]
-        cur = await conn.execute(
-            "SELECT rolname FROM pg_roles WHERE pg_catalog.starts_with(rolname::text, 'gk_'::text)")
-        roles = [row["rolname"] for row in await cur.fetchall()]
-        cur = await conn.execute("SELECT id, owner_role FROM public.users WHERE state = 'ready'")
-        owners = {row["id"]: row["owner_role"] for row in await cur.fetchall()}
-    for row in pending:
-        user_id, database = row["id"], row["database"]
+        state = await repair_store.cluster_state(conn)
+    pending, known, databases, roles, owners = (
+        state.pending, state.known, state.databases, state.roles, state.owners)
+    for user_id, database in pending:
         if await _attempt(repair, f"unfinished user {user_id}",
                           partial(_drop_unfinished, cluster, user_id, database)):
             repair.unfinished_users.append(user_id)
@@ -97,11 +86,7 @@ async def reconcile(cluster: Cluster, revoker: Revoker | None = None) -> Repair:
 
 async def _drop_unfinished(cluster: Cluster, user_id: str, database: str) -> bool:
     async with cluster.autocommit() as conn:
-        cur = await conn.execute(
-            "SELECT pg_try_advisory_lock(%s, pg_catalog.hashtext(%s::text)) AS free",
-            [USER_LOCK_CLASS, user_id])
-        lock = await cur.fetchone()
-        if lock is None or not lock["free"]:
+        if not await locks.user_lock_free(conn, user_id):
             return False  # its creator is still at work
         await user_store.drop_user_everywhere(cluster, user_id, database)
         return True
@@ -109,5 +94,4 @@ async def _drop_unfinished(cluster: Cluster, user_id: str, database: str) -> boo
 
 async def _drop_database(cluster: Cluster, datname: str) -> None:
     async with cluster.autocommit() as conn:
-        await conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(datname)))
+        await repair_store.drop_database(conn, datname)

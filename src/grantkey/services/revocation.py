@@ -9,18 +9,17 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable
 
-import psycopg
-
 from grantkey.db import keys as key_store
 from grantkey.db import privileges
 from grantkey.db import revocations as store
 from grantkey.db import users as user_store
 from grantkey.db.cluster import Cluster
+from grantkey.db.failures import CLEANUP_ERRORS, is_lock_conflict
 from grantkey.db.managers import PRIVILEGE_ROLE_PATTERN
 from grantkey.db.role_pools import RolePools
 from grantkey.domain import names
 from grantkey.domain.keys import KeyRecord, Principal, User
-from grantkey.errors import DatabaseUnavailable, GrantkeyError
+from grantkey.errors import DatabaseUnavailable
 from grantkey.faults import checkpoint
 
 log = logging.getLogger("grantkey.revocation")
@@ -133,12 +132,8 @@ class Revoker:
                         await key_store.set_role_password(meta, record.role, password)
                     await store.notify(meta, CHANNEL, payload(user, record, oid))
                 return oid
-            except (DatabaseUnavailable, psycopg.errors.InternalError_) as error:
-                # a lock wait that timed out reaches here as DatabaseUnavailable (every
-                # OperationalError does); "tuple concurrently updated" as an InternalError
-                cause = error.__cause__ if isinstance(error, DatabaseUnavailable) else error
-                if not isinstance(cause, psycopg.errors.LockNotAvailable
-                                  | psycopg.errors.InternalError_):
+            except CLEANUP_ERRORS as error:
+                if not is_lock_conflict(error):  # the role is locked by its own sessions
                     raise
                 if attempt == DECIDE_ATTEMPTS:
                     raise DatabaseUnavailable(
@@ -162,7 +157,7 @@ class Revoker:
         try:
             async with self.cluster.metadata() as meta:
                 await store.forget_tombstone(meta, user.id, record.token_digest)
-        except (GrantkeyError, psycopg.Error) as error:
+        except CLEANUP_ERRORS as error:
             log.warning("a revoked token's tombstone stays: %s", error)
 
     async def end_sessions(self, role_oid: int) -> None:
@@ -171,7 +166,7 @@ class Revoker:
         try:
             async with self.cluster.metadata() as conn:
                 await store.terminate_sessions(conn, role_oid)
-        except (GrantkeyError, psycopg.Error) as error:
+        except CLEANUP_ERRORS as error:
             log.warning("could not end the sessions of a revoked role: %s", error)
 
     async def _pending(self, older_than: float = 0) -> list[dict[str, object]]:
@@ -179,7 +174,7 @@ class Revoker:
         try:
             async with self.cluster.metadata() as meta:
                 return await store.pending(meta, older_than)
-        except (GrantkeyError, psycopg.Error) as error:
+        except CLEANUP_ERRORS as error:
             log.warning("pending revocations could not be read: %s", error)
             return []
 
@@ -233,7 +228,7 @@ class Revoker:
                 await store.drop_role_everywhere(self.cluster, role, role_oid)
             async with self.cluster.metadata() as meta:
                 await store.forget_pending(meta, role)
-        except (GrantkeyError, psycopg.Error) as error:
+        except CLEANUP_ERRORS as error:
             log.warning("removing revoked role %s is left for a later retry: %s", role, error)
             return False
         await self.drop_orphan_privilege_roles(user_id, database)
@@ -254,7 +249,7 @@ class Revoker:
                     oid = await store.role_oid(meta, role)
                 if oid:
                     await store.drop_role_everywhere(self.cluster, role, oid)
-        except (GrantkeyError, psycopg.Error) as error:
+        except CLEANUP_ERRORS as error:
             log.warning("orphan privilege roles of user %s left for later: %s", user_id, error)
 
     async def retry_forever(self) -> None:
@@ -275,7 +270,7 @@ class Revoker:
                     return await self.finish_pending(owners, older_than=RETRY_SECONDS)
                 finally:
                     await store.release_retry_lock(lock)
-        except (GrantkeyError, psycopg.Error) as error:
+        except CLEANUP_ERRORS as error:
             log.warning("retrying pending revocations failed: %s", error)
             return []
 
@@ -290,7 +285,7 @@ class Revoker:
                 try:
                     async with self.cluster.metadata() as meta:
                         await store.forget_pending(meta, role)
-                except (GrantkeyError, psycopg.Error):
+                except CLEANUP_ERRORS:
                     continue
                 continue
             if await self.remove_key_role(user_id, str(row["database"]), owner, role,

@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from grantkey.db import sessions
 from grantkey.db.cluster import Cluster
 from grantkey.db.role_pools import RoleConnection, RolePools, RoleTarget
 from grantkey.db.sql_errors import connection_lost, translate
 from grantkey.db.sql_exec import Column, Execution
+from grantkey.db.wrapping import wrap
 from grantkey.domain.keys import Principal
 from grantkey.domain.secrets_box import SecretBox
 from grantkey.errors import DatabaseUnavailable, LoginRefused, QueryInterrupted, Unauthorized
@@ -21,6 +23,13 @@ from grantkey.services.lru import Lru
 from grantkey.services.quota_keeper import QuotaKeeper
 from grantkey.services.repair import RoleRepair
 from grantkey.services.resolver import KeyResolver
+
+
+def wrapped_query(query: str, *, geojson: tuple[int, str] | None = None,
+                  page: tuple[int, int] | None = None) -> str:
+    """The client's SQL wrapped, never edited: GeoJSON (digits, column), a page (limit,
+    offset); `db/wrapping.py`."""
+    return wrap(query, geojson=geojson, page=page)
 
 
 @dataclass
@@ -195,7 +204,7 @@ class SqlService:
     async def _terminate(self, pid: int) -> None:
         with contextlib.suppress(Exception):
             async with self.cluster.metadata() as conn:
-                await conn.execute("SELECT pg_terminate_backend(%s)", [pid])
+                await sessions.terminate_backend(conn, pid)
 
     async def _names(self, database: str, columns: list[Column],
                      conn: RoleConnection) -> dict[int, str]:
@@ -213,9 +222,8 @@ class SqlService:
                 unknown.append(column.type_oid)
         if unknown:
             async with self.cluster.user_database(database) as admin:
-                cur = await admin.execute(
-                    "SELECT oid, typname FROM pg_type WHERE oid = ANY(%s::oid[])", [unknown])
-                for row in await cur.fetchall():
-                    self._type_names.put((database, row["oid"]), row["typname"])
-                    names[row["oid"]] = row["typname"]
+                found = await sessions.type_names(admin, unknown)
+            for oid, name in found.items():
+                self._type_names.put((database, oid), name)
+                names[oid] = name
         return names

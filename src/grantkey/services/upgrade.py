@@ -11,12 +11,10 @@ from __future__ import annotations
 import logging
 from functools import partial
 
-import psycopg
-
-from grantkey.db import bootstrap, migrations, storage_quota
+from grantkey.db import bootstrap, locks, migrations, storage_quota
 from grantkey.db import users as user_store
 from grantkey.db.cluster import Cluster
-from grantkey.errors import GrantkeyError
+from grantkey.db.failures import CLEANUP_ERRORS
 
 log = logging.getLogger("grantkey.upgrade")
 
@@ -25,8 +23,7 @@ async def upgrade_user_databases(cluster: Cluster) -> dict[str, int]:
     """Returns {username: version now} for every user database visited."""
     upgraded: dict[str, int] = {}
     async with cluster.autocommit() as lock:
-        await lock.execute("SELECT pg_catalog.pg_advisory_lock(%s, %s)",
-                           list(migrations.MIGRATION_LOCK))
+        await locks.lock(lock, migrations.MIGRATION_LOCK)
         try:
             async with cluster.metadata() as meta:
                 behind = await user_store.users_behind(meta, migrations.USER_LATEST)
@@ -41,12 +38,11 @@ async def upgrade_user_databases(cluster: Cluster) -> dict[str, int]:
                     async with cluster.metadata() as meta:
                         await user_store.set_schema_version(meta, row["id"], version)
                     upgraded[row["username"]] = version
-                except (GrantkeyError, psycopg.Error) as error:
+                except CLEANUP_ERRORS as error:
                     log.warning("user database of %s not upgraded, retried at the next "
                                 "start: %s", row["username"], error)
         finally:
-            await lock.execute("SELECT pg_catalog.pg_advisory_unlock(%s, %s)",
-                               list(migrations.MIGRATION_LOCK))
+            await locks.unlock(lock, migrations.MIGRATION_LOCK)
     return upgraded
 
 
@@ -71,7 +67,7 @@ async def apply_storage_quotas(cluster: Cluster, size: str) -> dict[str, str]:
             async with cluster.metadata() as meta:
                 await user_store.record_storage_quota(meta, row["id"], size)
             changed[row["username"]] = size
-        except (GrantkeyError, psycopg.Error) as error:
+        except CLEANUP_ERRORS as error:
             log.warning("storage quota of %s not applied, retried at the next start: %s",
                         row["username"], error)
     return changed

@@ -7,21 +7,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 
-import psycopg
-
 from grantkey.db import keys as key_store
+from grantkey.db import locks, migrations, storage_quota
 from grantkey.db import managers as manager_store
-from grantkey.db import migrations, storage_quota
+from grantkey.db import revocations as revocation_store
 from grantkey.db import users as user_store
 from grantkey.db.cluster import Cluster
+from grantkey.db.failures import CLEANUP_ERRORS
 from grantkey.domain import names
 from grantkey.domain.keys import DEFAULT_NAME, MASTER_NAME, KeyRecord, KeyType, User
 from grantkey.domain.secrets_box import SecretBox
 from grantkey.domain.tokens import DEFAULT_PUBLIC_TOKEN, digest, new_token
-from grantkey.errors import GrantkeyError, UserExists, UserNotFound
+from grantkey.errors import UserNotFound
 from grantkey.faults import checkpoint
 from grantkey.services.lru import Lru
-from grantkey.services.reconcile import USER_LOCK_CLASS
 from grantkey.services.revocation import CHANNEL, user_deleted
 
 BUILTIN_APIS = ("sql", "maps")
@@ -78,17 +77,12 @@ class UserService:
             owner_role=names.owner_role(user_id), public_role=names.public_role(user_id),
             created_at=datetime.now(UTC),
         )
-        try:
-            async with self.cluster.metadata() as conn:
-                await user_store.reserve_user(conn, user)
-        except psycopg.errors.UniqueViolation:
-            raise UserExists(username) from None
+        async with self.cluster.metadata() as conn:
+            await user_store.reserve_user(conn, user)  # UserExists if the name is taken
         master_token = new_token("master")
         async with self.cluster.autocommit() as lock:
             # Held until provisioning ends, so start-up repair leaves this user alone.
-            await lock.execute(
-                "SELECT pg_advisory_lock(%s, pg_catalog.hashtext(%s::text))", [USER_LOCK_CLASS, user.id]
-            )
+            await locks.hold_user_lock(lock, user.id)
             try:
                 checkpoint("user.reserved")
                 await self._provision(user, master_token)
@@ -152,9 +146,9 @@ class UserService:
         async with self.cluster.metadata() as conn:
             await user_store.mark_deleting(conn, user.id)
             # delivered at commit: every process stops serving the user from its cache
-            await conn.execute("SELECT pg_notify(%s, %s)", [CHANNEL, user_deleted(username)])
+            await revocation_store.notify(conn, CHANNEL, user_deleted(username))
         try:
             await user_store.drop_user_everywhere(self.cluster, user.id, user.database)
-        except (GrantkeyError, psycopg.Error) as error:  # the user is gone for every API
+        except CLEANUP_ERRORS as error:  # the user is gone for every API
             log.warning("cleanup of deleted user %s left for the start-up repair: %s",
                         user.id, error)

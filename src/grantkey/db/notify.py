@@ -1,0 +1,32 @@
+"""LISTEN on a channel of the metadata database, on a connection of its own."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import psycopg
+from psycopg import sql
+
+from grantkey.errors import DatabaseUnavailable
+
+
+@asynccontextmanager
+async def listening(conninfo: str, channel: str) -> AsyncIterator[AsyncIterator[str]]:
+    """Yields the channel's payloads as they come (LISTEN is in place on entry); any
+    failure of the connection, on entry or while waiting, is DatabaseUnavailable."""
+    try:
+        conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+        async with conn:
+            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+            yield _payloads(conn)
+    except psycopg.Error as error:
+        raise DatabaseUnavailable(f"lost the LISTEN connection: {type(error).__name__}") from error
+
+
+async def _payloads(conn: psycopg.AsyncConnection[object]) -> AsyncIterator[str]:
+    try:
+        async for notice in conn.notifies():
+            yield notice.payload
+    except psycopg.Error as error:
+        raise DatabaseUnavailable(f"lost the LISTEN connection: {type(error).__name__}") from error

@@ -1,0 +1,30 @@
+"""The one way grantkey ends PostgreSQL sessions, and what it asks the catalog about a
+session's answer. Admin connections only (the metadata database sees every backend)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+Conn = psycopg.AsyncConnection[Any]
+
+
+async def terminate_backend(conn: Conn, pid: int) -> None:
+    """One backend (a query past its time limit that ignored the cancel)."""
+    await conn.execute("SELECT pg_catalog.pg_terminate_backend(%s)", [pid])
+
+
+async def terminate_role_sessions(conn: Conn, oids: list[int]) -> None:
+    """Every session of these roles, by OID: once a role is dropped, pg_stat_activity no
+    longer shows its name."""
+    await conn.execute(
+        "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity "
+        "WHERE usesysid = ANY(%s::oid[])", [oids])
+
+
+async def type_names(conn: Conn, oids: list[int]) -> dict[int, str]:
+    """{type OID: name} of the types a session's driver did not know (dict rows)."""
+    cur = await conn.execute(
+        "SELECT oid, typname FROM pg_catalog.pg_type WHERE oid = ANY(%s::oid[])", [oids])
+    return {row["oid"]: row["typname"] for row in await cur.fetchall()}

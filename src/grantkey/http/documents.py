@@ -1,0 +1,43 @@
+"""The JSON documents CARTO's clients read, built in one place (the Auth API and the CLI's
+`--json` output show the same): a key, with its grants rebuilt from live PostgreSQL state."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from grantkey.domain.keys import KeyRecord, KeyType, LiveGrants
+from grantkey.services.keys import KeyView
+
+TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S +0000"
+
+
+def key_document(view: KeyView) -> dict[str, Any]:
+    record = view.record
+    return {
+        "name": record.name,
+        "user": {"username": view.user.username},
+        "type": record.type.value,
+        "token": view.token,
+        "grants": grants_document(record, view.grants),
+        "created_at": timestamp(record.created_at),
+        "updated_at": timestamp(record.updated_at),
+    }
+
+
+def timestamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime(TIMESTAMP_FORMAT)
+
+
+def grants_document(record: KeyRecord, live: LiveGrants) -> list[dict[str, Any]]:
+    """CARTO's grants array, rebuilt from live PostgreSQL state, in CARTO's order."""
+    database: dict[str, Any] = {"type": "database", "tables": [], "schemas": []}
+    if record.type is KeyType.REGULAR:
+        database["tables"] = live.tables
+        database["schemas"] = live.schemas
+    if record.table_metadata:
+        database["table_metadata"] = []
+    sections: list[dict[str, Any]] = [{"type": "apis", "apis": list(record.apis)}, database]
+    if record.services:
+        sections.append({"type": "dataservices", "services": list(record.services)})
+    return sections
