@@ -1,4 +1,8 @@
-"""The one error hierarchy. Every layer raises these; `http.errors` renders them."""
+"""The one error hierarchy. Every layer raises these; `http.errors` renders them.
+
+Each class carries the HTTP status it answers with (`status`) and what a client may read
+of it (`public_message()`: never a server detail); each API family gives those its own
+shape. A class without its own status is a 500 with "Internal error"."""
 
 from __future__ import annotations
 
@@ -6,9 +10,27 @@ from __future__ import annotations
 class GrantkeyError(Exception):
     """Base of every error grantkey raises on purpose."""
 
+    status = 500
 
-class BadInput(GrantkeyError):
+    def public_message(self) -> str:
+        return "Internal error"
+
+
+class _Stated(GrantkeyError):
+    """An error whose own message is safe to show (it says what the caller did wrong)."""
+
+    def public_message(self) -> str:
+        return str(self)
+
+
+class BadInput(_Stated):
     """The caller sent something malformed (HTTP 400, CLI exit 2)."""
+
+    status = 400
+
+
+class PayloadTooLarge(BadInput):
+    status = 413
 
 
 class InvalidUsername(BadInput):
@@ -19,8 +41,10 @@ class BadListParameter(BadInput):
     """A wrong `page`, `per_page`, `order`, `order_direction` or `type` on a list."""
 
 
-class ValidationFailed(GrantkeyError):
+class ValidationFailed(_Stated):
     """A key could not be created: CARTO's 422 with its list of messages."""
+
+    status = 422
 
     def __init__(self, messages: list[str]) -> None:
         super().__init__("Validation failed: " + ", ".join(messages))
@@ -28,23 +52,38 @@ class ValidationFailed(GrantkeyError):
 
 
 class Unauthorized(GrantkeyError):
-    """No valid credential for this request."""
+    """No valid credential for this request (which one is never said)."""
+
+    status = 401
+
+    def public_message(self) -> str:
+        return "Unauthorized"
 
 
 class BasicUserMismatch(Unauthorized):
     """Basic auth named another user than the one the URL targets."""
 
+    status = 403
 
-class Forbidden(GrantkeyError):
+    def public_message(self) -> str:
+        return "permission denied"
+
+
+class Forbidden(_Stated):
     """The credential is valid but may not do this."""
+
+    status = 403
+
+    def public_message(self) -> str:
+        return str(self) or "forbidden"
 
 
 class QuotaReached(Forbidden):
     pass
 
 
-class NotFound(GrantkeyError):
-    pass
+class NotFound(_Stated):
+    status = 404
 
 
 class UserNotFound(NotFound):
@@ -52,21 +91,35 @@ class UserNotFound(NotFound):
         super().__init__(username)
         self.username = username
 
+    def public_message(self) -> str:
+        return (f"Sorry, we can't find grantkey user '{self.username[:100]}'. "
+                "Please check that you have entered the correct domain.")
+
 
 class KeyNotFound(NotFound):
     def __init__(self, name: str) -> None:
         super().__init__(name)
         self.name = name
 
+    def public_message(self) -> str:
+        return f"API key not found: {self.name}"
 
-class UserExists(GrantkeyError):
+
+class UserExists(_Stated):
     def __init__(self, username: str) -> None:
         super().__init__(f"user '{username}' already exists")
         self.username = username
 
+    status = 409
+
 
 class DatabaseUnavailable(GrantkeyError):
     """PostgreSQL could not be reached or answered with a server-side fault."""
+
+    status = 503
+
+    def public_message(self) -> str:
+        return "The database is unavailable; try again shortly."
 
 
 class QueryInterrupted(DatabaseUnavailable):
@@ -79,26 +132,31 @@ class QueryInterrupted(DatabaseUnavailable):
     def __init__(self) -> None:
         super().__init__(self.MESSAGE)
 
+    def public_message(self) -> str:
+        return self.MESSAGE
+
 
 class SetupError(GrantkeyError):
     """The server cannot start: bad settings, unusable data directory, no PostgreSQL."""
 
 
-class SqlError(GrantkeyError):
+class SqlError(_Stated):
     """A client query failed: CARTO's `{"error": [...]}` plus hint, detail, context."""
 
     def __init__(self, status: int, message: str, *, hint: str | None = None,
                  detail: str | None = None, context: str | None = None) -> None:
         super().__init__(message)
-        self.status = status
+        self.status = status  # from the SQLSTATE (db/sql_errors.py)
         self.message = message
         self.hint = hint
         self.detail = detail
         self.context = context
 
 
-class PoolExhausted(GrantkeyError):
+class PoolExhausted(_Stated):
     """No database connection became free in time: the server is at its connection cap."""
+
+    status = 429
 
 
 class LoginRefused(GrantkeyError):

@@ -11,7 +11,7 @@ from starlette.responses import Response
 from grantkey.domain.keys import Principal, User
 from grantkey.errors import GrantkeyError
 from grantkey.http.auth import resolve_principal
-from grantkey.http.errors import Family, render_error
+from grantkey.http.errors import Family, render_error, render_unexpected
 from grantkey.http.params import Params, read_params
 from grantkey.services.container import Services
 
@@ -61,7 +61,8 @@ RequestHandler = Callable[[Request], Awaitable[Response]]
 def endpoint(
     family: Family, handler: Handler, on_error: ErrorRenderer | None = None
 ) -> RequestHandler:
-    """Wrap a handler: resolve who calls, and render any grantkey error in `family`'s shape."""
+    """Wrap a handler: resolve who calls, and render any error in `family`'s shape (a bug
+    as its 500)."""
 
     async def run(request: Request) -> Response:
         services = services_of(request)
@@ -78,5 +79,7 @@ def endpoint(
             if on_error is not None:
                 return on_error(request, error)
             return render_error(family, error)
+        except Exception as error:  # a bug: the family's own 500 shape
+            return render_unexpected(family, request, error)
 
     return run

@@ -11,19 +11,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from grantkey.errors import (
-    BadInput,
-    BasicUserMismatch,
-    DatabaseUnavailable,
-    Forbidden,
     GrantkeyError,
-    KeyNotFound,
-    NotFound,
-    PoolExhausted,
-    QueryInterrupted,
     SqlError,
     Unauthorized,
-    UserNotFound,
-    ValidationFailed,
 )
 
 log = logging.getLogger("grantkey.http")
@@ -38,48 +28,13 @@ class Family(Enum):
     PLAIN = "plain"  # health, openapi
 
 
-class PayloadTooLarge(BadInput):
-    pass
-
-
 def json_response(content: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(content), status_code=status, media_type=JSON_TYPE,
                     headers=headers)
 
 
-def user_not_found_message(username: str) -> str:
-    return (f"Sorry, we can't find grantkey user '{username[:100]}'. "
-            "Please check that you have entered the correct domain.")
-
-
 def _status_and_message(error: GrantkeyError) -> tuple[int, str]:
-    if isinstance(error, SqlError):
-        return error.status, error.message
-    if isinstance(error, PoolExhausted):
-        return 429, str(error)
-    if isinstance(error, UserNotFound):
-        return 404, user_not_found_message(error.username)
-    if isinstance(error, KeyNotFound):
-        return 404, f"API key not found: {error.name}"
-    if isinstance(error, NotFound):
-        return 404, str(error)
-    if isinstance(error, ValidationFailed):
-        return 422, str(error)
-    if isinstance(error, PayloadTooLarge):
-        return 413, str(error)
-    if isinstance(error, BadInput):
-        return 400, str(error)
-    if isinstance(error, BasicUserMismatch):
-        return 403, "permission denied"
-    if isinstance(error, Unauthorized):
-        return 401, "Unauthorized"
-    if isinstance(error, Forbidden):
-        return 403, str(error) or "forbidden"
-    if isinstance(error, QueryInterrupted):
-        return 503, QueryInterrupted.MESSAGE
-    if isinstance(error, DatabaseUnavailable):
-        return 503, "The database is unavailable; try again shortly."
-    return 500, "Internal error"
+    return error.status, error.public_message()
 
 
 def render_error(family: Family, error: GrantkeyError) -> Response:
@@ -107,6 +62,10 @@ async def http_error(request: Request, error: Exception) -> Response:
 
 
 async def client_disconnected(request: Request, error: Exception) -> Response:
+    return _disconnected(request)
+
+
+def _disconnected(request: Request) -> Response:
     """The client went away before its request body was complete: nothing to answer, and
     not a fault of ours (one line, no traceback)."""
     log.info("client disconnected during the request body: %s %s", request.method,
@@ -115,8 +74,15 @@ async def client_disconnected(request: Request, error: Exception) -> Response:
 
 
 async def unexpected_error(request: Request, error: Exception) -> Response:
-    """Last resort: log the type, never send a stack trace."""
+    """Last resort, outside any API family's endpoint: log the type, never send a stack
+    trace."""
+    return render_unexpected(Family.DATA, request, error)
+
+
+def render_unexpected(family: Family, request: Request, error: Exception) -> Response:
+    """A bug (not a GrantkeyError): logged with its traceback, answered as the family's
+    500; a client gone during its request body is not one."""
     if isinstance(error, ClientDisconnect):
-        return await client_disconnected(request, error)
+        return _disconnected(request)
     log.exception("unexpected error on %s %s", request.method, request.url.path)
-    return json_response({"error": ["Internal error"]}, 500)
+    return render_error(family, GrantkeyError())

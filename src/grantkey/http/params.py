@@ -11,8 +11,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from grantkey.domain.numbers import strict_int
-from grantkey.errors import BadInput
-from grantkey.http.errors import PayloadTooLarge
+from grantkey.errors import BadInput, PayloadTooLarge
 
 
 @dataclass
