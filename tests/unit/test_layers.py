@@ -99,3 +99,29 @@ def test_the_check_catches_each_kind_of_crossing(
     monkeypatch.setattr(__import__(__name__, fromlist=["SOURCE"]), "SOURCE", root)
     wrong = crossings(planted)
     assert len(wrong) == 1 and expected in wrong[0], wrong
+
+
+def docstrings(tree: ast.AST) -> set[int]:
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                found.add(id(body[0].value))
+    return found
+
+
+def test_names_of_postgresql_objects_come_from_domain_names_only() -> None:
+    """`gk_` names and patterns are built in one place (`domain/names.py`); elsewhere the
+    prefix appears only in docstrings."""
+    wrong = []
+    for path in modules():
+        if path.relative_to(SOURCE).as_posix() == "domain/names.py":
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        skip = docstrings(tree)
+        wrong += [f"{path.relative_to(SOURCE.parent)}:{node.lineno}"
+                  for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and isinstance(node.value, str)
+                  and "gk_" in node.value and id(node) not in skip]
+    assert wrong == [], wrong

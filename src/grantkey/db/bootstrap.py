@@ -12,6 +12,7 @@ from psycopg.rows import dict_row
 from grantkey.db import migrations
 from grantkey.db.cluster import METADATA_DATABASE, AdminConnection, admin_conninfo, translated
 from grantkey.db.revocations import REVOCATIONS_DDL, REVOKED_TOKENS_DDL
+from grantkey.domain import names
 
 METADATA_SCHEMA = """
 CREATE TABLE IF NOT EXISTS public.users (
@@ -95,7 +96,7 @@ async def _revoke_public_connect(conn: psycopg.AsyncConnection[tuple[object, ...
         [METADATA_DATABASE],
     )
     for (datname,) in await cur.fetchall():
-        if str(datname).startswith("gk_"):
+        if str(datname).startswith(names.NAME_PREFIX):
             continue
         await conn.execute(
             sql.SQL("REVOKE CONNECT, TEMPORARY ON DATABASE {} FROM PUBLIC").format(

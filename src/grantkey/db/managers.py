@@ -36,7 +36,7 @@ from psycopg import sql
 from grantkey.db.cluster import AdminConnection
 from grantkey.domain import names
 
-PRIVILEGE_ROLE_PATTERN = r"^gk_[0-9a-f]+_[tnq][0-9]"  # the names of privilege roles
+PRIVILEGE_ROLE_PATTERN = names.PRIVILEGE_ROLE_PATTERN  # the names of privilege roles
 
 
 @dataclass(frozen=True)

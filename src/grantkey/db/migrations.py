@@ -42,7 +42,7 @@ KEY_DDL = [
     "REFRESH MATERIALIZED VIEW", "CREATE STATISTICS", "ALTER STATISTICS", "DROP STATISTICS",
     "COMMENT", "GRANT", "REVOKE", "ALTER DEFAULT PRIVILEGES",
 ]
-KEY_ROLE_PATTERN = r"^gk_[0-9a-f]{16}_(k[0-9a-f]+|public)$"
+KEY_ROLE_PATTERN = names.KEY_ROLE_PATTERN
 _GUARD_FUNCTION = """
 CREATE OR REPLACE FUNCTION grantkey_meta.refuse_key_code() RETURNS event_trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $guard$
@@ -164,7 +164,7 @@ async def _reader_role(conn: AdminConnection) -> None:
         "JOIN pg_catalog.pg_roles r ON r.oid = m.member "
         "WHERE m.roleid = %s::pg_catalog.regrole "
         "AND pg_catalog.starts_with(r.rolname::text, %s::text)",
-        [public, f"gk_{user_id}_k"])
+        [public, names.user_role_prefix(user_id) + "k"])
     for member in await cur.fetchall():
         key = sql.Identifier(member["rolname"])
         await conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(reader), key))

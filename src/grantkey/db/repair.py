@@ -8,6 +8,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from grantkey.domain import names
+
 Conn = psycopg.AsyncConnection[Any]
 
 
@@ -22,15 +24,16 @@ class ClusterState:
 
 async def cluster_state(conn: Conn) -> ClusterState:
     """From the metadata database (dict rows)."""
-    async def rows(query: str) -> list[dict[str, Any]]:
-        cur = await conn.execute(query)
+    async def rows(query: str, params: list[str] | None = None) -> list[dict[str, Any]]:
+        cur = await conn.execute(query, params)
         return list(await cur.fetchall())
 
     pending = await rows("SELECT id, database FROM public.users WHERE state <> 'ready'")
     known = await rows("SELECT id FROM public.users")
     databases = await rows("SELECT datname FROM pg_catalog.pg_database")
     roles = await rows("SELECT rolname FROM pg_catalog.pg_roles "
-                       "WHERE pg_catalog.starts_with(rolname::text, 'gk_'::text)")
+                       "WHERE pg_catalog.starts_with(rolname::text, %s::text)",
+                       [names.NAME_PREFIX])
     owners = await rows("SELECT id, owner_role FROM public.users WHERE state = 'ready'")
     return ClusterState(
         pending=[(row["id"], row["database"]) for row in pending],

@@ -21,6 +21,7 @@ from psycopg import sql
 
 from grantkey.db import sessions
 from grantkey.db.cluster import AdminConnection, Cluster
+from grantkey.domain import names
 
 REVOCATIONS_DDL = """
 CREATE TABLE IF NOT EXISTS public.revocations (
@@ -363,7 +364,7 @@ async def roles_with_settings(conn: AdminConnection) -> list[str]:
     cur = await conn.execute(
         "SELECT DISTINCT r.rolname::text AS rolname FROM pg_catalog.pg_db_role_setting s "
         "JOIN pg_catalog.pg_roles r ON r.oid = s.setrole "
-        "WHERE pg_catalog.starts_with(r.rolname::text, 'gk_'::text)")
+        "WHERE pg_catalog.starts_with(r.rolname::text, %s::text)", [names.NAME_PREFIX])
     return [row["rolname"] for row in await cur.fetchall()]
 
 

@@ -173,12 +173,12 @@ async def hand_over_user_database(su: AdminConnection, user_id: str, routine: st
     await bootstrap_hand_over(su, KEYS_SCHEMA, routine)
     cur = await su.execute(
         "SELECT rolname::text AS rolname FROM pg_catalog.pg_roles "
-        "WHERE pg_catalog.starts_with(rolname::text, %s::text)", [f"gk_{user_id}_"])
+        "WHERE pg_catalog.starts_with(rolname::text, %s::text)", [names.user_role_prefix(user_id)])
     target = sql.Identifier(routine)
     for row in await cur.fetchall():
         role = row["rolname"]
-        owner = role == f"gk_{user_id}_owner"
-        public = role == f"gk_{user_id}_public"
+        owner = role == names.owner_role(user_id)
+        public = role == names.public_role(user_id)
         if su.info.server_version >= 160000:
             grant = _GRANT_OWNER_16 if owner else _GRANT_PUBLIC_16 if public else _GRANT_ADMIN_16
             await su.execute(grant.format(sql.Identifier(role), target))
@@ -249,7 +249,7 @@ async def drop_user_roles(cluster: Cluster, user_id: str) -> None:
     async with cluster.autocommit() as conn:
         cur = await conn.execute(
             "SELECT rolname::text AS rolname, oid FROM pg_catalog.pg_roles "
-            "WHERE pg_catalog.starts_with(rolname::text, %s::text)", [f"gk_{user_id}_"])
+            "WHERE pg_catalog.starts_with(rolname::text, %s::text)", [names.user_role_prefix(user_id)])
         # the manager roles last: they granted memberships in the others (db.managers)
         managers = (names.maker_role(user_id), names.granter_role(user_id))
         roles = sorted(((row["rolname"], int(row["oid"])) for row in await cur.fetchall()),
@@ -280,7 +280,7 @@ async def _drop_user_roles_as_superuser(cluster: Cluster, user_id: str) -> bool:
             return False
         cur = await su.execute(
             "SELECT rolname::text AS rolname, oid FROM pg_catalog.pg_roles "
-            "WHERE pg_catalog.starts_with(rolname::text, %s::text)", [f"gk_{user_id}_"])
+            "WHERE pg_catalog.starts_with(rolname::text, %s::text)", [names.user_role_prefix(user_id)])
         found = {row["rolname"]: int(row["oid"]) for row in await cur.fetchall()}
         for role in found:
             await su.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(sql.Identifier(role)))

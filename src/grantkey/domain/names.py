@@ -12,6 +12,12 @@ from grantkey.errors import InvalidUsername
 
 USERNAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 NAME_PREFIX = "gk_"
+# A user's database and any of its roles, by their names (the group: the user id).
+USER_DATABASE = re.compile(r"gk_([0-9a-f]{16})")
+USER_ROLE = re.compile(r"gk_([0-9a-f]{16})_.*")
+# PostgreSQL regular expressions (installed in SQL): key roles and privilege roles.
+KEY_ROLE_PATTERN = r"^gk_[0-9a-f]{16}_(k[0-9a-f]+|public)$"
+PRIVILEGE_ROLE_PATTERN = r"^gk_[0-9a-f]+_[tnq][0-9]"
 
 
 def check_username(username: str) -> str:

@@ -14,7 +14,6 @@ alive, a lock) is logged and skipped, and never stops the server from starting.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -24,12 +23,13 @@ from grantkey.db import repair as repair_store
 from grantkey.db import users as user_store
 from grantkey.db.cluster import Cluster
 from grantkey.db.failures import CLEANUP_ERRORS
+from grantkey.domain import names
 from grantkey.services.revocation import Revoker
 
 log = logging.getLogger("grantkey.reconcile")
 
-_DATABASE = re.compile(r"gk_([0-9a-f]{16})")
-_ROLE = re.compile(r"gk_([0-9a-f]{16})_.*")
+_DATABASE = names.USER_DATABASE
+_ROLE = names.USER_ROLE
 
 
 @dataclass
