@@ -9,8 +9,8 @@ from typing import Any
 import click
 
 from grantkey.cli.common import cluster_options, load_settings, print_table, run_with_services
+from grantkey.domain.keys import PRIVACIES
 from grantkey.services.container import Services
-from grantkey.services.datasets import PRIVACIES
 
 
 @click.group()

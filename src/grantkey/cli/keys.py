@@ -9,11 +9,12 @@ from typing import Any
 import click
 
 from grantkey.cli.common import cluster_options, fail, load_settings, print_table, run_with_services
+from grantkey.domain.keys import KEY_TYPES
 from grantkey.http.documents import key_document
 from grantkey.services.container import Services
 from grantkey.services.keys import KeyView, ListQuery
 
-ALL_TYPES = ["master", "default", "regular"]
+ALL_TYPES = list(KEY_TYPES)
 
 
 def _grants_from_options(

@@ -15,6 +15,8 @@ class KeyType(StrEnum):
     REGULAR = "regular"
 
 
+KEY_TYPES = tuple(t.value for t in KeyType)  # in CARTO's order
+PRIVACIES = ("public", "link", "private")  # a dataset's, as CARTO names them
 TYPE_ORDER = {KeyType.MASTER: 0, KeyType.DEFAULT: 1, KeyType.REGULAR: 2}
 MASTER_NAME = "Master"
 DEFAULT_NAME = "Default public"

@@ -8,6 +8,7 @@ import orjson
 from starlette.responses import Response
 from starlette.routing import Route
 
+from grantkey.domain.keys import KEY_TYPES
 from grantkey.domain.numbers import strict_int
 from grantkey.errors import BadInput, BadListParameter
 from grantkey.http.context import Call, endpoint, user_routes
@@ -17,7 +18,7 @@ from grantkey.http.paging import pagination_links
 from grantkey.services.keys import KeyView, ListQuery
 
 COLLECTION = "/api/v3/api_keys"
-TYPES = ["master", "default", "regular"]
+TYPES = list(KEY_TYPES)
 ORDERS = ["type", "name", "updated_at"]
 DIRECTIONS = ["asc", "desc"]
 MAX_PER_PAGE = 1000

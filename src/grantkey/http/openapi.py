@@ -12,6 +12,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from grantkey import __version__
+from grantkey.domain.grants import (
+    API_NAMES,
+    SCHEMA_PERMISSIONS,
+    SECTION_TYPES,
+    SERVICES,
+    TABLE_PERMISSIONS,
+)
+from grantkey.domain.keys import KEY_TYPES, PRIVACIES
+from grantkey.http.auth_api import DIRECTIONS, ORDERS
 from grantkey.http.context import user_routes
 from grantkey.http.errors import json_response
 
@@ -53,7 +62,7 @@ SCHEMAS: dict[str, Any] = {
             "name": {"type": "string"},
             "user": {"type": "object", "required": ["username"],
                      "properties": {"username": {"type": "string"}}},
-            "type": {"enum": ["master", "default", "regular"]},
+            "type": {"enum": list(KEY_TYPES)},
             "token": {"type": ["string", "null"]},
             "grants": {"type": "array", "items": {"type": "object", "required": ["type"]}},
             "created_at": {"type": "string", "pattern": r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \+0000$"},
@@ -78,21 +87,22 @@ SCHEMAS: dict[str, Any] = {
         "type": "array",
         "description": "Sections: exactly one `apis`, at most one `database` and `dataservices`.",
         "items": {"type": "object", "required": ["type"], "properties": {
-            "type": {"enum": ["apis", "database", "dataservices"]},
-            "apis": {"type": "array", "items": {"enum": ["sql", "maps", "do"]}},
+            "type": {"enum": list(SECTION_TYPES)},
+            "apis": {"type": "array", "items": {"enum": list(API_NAMES)}},
             "tables": {"type": "array", "items": {
                 "type": "object", "required": ["schema", "name", "permissions"],
                 "properties": {"schema": {"type": "string"}, "name": {"type": "string"},
                                "permissions": {"type": "array", "items": {
-                                   "enum": ["insert", "select", "update", "delete"]}},
+                                   "enum": list(TABLE_PERMISSIONS)}},
                                "owner": {"type": "boolean"}}}},
             "schemas": {"type": "array", "items": {
                 "type": "object", "required": ["name", "permissions"],
                 "properties": {"name": {"type": "string"},
-                               "permissions": {"type": "array", "items": {"enum": ["create"]}}}}},
+                               "permissions": {"type": "array",
+                                               "items": {"enum": list(SCHEMA_PERMISSIONS)}}}}},
             "table_metadata": {"type": "array"},
             "services": {"type": "array", "items": {
-                "enum": ["geocoding", "routing", "isolines", "observatory"]}},
+                "enum": list(SERVICES)}},
         }},
     },
     "NewKey": {
@@ -118,7 +128,7 @@ SCHEMAS: dict[str, Any] = {
     "Dataset": {
         "type": "object", "required": ["schema", "name", "privacy", "updated_at", "mode"],
         "properties": {"schema": {"type": "string"}, "name": {"type": "string"},
-                       "privacy": {"enum": ["public", "link", "private"]},
+                       "privacy": {"enum": list(PRIVACIES)},
                        "updated_at": {"type": ["string", "null"]},
                        "mode": {"enum": ["r", "rw", None]}},
     },
@@ -130,7 +140,7 @@ SCHEMAS: dict[str, Any] = {
     },
     "PrivacyChange": {
         "type": "object", "required": ["privacy"],
-        "properties": {"privacy": {"enum": ["public", "link", "private"]},
+        "properties": {"privacy": {"enum": list(PRIVACIES)},
                        "schema": {"type": "string"}},
     },
     "Health": {
@@ -189,8 +199,8 @@ OPERATIONS: list[tuple[str, str, dict[str, Any]]] = [
         "summary": "List keys (E1). Non-master keys see only themselves.",
         "parameters": [API_KEY, _query("page", {"type": "integer", "minimum": 1}),
                        _query("per_page", {"type": "integer", "minimum": 1, "maximum": 1000}),
-                       _query("order", {"enum": ["type", "name", "updated_at"]}),
-                       _query("order_direction", {"enum": ["asc", "desc"]}),
+                       _query("order", {"enum": ORDERS}),
+                       _query("order_direction", {"enum": DIRECTIONS}),
                        _query("type", {"type": "string"},
                               "Comma-separated subset of master, default, regular.")],
         "responses": {"200": _json(_ref("ApiKeyList"), "A page of keys."),

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from grantkey.db import datasets as dataset_store
 from grantkey.db.cluster import Cluster
 from grantkey.domain import names
-from grantkey.domain.keys import KeyType, Principal, User
+from grantkey.domain.keys import PRIVACIES, KeyType, Principal, User
 from grantkey.errors import BadInput, Forbidden, NotFound
-
-PRIVACIES = ("public", "link", "private")
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,7 @@ class DatasetService:
             raise Forbidden("Only the master key can change a dataset's privacy")
         if privacy not in PRIVACIES:
             raise BadInput("Wrong 'privacy' value. Valid values are one of "
-                           '["public", "link", "private"]')
+                           + json.dumps(list(PRIVACIES)))
         return await self.change_privacy(principal.user, schema, name, str(privacy))
 
     async def change_privacy(self, user: User, schema: str, name: str,

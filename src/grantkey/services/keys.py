@@ -107,7 +107,7 @@ class KeyService:
         """Act as a user's master key without its token (the CLI, run by the operator)."""
         async with self.cluster.user_database(user.database) as conn:
             _, records = await key_store.list_keys(
-                conn, types=["master"], only_id=None, order="name", descending=False,
+                conn, types=[KeyType.MASTER.value], only_id=None, order="name", descending=False,
                 limit=1, offset=0,
             )
         if not records:

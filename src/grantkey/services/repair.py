@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from grantkey.db import keys as key_store
 from grantkey.db import revocations as store
 from grantkey.db.cluster import AdminConnection, Cluster
-from grantkey.domain.keys import Principal, User
+from grantkey.domain.keys import KEY_TYPES, Principal, User
 from grantkey.domain.secrets_box import SecretBox
 from grantkey.domain.tokens import digest
 from grantkey.services.keys import readable_token
@@ -60,7 +60,7 @@ class RoleRepair:
             await store.lock_user_keys(meta, user.id)
             async with self.cluster.user_database(user.database) as conn:
                 _, records = await key_store.list_keys(
-                    conn, types=["master", "default", "regular"], only_id=None, order="name",
+                    conn, types=list(KEY_TYPES), only_id=None, order="name",
                     descending=False, limit=1_000_000, offset=0)
             for record in records:
                 token = readable_token(self.box, record)
