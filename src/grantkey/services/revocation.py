@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import OrderedDict
 from collections.abc import Callable
 
 from grantkey.db import keys as key_store
@@ -21,6 +20,7 @@ from grantkey.domain import names
 from grantkey.domain.keys import KeyRecord, Principal, User
 from grantkey.errors import DatabaseUnavailable
 from grantkey.faults import checkpoint
+from grantkey.services.lru import Lru
 
 log = logging.getLogger("grantkey.revocation")
 DECIDE_ATTEMPTS = 5
@@ -34,24 +34,20 @@ class KeyCache:
     """token digest → principal. Only saves look-ups; never the last word on validity."""
 
     def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._entries: OrderedDict[tuple[str, bytes], Principal] = OrderedDict()
+        self._entries: Lru[tuple[str, bytes], Principal] = Lru(capacity)
+
+    @property
+    def capacity(self) -> int:
+        return self._entries.capacity
 
     def get(self, user_id: str, token_digest: bytes) -> Principal | None:
-        entry = self._entries.get((user_id, token_digest))
-        if entry is not None:
-            self._entries.move_to_end((user_id, token_digest))
-        return entry
+        return self._entries.get((user_id, token_digest))
 
     def put(self, principal: Principal) -> None:
-        if self.capacity <= 0:
-            return
-        self._entries[(principal.user.id, principal.key.token_digest)] = principal
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
+        self._entries.put((principal.user.id, principal.key.token_digest), principal)
 
     def evict(self, user_id: str, token_digest: bytes) -> None:
-        self._entries.pop((user_id, token_digest), None)
+        self._entries.pop((user_id, token_digest))
 
     def evict_payload(self, payload: str) -> None:
         """Handle a NOTIFY payload `<user id>:<digest hex>:...`; anything else clears all."""
