@@ -131,6 +131,19 @@ def run_with_services(settings: Settings, work: Callable[[Services], Awaitable[T
         fail(str(error) or type(error).__name__, 1)
 
 
+async def every_page(fetch: Callable[[int], Awaitable[tuple[list[T], int]]]) -> list[T]:
+    """All items of a paged listing: `fetch(page)` gives (that page's items, the total),
+    pages from 1 until the total is reached or a page comes back empty."""
+    items: list[T] = []
+    page = 1
+    while True:
+        batch, total = await fetch(page)
+        items += batch
+        if len(items) >= total or not batch:
+            return items
+        page += 1
+
+
 def print_table(headers: list[str], rows: list[list[str]]) -> None:
     """A table on the terminal. Cells are plain text: never read as rich markup (a key named
     `[b]Default public` prints as typed), and control or format characters (escape

@@ -8,7 +8,13 @@ from typing import Any
 
 import click
 
-from grantkey.cli.common import cluster_options, load_settings, print_table, run_with_services
+from grantkey.cli.common import (
+    cluster_options,
+    every_page,
+    load_settings,
+    print_table,
+    run_with_services,
+)
 from grantkey.domain.keys import PRIVACIES
 from grantkey.services.container import Services
 
@@ -50,14 +56,11 @@ def list_(username: str, as_json: bool, data_dir: Path, database_url: str | None
     async def work(services: Services) -> list[dict[str, Any]]:
         user = await services.users.get(username)
         master = await services.keys.master_principal(user)
-        found: list[dict[str, Any]] = []
-        page = 1
-        while True:
+        async def fetch(page: int) -> tuple[list[dict[str, Any]], int]:
             batch = await services.datasets.list(master, page, 1000)
-            found += batch.datasets
-            if len(found) >= batch.total or not batch.datasets:
-                return found
-            page += 1
+            return batch.datasets, batch.total
+
+        return await every_page(fetch)
 
     found = run_with_services(load_settings(data_dir, database_url), work)
     if as_json:

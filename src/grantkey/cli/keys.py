@@ -8,7 +8,14 @@ from typing import Any
 
 import click
 
-from grantkey.cli.common import cluster_options, fail, load_settings, print_table, run_with_services
+from grantkey.cli.common import (
+    cluster_options,
+    every_page,
+    fail,
+    load_settings,
+    print_table,
+    run_with_services,
+)
 from grantkey.domain.keys import KEY_TYPES
 from grantkey.http.documents import key_document
 from grantkey.services.container import Services
@@ -69,15 +76,12 @@ def list_(username: str, as_json: bool, data_dir: Path, database_url: str | None
     async def work(services: Services) -> list[KeyView]:
         user = await services.users.get(username)
         master = await services.keys.master_principal(user)
-        views: list[KeyView] = []
-        page = 1
-        while True:
+        async def fetch(page: int) -> tuple[list[KeyView], int]:
             found = await services.keys.list(master, ListQuery(types=ALL_TYPES, page=page,
                                                                per_page=1000))
-            views += found.keys
-            if len(views) >= found.total or not found.keys:
-                return views
-            page += 1
+            return found.keys, found.total
+
+        return await every_page(fetch)
 
     _print_keys(run_with_services(load_settings(data_dir, database_url), work), as_json)
 
