@@ -36,8 +36,12 @@ class QueryTimedOut(Exception):
     """The server's time limit ended the query (not the client's own settings)."""
 
 
-def _columns(description: list[psycopg.Column] | None) -> list[Column]:
-    return [Column(c.name, c.type_code, int(getattr(c, "_fmod", -1))) for c in description or []]
+def _columns(cursor: StreamingCursor) -> list[Column]:
+    """Names, types and type modifiers (libpq's PQfmod, through psycopg's public PGresult:
+    varchar's length, numeric's precision) of the result the cursor holds."""
+    result = cursor.pgresult
+    return [Column(c.name, c.type_code, result.fmod(i) if result is not None else -1)
+            for i, c in enumerate(cursor.description or [])]
 
 
 def _several_statements(error: psycopg.Error) -> bool:
@@ -90,7 +94,7 @@ class Execution:
         self._cursor = StreamingCursor(self.conn)
         self._stream = self._cursor.batches(self.query, BATCH_ROWS, reset=True)
         await self._next_batch()
-        self.columns = _columns(self._cursor.description)
+        self.columns = _columns(self._cursor)
 
     async def _next_batch(self) -> None:
         assert self._stream is not None and self._cursor is not None
@@ -120,7 +124,7 @@ class Execution:
         await cursor.execute(self.query)
         while cursor.nextset():
             pass
-        self.columns = _columns(cursor.description)
+        self.columns = _columns(cursor)
         self._batch = list(await cursor.fetchall()) if cursor.description else []
         self.rowcount = max(cursor.rowcount, 0)
         self.finished = True
