@@ -49,7 +49,7 @@ def admin_url(data_dir: Path, request: pytest.FixtureRequest) -> Iterator[str]:
         embedded.start()
     # the tests inspect and set up as the superuser; grantkey itself runs as the routine
     # admin (`routine_url`), as `grantkey serve` does on its embedded cluster
-    url = external or embedded.superuser_url  # type: ignore[union-attr]
+    url = external or embedded.superuser_url
     try:
         yield url
         if not request.session.testsfailed:

@@ -105,7 +105,7 @@ def test_listing_needs_master_or_table_metadata(
     assert http.get(datasets_url(tables), params={"api_key": "default_public"}).status_code == 403
     assert http.get(datasets_url(tables)).status_code == 401  # no key at all
     grants = table_grants([("public", "alpha", ["select"])])
-    grants[1]["table_metadata"] = []  # type: ignore[index]
+    grants[1]["table_metadata"] = []
     meta = make_key(tables, "meta", grants)
     listed = http.get(datasets_url(tables), params={"api_key": meta.token}).json()["result"]
     modes = {d["name"]: d["mode"] for d in listed}

@@ -58,7 +58,9 @@ def geo(postgis_cluster: str, data_dir: Path) -> Iterator[tuple[str, str]]:
 
     token = asyncio.run(create_user())
     with psycopg.connect(postgis_cluster, dbname="grantkey") as conn:
-        (database,) = conn.execute("SELECT database FROM users WHERE username = 'geo'").fetchone()
+        row = conn.execute("SELECT database FROM users WHERE username = 'geo'").fetchone()
+        assert row is not None
+        (database,) = row
     with psycopg.connect(postgis_cluster, dbname=database, autocommit=True) as conn:
         conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(database + "_owner")))
         conn.execute("CREATE TABLE places (id int, name text, the_geom geometry(Point, 4326));"

@@ -37,7 +37,7 @@ def test_sql_client_with_master_key(sdk_account: Account) -> None:
 
 def test_sql_client_with_a_regular_key_and_permission_denied(sdk_account: Account) -> None:
     keys = carto_keys.APIKeyManager(client(sdk_account, sdk_account.master_token))
-    token = keys.create(name="sdk-sql", apis=["sql"], tables=[  # type: ignore[attr-defined]
+    token = keys.create(name="sdk-sql", apis=["sql"], tables=[
         {"schema": "public", "name": "granted", "permissions": ["select"]}]).token
     auth = client(sdk_account, token)
     sql = carto_sql.SQLClient(auth)

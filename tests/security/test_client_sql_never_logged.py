@@ -41,7 +41,7 @@ def test_no_client_sql_or_value_reaches_the_postgresql_log(
         account.sql(http, statement, account.master_token)
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute("SELECT pg_rotate_logfile()")  # flushes the collector's file
-        shown = {name: conn.execute(f"SHOW {name}").fetchone()[0]  # type: ignore[index]
+        shown = {name: conn.execute(f"SHOW {name}").fetchone()[0]
                  for name in LOG_OPTIONS}
     written = [path for path in embedded.log_files() if path.exists()]
     assert any(path.parent.name == "log" for path in written), written

@@ -127,8 +127,8 @@ def test_cli_killed_at_each_step_of_user_creation_is_repaired_at_start_up(
     for name, step in zip(names, USER_STEPS, strict=True):
         assert cli("users", "create", name, login=login, crash_at=step) == -signal.SIGKILL
     with psycopg.connect(admin_url, dbname="grantkey") as conn:
-        states = dict(conn.execute("SELECT username, state FROM users WHERE username = ANY(%s)",
-                                   [names]).fetchall())
+        states: dict[str, str] = dict(conn.execute(
+            "SELECT username, state FROM users WHERE username = ANY(%s)", [names]).fetchall())
     assert states == dict.fromkeys(names, "creating"), "each crash left a half-made user"
     restarted = start_server(data_dir, login, "after-user-crashes")  # runs the repair
     restarted.stop()

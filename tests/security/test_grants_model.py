@@ -133,9 +133,9 @@ def test_sql_api_agrees_with_the_model_of_grants(
                 keys.append((KeyModel(apis=set(spec["apis"]), tables=dict(spec["tables"]),
                                       create=spec["create"]), token))
             for step, (which, kind, table) in enumerate(calls):
-                key, token = keys[which % len(keys)]
+                key, key_token = keys[which % len(keys)]
                 response = account.sql(http, statement(kind, table, f"{len(MODEL_RUNS)}_{step}"),
-                                       token)
+                                       key_token)
                 expected = expected_status(key, kind, table, privacy)
                 assert response.status_code == expected, (
                     f"{kind} on {table} by {key}: expected {expected}, got "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import httpx
@@ -144,7 +145,7 @@ def test_overlapping_requests_holding_a_table_keep_the_sweep_failing_and_storage
     calls: list[Callable[[], Any]] = [lambda: get(limited, first, master)]
     for k in range(1, 16):
         q = f"BEGIN; LOCK TABLE free IN ROW EXCLUSIVE MODE; {insert}; {hold}; COMMIT"
-        calls.append(lambda q=q, k=k: get(limited, q, master, delay=0.4 * k))
+        calls.append(partial(get, limited, q, master, delay=0.4 * k))
     responses = in_threads(*calls)
     statuses = [getattr(r, "status_code", r) for r in responses]
     with psycopg.connect(admin_url, dbname=limited.user.database) as conn:
@@ -326,7 +327,7 @@ def test_the_default_public_key_cannot_block_the_masters_drop_and_key_creation(
     over_the_limit(http, limited, admin_url)
     hold = "BEGIN; DROP TABLE IF EXISTS nothing; SELECT pg_sleep(2.6); COMMIT"
     calls: list[Callable[[], Any]] = [
-        lambda k=k: get(limited, hold, None, delay=0.3 * k) for k in range(20)]
+        partial(get, limited, hold, None, delay=0.3 * k) for k in range(20)]
     calls.append(lambda: get(limited, "DROP TABLE other", limited.master_token, delay=1.5))
 
     def create_key() -> httpx.Response:

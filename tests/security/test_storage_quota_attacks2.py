@@ -200,7 +200,7 @@ def test_a_key_creation_waiting_on_a_held_table_does_not_stall_the_withholding(
     limited: Account, admin_url: str, make_key: Callable[..., Any],
     owner_sql: Callable[[Account, str], None], with_key: bool,
 ) -> None:
-    from tests.security.test_storage_quota_attacks import COPY_LOOP
+    from tests.security.quota_support import COPY_LOOP
 
     owner_sql(limited, "CREATE SCHEMA extra")  # the new key's GRANT is a new one
     helper = make_key(limited, "helper", table_grants([], create_schemas=("public",)))

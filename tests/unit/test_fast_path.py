@@ -21,7 +21,8 @@ def concrete(path: str) -> str:
 
 def test_the_fast_path_matches_every_sql_route_and_no_other_route() -> None:
     app = create_app(Settings(database_url="dbname=unused", secret="s" * 40))
-    sql_paths, other_paths = [], []
+    sql_paths: list[str] = []
+    other_paths: list[str] = []
     for route in app.routes:
         assert isinstance(route, Route)
         is_sql = route.endpoint is app.sql_handler

@@ -51,7 +51,7 @@ def test_additional_properties_message() -> None:
 
 
 def test_valid_grants_have_no_messages_and_merge_duplicate_tables() -> None:
-    grants = [
+    grants: list[dict[str, Any]] = [
         {"type": "apis", "apis": ["sql", "maps"]},
         {"type": "database", "tables": [
             {"schema": "public", "name": "t", "permissions": ["select"]},
