@@ -312,13 +312,6 @@ def test_several_statements_run_exactly_once(http: httpx.Client, city: Account) 
     assert response.json()["rows"] == [{"n": 1}]
 
 
-def test_large_results_count_every_streamed_row(http: httpx.Client, city: Account) -> None:
-    response = city.sql(http, "SELECT g FROM generate_series(1, 4500) g", city.master_token)
-    body = response.json()
-    assert body["total_rows"] == 4500 and len(body["rows"]) == 4500
-    assert body["rows"][-1] == {"g": 4500}
-
-
 def test_a_deleted_user_is_404_on_every_worker_although_workers_cache_users(
     http: httpx.Client, services: Services, run: Callable[[Awaitable[Any]], Any],
     server: ServerProcess,

@@ -37,8 +37,9 @@ def test_an_empty_result_keeps_its_columns_and_a_write_its_row_count(
     conninfo = psycopg.conninfo.make_conninfo(admin_url, dbname=account.user.database)
     sizes, cursor = run(_run(conninfo, "SELECT 1 AS a, 'x'::text AS b WHERE false"))
     assert sizes == [] and [c.name for c in cursor.description or []] == ["a", "b"]
-    sizes, cursor = run(_run(conninfo, "CREATE TEMP TABLE t AS SELECT 1 AS a"))
+    sizes, cursor = run(_run(conninfo, "CREATE TEMP TABLE t AS SELECT generate_series(1, 3) AS a"))
     assert sizes == [] and cursor.description is None
+    assert cursor.affected_rows == 3
 
 
 def test_several_statements_are_refused_before_running_and_told_from_syntax_errors(
