@@ -12,6 +12,7 @@ import psycopg
 import pytest
 
 from grantkey.domain.tokens import digest
+from grantkey.errors import Unauthorized
 from grantkey.services.container import Services
 from grantkey.services.notifications import listen_for_revocations
 from tests.conftest import Account, KeyHandle
@@ -75,11 +76,16 @@ def test_a_stale_cache_entry_cannot_log_in(
     http: httpx.Client, account: Account, services: Services,
     run: Callable[[Awaitable[Any]], Any], make_key: Callable[..., KeyHandle],
 ) -> None:
-    """The cache is never the last word: the role behind a cached principal is gone."""
+    """The cache is never the last word: deleted by another process (the server), the key
+    stays cached here (no listener in this process), and a query through that stale entry
+    is refused because PostgreSQL refuses the role's login."""
     key = make_key(account, "cached", apis_only("sql"))
     principal = run(services.resolver.resolve(account.user, key.token, fresh=False))
     assert principal.key.role == key.role
-    http.delete(f"{account.keys_url}/cached", params=account.master())
+    assert http.delete(f"{account.keys_url}/cached", params=account.master()).status_code == 204
+    assert services.cache.get(account.user.id, digest(key.token)) is principal  # stale
+    with pytest.raises(Unauthorized):
+        run(services.sql.start(principal, "SELECT 1"))
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(key.conninfo)
 
