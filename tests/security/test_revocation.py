@@ -11,6 +11,7 @@ import httpx
 import psycopg
 import pytest
 
+from grantkey.domain.keys import Principal
 from grantkey.domain.tokens import digest
 from grantkey.errors import Unauthorized
 from grantkey.services.container import Services
@@ -80,12 +81,13 @@ def test_a_stale_cache_entry_cannot_log_in(
     stays cached here (no listener in this process), and a query through that stale entry
     is refused because PostgreSQL refuses the role's login."""
     key = make_key(account, "cached", apis_only("sql"))
-    principal = run(services.resolver.resolve(account.user, key.token, fresh=False))
+    principal: Principal = run(services.resolver.resolve(account.user, key.token, fresh=False))
     assert principal.key.role == key.role
     assert http.delete(f"{account.keys_url}/cached", params=account.master()).status_code == 204
-    assert services.cache.get(account.user.id, digest(key.token)) is principal  # stale
+    stale = services.cache.get(account.user.id, digest(key.token))
+    assert stale is not None and stale.key.role == key.role
     with pytest.raises(Unauthorized):
-        run(services.sql.start(principal, "SELECT 1"))
+        run(services.sql.start(stale, "SELECT 1"))
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(key.conninfo)
 
