@@ -162,10 +162,15 @@ class Execution:
             await self.on_stopped()
 
     def stop_timers(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        """Cancel the time limit. The handles are dropped too: a cancelled uvloop timer keeps
+        its callback (a bound method of this object), and that cycle would leave every
+        request's execution, cursor and rows to the cyclic garbage collector."""
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
         if self._watchdog is not None and self._watchdog is not asyncio.current_task():
             self._watchdog.cancel()
+            self._watchdog = None
 
     async def close(self) -> bool:
         """Stop the timer and any unfinished query; True if the connection may be reused."""

@@ -17,6 +17,7 @@ from starlette.routing import Route
 from grantkey import __version__
 from grantkey.errors import DatabaseUnavailable, SetupError
 from grantkey.http import auth_api, datasets_api, sql_api
+from grantkey.http.collector import tune_collector
 from grantkey.http.context import services_of
 from grantkey.http.cors import CorsMiddleware
 from grantkey.http.errors import (
@@ -85,6 +86,7 @@ def create_app(settings: Settings | None = None) -> GrantkeyApp:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await services.open(migrate=False)
+        tune_collector()
         tasks = [asyncio.create_task(services.cluster.watch_forever(), name="watch"),
                  asyncio.create_task(listen_for_revocations(services), name="listen"),
                  asyncio.create_task(services.pools.reap_forever(), name="reap"),

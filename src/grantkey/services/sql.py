@@ -172,6 +172,7 @@ class SqlService:
         if running.released:
             return
         running.released = True
+        running.execution.on_stopped = None  # breaks execution -> finish -> running -> execution
         if running.quota_database is not None:
             self.quota.leave(running.quota_database)
         execution = running.execution
