@@ -13,8 +13,9 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from grantkey.http.context import Call, endpoint, user_routes
+from grantkey.http.context import Call, endpoint
 from grantkey.http.errors import Family
+from grantkey.http.routing import for_every_user
 from grantkey.services.container import Services
 from tests.conftest import Account
 
@@ -34,8 +35,7 @@ def test_a_bug_in_a_handler_answers_the_familys_500_and_logs_it(
     services: Services, run: Callable[[Awaitable[Any]], Any], account: Account,
     caplog: pytest.LogCaptureFixture, family: Family, expected: dict[str, Any],
 ) -> None:
-    app = Starlette(routes=[Route(path, endpoint(family, broken))
-                            for path in user_routes("/api/test/broken")])
+    app = Starlette(routes=for_every_user([Route("/api/test/broken", endpoint(family, broken))]))
     app.state.services = services
 
     async def call() -> httpx.Response:

@@ -29,6 +29,7 @@ from grantkey.http.errors import (
 )
 from grantkey.http.fast_path import GrantkeyApp
 from grantkey.http.openapi import openapi
+from grantkey.http.routing import for_every_user
 from grantkey.services.container import Services
 from grantkey.services.notifications import listen_for_revocations
 from grantkey.settings import Settings
@@ -101,8 +102,9 @@ def create_app(settings: Settings | None = None) -> GrantkeyApp:
         routes=[Route("/health", health, methods=["GET"]),
                 Route("/health/ready", health, methods=["GET"]),
                 Route("/health/live", live, methods=["GET"]),
-                Route("/openapi.json", openapi, methods=["GET"]), *auth_api.routes(),
-                *sql_api.routes(sql_handler), *datasets_api.routes()],
+                Route("/openapi.json", openapi, methods=["GET"]),
+                *for_every_user([*auth_api.routes(), *sql_api.routes(sql_handler),
+                                 *datasets_api.routes()])],
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error, ClientDisconnect: client_disconnected,
                             Exception: unexpected_error},

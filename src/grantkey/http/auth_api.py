@@ -11,7 +11,7 @@ from starlette.routing import Route
 from grantkey.domain.keys import KEY_TYPES
 from grantkey.domain.numbers import strict_int
 from grantkey.errors import BadInput, BadListParameter
-from grantkey.http.context import Call, endpoint, user_routes
+from grantkey.http.context import Call, endpoint
 from grantkey.http.documents import key_document
 from grantkey.http.errors import Family, json_response
 from grantkey.http.paging import pagination_links
@@ -100,16 +100,12 @@ async def regenerate_token(call: Call) -> Response:
 
 
 def routes() -> list[Route]:
-    table = [
-        (COLLECTION, list_keys, ["GET"]),
-        (COLLECTION, create_key, ["POST"]),
-        (COLLECTION + "/{name}", show_key, ["GET"]),
-        (COLLECTION + "/{name}", delete_key, ["DELETE"]),
-        (COLLECTION + "/{name}/token/regenerate", regenerate_token, ["POST"]),
+    """The Auth API's routes, once: `routing.for_every_user` serves them under each prefix."""
+    return [
+        Route(COLLECTION, endpoint(Family.AUTH, list_keys), methods=["GET"]),
+        Route(COLLECTION, endpoint(Family.AUTH, create_key), methods=["POST"]),
+        Route(COLLECTION + "/{name}", endpoint(Family.AUTH, show_key), methods=["GET"]),
+        Route(COLLECTION + "/{name}", endpoint(Family.AUTH, delete_key), methods=["DELETE"]),
+        Route(COLLECTION + "/{name}/token/regenerate", endpoint(Family.AUTH, regenerate_token),
+              methods=["POST"]),
     ]
-    built = []
-    for path, handler, methods in table:
-        wrapped = endpoint(Family.AUTH, handler)
-        for variant in user_routes(path):
-            built.append(Route(variant, wrapped, methods=methods))
-    return built

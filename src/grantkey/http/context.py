@@ -15,8 +15,6 @@ from grantkey.http.errors import Family, render_error, render_unexpected
 from grantkey.http.params import Params, read_params
 from grantkey.services.container import Services
 
-USER_PREFIXES = ("/user/{username}", "/u/{username}", "")
-
 
 @dataclass
 class Call:
@@ -39,16 +37,6 @@ def target_username(request: Request) -> str:
         host = request.headers.get("host", "").split(":")[0]
         username = host.split(".")[0]
     return str(username)
-
-
-def user_routes(path: str) -> list[str]:
-    """The same endpoint under every user prefix, with and without a trailing slash."""
-    paths = []
-    for prefix in USER_PREFIXES:
-        paths.append(prefix + path)
-        if not path.endswith("}"):
-            paths.append(prefix + path + "/")
-    return paths
 
 
 Handler = Callable[[Call], Awaitable[Response]]

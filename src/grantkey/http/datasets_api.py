@@ -7,7 +7,7 @@ from starlette.routing import Route
 
 from grantkey.errors import BadInput
 from grantkey.http.auth_api import parse_list_query
-from grantkey.http.context import Call, endpoint, user_routes
+from grantkey.http.context import Call, endpoint
 from grantkey.http.errors import Family, json_response
 from grantkey.http.paging import pagination_links
 
@@ -34,8 +34,7 @@ async def change_privacy(call: Call) -> Response:
 
 
 def routes() -> list[Route]:
-    listing = endpoint(Family.V4, list_datasets)
-    patch = endpoint(Family.V4, change_privacy)
-    built = [Route(p, listing, methods=["GET"]) for p in user_routes("/api/v4/datasets")]
-    built += [Route(p, patch, methods=["PATCH"]) for p in user_routes("/api/v4/datasets/{name}")]
-    return built
+    """The datasets API's routes, once: `routing.for_every_user` serves them under each prefix."""
+    return [Route("/api/v4/datasets", endpoint(Family.V4, list_datasets), methods=["GET"]),
+            Route("/api/v4/datasets/{name}", endpoint(Family.V4, change_privacy),
+                  methods=["PATCH"])]

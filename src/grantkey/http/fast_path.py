@@ -20,7 +20,10 @@ from grantkey.http.context import RequestHandler
 from grantkey.http.cors import ALLOW_ORIGIN
 from grantkey.http.errors import unexpected_error
 
-# the same paths as sql_api.routes(): user prefixes from context.USER_PREFIXES
+# the paths routing.for_every_user serves sql_api.routes() at (user prefixes from
+# routing.USER_PREFIXES, the host form, a trailing slash); tests/unit/test_fast_path.py checks
+# it against the served routes. TODO(issue 12 item 3): build this table from the registered
+# routes instead of a hand-copied pattern.
 SQL_PATH = re.compile(r"(?:/(?:user|u)/(?P<username>[^/]+))?/api/v[12]/sql/?")
 FAST_METHODS = frozenset({"GET", "POST"})
 

@@ -1,7 +1,10 @@
 """The OpenAPI 3.1 document of every endpoint, served at /openapi.json.
 
-Built from the same tables the routes are built from (`context.user_routes`), so a route
-and its documentation cannot drift apart; a test compares both.
+Each operation is listed once, under its canonical path (`routing.CANONICAL_PREFIX`); the
+other forms the same route list is served in (`routing.for_every_user`: the other user
+prefixes, the host form, a trailing slash) are described once, in the document's info
+and its `x-grantkey-aliases`, not repeated. A test compares the document with the routes
+the app serves.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from grantkey.domain.grants import (
 )
 from grantkey.domain.keys import KEY_TYPES, PRIVACIES
 from grantkey.http.auth_api import DIRECTIONS, ORDERS
-from grantkey.http.context import user_routes
 from grantkey.http.errors import json_response
+from grantkey.http.routing import CANONICAL_PREFIX, HOST_FORM, USER_PREFIXES
 
 JSON = "application/json"
 
@@ -193,7 +196,7 @@ SQL_RESPONSES = {
     "503": _data_error("PostgreSQL is unavailable."),
 }
 
-# (path, method, operation); every path is served under each user prefix.
+# (path, method, operation); every path is served under each user prefix (see ALIASES).
 OPERATIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("/api/v3/api_keys", "get", {
         "summary": "List keys (E1). Non-master keys see only themselves.",
@@ -286,22 +289,33 @@ GLOBAL_OPERATIONS: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 
+ALIASES_TEXT = (
+    "Each operation is listed once, under its canonical path `" + CANONICAL_PREFIX + "/…`. "
+    "The same operations answer, unchanged, under every form in `x-grantkey-aliases`: the "
+    "prefix `/u/{username}/…`, and no prefix at all (the host form: the user is the first "
+    "label of the Host header, `alice.example.com` → `alice`; the only form for the SQL API "
+    "when the server is reached by name). A path that does not end in a parameter also "
+    "answers with a trailing slash (`/api/v3/api_keys/`).")
+ALIASES = {
+    "canonical": CANONICAL_PREFIX,
+    "prefixes": [*USER_PREFIXES, HOST_FORM],
+    "hostForm": "With the prefix \"\", the user is the first label of the Host header.",
+    "trailingSlash": "Paths that do not end in a parameter also answer with a trailing /.",
+}
+
+
 def _operation_id(path: str, method: str) -> str:
     cleaned = "".join(c if c.isalnum() else "_" for c in path).strip("_")
-    slash = "_slash" if path.endswith("/") else ""
-    return f"{method}_{cleaned}{slash}"
+    return f"{method}_{cleaned}"
 
 
 def build_document() -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for path, method, operation in OPERATIONS:
-        for variant in user_routes(path):
-            entry = dict(operation, operationId=_operation_id(variant, method))
-            if "{username}" in variant:
-                entry["parameters"] = [USERNAME, *operation.get("parameters", [])]
-            else:
-                entry["description"] = "The user comes from the first label of the Host header."
-            paths.setdefault(variant, {})[method] = entry
+        canonical = CANONICAL_PREFIX + path
+        paths.setdefault(canonical, {})[method] = dict(
+            operation, operationId=_operation_id(canonical, method),
+            parameters=[USERNAME, *operation.get("parameters", [])])
     for path, method, operation in GLOBAL_OPERATIONS:
         paths.setdefault(path, {})[method] = dict(operation,
                                                   operationId=_operation_id(path, method))
@@ -309,7 +323,9 @@ def build_document() -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "grantkey", "version": __version__,
                  "description": "CARTO-compatible Auth API v3, SQL API v2 and datasets, "
-                                "where every API key is a PostgreSQL role."},
+                                "where every API key is a PostgreSQL role.\n\n"
+                                + ALIASES_TEXT},
+        "x-grantkey-aliases": ALIASES,
         "paths": paths,
         "components": {"schemas": SCHEMAS, "securitySchemes": {
             "basic": {"type": "http", "scheme": "basic"},

@@ -17,7 +17,7 @@ from starlette.types import Message, Receive, Scope, Send
 from grantkey.domain.numbers import strict_int
 from grantkey.domain.sql_text import COPY_REFUSED, starts_a_copy
 from grantkey.errors import BadInput, Forbidden, GrantkeyError
-from grantkey.http.context import Call, RequestHandler, endpoint, user_routes
+from grantkey.http.context import Call, RequestHandler, endpoint
 from grantkey.http.errors import Family, render_error
 from grantkey.http.formats import EXTENSIONS, GEOJSON_COLUMN, MEDIA_TYPES, WRITERS
 from grantkey.http.protocol import ABORT_EXTENSION
@@ -215,8 +215,7 @@ def handler() -> RequestHandler:
 
 
 def routes(sql_handler: RequestHandler) -> list[Route]:
-    built = []
-    for version in ("v2", "v1"):
-        for variant in user_routes(f"/api/{version}/sql"):
-            built.append(Route(variant, sql_handler, methods=["GET", "POST"]))
-    return built
+    """The SQL API's routes, once: `routing.for_every_user` serves them under each prefix
+    (and `fast_path` answers their GET and POST before the router)."""
+    return [Route(f"/api/{version}/sql", sql_handler, methods=["GET", "POST"])
+            for version in ("v2", "v1")]
