@@ -1,11 +1,18 @@
-"""One settings object, read once from GRANTKEY_* variables and command-line flags."""
+"""One settings object, read once from GRANTKEY_* variables and command-line flags.
+
+Every setting is one row of one table, the fields of `Settings`: its name, environment
+variable, default, parser and help (and its command-line flag, if it has one). The same
+rows drive `Settings.from_env`, `Settings.as_env` (what `serve` hands its workers), the
+CLI's options (`cli/common.setting_options`) and the test that docs/settings.md documents
+each of them (`tests/unit/test_settings_documented.py`). `SETTINGS` lists them.
+"""
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -13,205 +20,260 @@ from grantkey.errors import SetupError
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+_SIZE = re.compile(r"-1|[0-9]{1,12}(kB|MB|GB|TB)?")
 
 
-def _env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
+@dataclass(frozen=True)
+class Parser:
+    """Reads a setting's text: its value, or ValueError saying what it must be (the
+    message follows the setting's name: `GRANTKEY_PORT must be a whole number, not 'x'`)."""
+
+    metavar: str  # what the CLI's --help shows: TEXT, INTEGER, ...
+    read: Callable[[str], Any]
+
+
+def _text(raw: str) -> str:
+    return raw
+
+
+def _directory(raw: str) -> Path:
+    path = Path(raw)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"must be a directory, not the file {raw[:80]!r}")
+    return path
+
+
+def _boolean(raw: str) -> bool:
     if raw.lower() in _TRUE:
         return True
     if raw.lower() in _FALSE:
         return False
-    raise SetupError(f"{name} must be true or false, not {raw!r}")
+    raise ValueError(f"must be true or false, not {raw!r}")
 
 
-def _env_int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
+def whole(minimum: int = 0) -> Parser:
+    def read(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"must be a whole number, not {raw!r}") from None
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}, not {value}")
+        return value
+
+    return Parser("INTEGER", read)
+
+
+def _number(raw: str, what: str) -> float:
     try:
-        value = int(raw)
+        return float(raw)
     except ValueError:
-        raise SetupError(f"{name} must be a whole number, not {raw!r}") from None
-    if value < minimum:
-        raise SetupError(f"{name} must be at least {minimum}, not {value}")
+        raise ValueError(f"must be {what}, not {raw[:40]!r}") from None
+
+
+def _seconds(raw: str) -> float:
+    value = _number(raw, "a number of seconds")
+    if not value > 0:
+        raise ValueError(f"must be more than 0, not {raw}")
     return value
 
 
-_SIZE = re.compile(r"-1|[0-9]{1,12}(kB|MB|GB|TB)?")
+def _share(raw: str) -> float:
+    """A share of the connections: more than 0, at most 1."""
+    value = _number(raw, "a fraction such as 0.5")
+    if not 0 < value <= 1:
+        raise ValueError(f"must be more than 0 and at most 1, not {raw}")
+    return value
 
 
-def _env_size(env: Mapping[str, str], name: str, default: str) -> str:
+def _size(raw: str) -> str:
     """A PostgreSQL size: digits with an optional kB, MB, GB or TB unit, or -1 (no limit)."""
-    value = (env.get(name) or default).strip()
+    value = raw.strip()
     if not _SIZE.fullmatch(value):
-        raise SetupError(f"{name} must be a size such as 500MB, 2GB or -1 (no limit), "
+        raise ValueError(f"must be a size such as 500MB, 2GB or -1 (no limit), "
                          f"not {value[:40]!r}")
     return value
 
 
-def _env_optional_int(env: Mapping[str, str], name: str, minimum: int = 1) -> int | None:
-    """A whole number, or None when unset (then sized automatically)."""
-    if not env.get(name):
-        return None
-    return _env_int(env, name, 0, minimum=minimum)
-
-
-def _env_optional_size(env: Mapping[str, str], name: str) -> str | None:
-    if not env.get(name):
-        return None
-    value = _env_size(env, name, "")
+def _limited_size(raw: str) -> str:
+    """A size, not -1."""
+    value = _size(raw)
     if value == "-1":
-        raise SetupError(f"{name} must be a size such as 2GB, not -1")
+        raise ValueError("must be a size such as 2GB, not -1")
     return value
 
 
-def _env_share(env: Mapping[str, str], name: str, default: float) -> float:
-    """A share of the connections: more than 0, at most 1."""
-    value = _float_or_none(env, name, "a fraction such as 0.5")
-    if value is None:
-        return default
-    if not 0 < value <= 1:
-        raise SetupError(f"{name} must be more than 0 and at most 1, not {env[name]}")
-    return value
-
-
-def _env_quota(env: Mapping[str, str], name: str) -> str:
-    """A size more than 0, or -1 (none, the default)."""
-    value = _env_size(env, name, "-1")
+def _quota(raw: str) -> str:
+    """A size more than 0, or -1 (none)."""
+    value = _size(raw)
     if re.fullmatch(r"0+(kB|MB|GB|TB)?", value):
-        raise SetupError(f"{name} must be more than 0, or -1 for no quota, not {value!r}")
+        raise ValueError(f"must be more than 0, or -1 for no quota, not {value!r}")
     return value
 
 
-def _float_or_none(env: Mapping[str, str], name: str, what: str) -> float | None:
-    """The variable as a number, None when unset; `what` says what it should look like."""
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return None
-    try:
-        return float(raw)
-    except ValueError:
-        raise SetupError(f"{name} must be {what}, not {raw[:40]!r}") from None
+TEXT = Parser("TEXT", _text)
+DIRECTORY = Parser("DIRECTORY", _directory)
+BOOLEAN = Parser("BOOLEAN", _boolean)
+SECONDS = Parser("SECONDS", _seconds)
+SHARE = Parser("FRACTION", _share)
+SIZE = Parser("SIZE", _size)
+LIMITED_SIZE = Parser("SIZE", _limited_size)
+QUOTA = Parser("SIZE", _quota)
 
 
-def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
-    value = _float_or_none(env, name, "a number of seconds")
-    if value is None:
-        return default
-    if not value > 0:
-        raise SetupError(f"{name} must be more than 0, not {env[name]}")
-    return value
+@dataclass(frozen=True)
+class Setting:
+    """One row of the settings table."""
+
+    name: str  # the field of Settings
+    env: str  # GRANTKEY_…
+    default: Any  # None: unset (sized, embedded, …: docs/settings.md says what then)
+    parser: Parser
+    help: str  # one sentence; docs/settings.md's meaning of the setting starts with it
+    flag: str | None = None  # the command-line option, if the CLI has one
+    for_workers: bool = True  # does `serve` pass it to its worker processes?
+
+    def parse(self, raw: str) -> Any:
+        """The value of the variable's text; SetupError naming the variable if it is bad."""
+        try:
+            return self.parser.read(raw)
+        except ValueError as error:
+            raise SetupError(f"{self.env} {error}") from None
+
+    def text(self, value: Any) -> str:
+        """A value as the variable's text, which `parse` reads back as the same value."""
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return str(value)
+
+    @property
+    def shown_default(self) -> str | None:
+        """The default as the CLI's help and docs/settings.md show it; None when unset."""
+        if self.default is None:
+            return None
+        if isinstance(self.default, float):
+            return f"{self.default:g}"
+        return self.text(self.default)
+
+
+def row(env: str, parser: Parser, help: str, *, flag: str | None = None,
+        for_workers: bool = True) -> dict[str, Any]:
+    """A field's metadata that makes it a row of the settings table (with its default)."""
+    return {"setting": {"env": env, "parser": parser, "help": help, "flag": flag,
+                        "for_workers": for_workers}}
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Every setting grantkey reads. See docs/settings.md."""
+    """Every setting grantkey reads, one field each: the settings table. See docs/settings.md."""
 
-    data_dir: Path = Path("grantkey-data")
-    database_url: str | None = None
-    secret: str | None = field(default=None, repr=False)
-    host: str = "127.0.0.1"
-    port: int = 8000
-    workers: int = 1
-    store_tokens: bool = True
-    max_keys_per_user: int = 0
-    key_cache_size: int = 10_000
-    max_body_bytes: int = 1_048_576
-    max_query_bytes: int = 262_144
-    log_level: str = "info"
-    sql_timeout: float = 25.0
-    sql_master_timeout: float = 25.0
-    sql_max_connections: int | None = None  # None: sized by `serve` from the cluster
-    sql_pool_wait: float = 5.0
-    sql_idle_seconds: float = 60.0
-    send_timeout: float = 30.0
-    sql_key_share: float = 0.5
-    pg_max_connections: int | None = None  # embedded cluster; None: sized from the machine
-    pg_shared_buffers: str | None = None  # embedded cluster; None: sized from the machine
-    sql_user_share: float = 0.75
-    temp_file_limit: str = "1GB"
-    storage_quota: str = "-1"  # per user database; -1: none
-    max_header_bytes: int = 65_536
-    header_timeout: float = 10.0
-    body_timeout: float = 30.0
-    shutdown_seconds: float = 10.0
+    data_dir: Path = field(default=Path("grantkey-data"), metadata=row(
+        "GRANTKEY_DATA_DIR", DIRECTORY,
+        "Where the embedded PostgreSQL and the server secret live.", flag="--data-dir"))
+    database_url: str | None = field(default=None, metadata=row(
+        "GRANTKEY_DATABASE_URL", TEXT,
+        "Use this PostgreSQL (a role with CREATEDB and CREATEROLE) instead of the embedded one.",
+        flag="--database-url"))
+    secret: str | None = field(default=None, repr=False, metadata=row(
+        "GRANTKEY_SECRET", TEXT, "The server secret (at least 32 characters)."))
+    host: str = field(default="127.0.0.1", metadata=row(
+        "GRANTKEY_HOST", TEXT, "Address to listen on.", flag="--host"))
+    port: int = field(default=8000, metadata=row(
+        "GRANTKEY_PORT", whole(), "TCP port to listen on.", flag="--port"))
+    workers: int = field(default=1, metadata=row(
+        "GRANTKEY_WORKERS", whole(minimum=1), "Server processes.", flag="--workers"))
+    store_tokens: bool = field(default=True, metadata=row(
+        "GRANTKEY_STORE_TOKENS", BOOLEAN,
+        "Keep an AES-GCM sealed copy of each secret token so the master can read tokens back."))
+    max_keys_per_user: int = field(default=0, metadata=row(
+        "GRANTKEY_MAX_KEYS_PER_USER", whole(), "Regular keys per user, 0 for no limit."))
+    key_cache_size: int = field(default=10_000, metadata=row(
+        "GRANTKEY_KEY_CACHE_SIZE", whole(), "Entries in each of a process's data-API caches."))
+    max_body_bytes: int = field(default=1_048_576, metadata=row(
+        "GRANTKEY_MAX_BODY_BYTES", whole(minimum=1024),
+        "Largest request body accepted, in bytes."))
+    max_query_bytes: int = field(default=262_144, metadata=row(
+        "GRANTKEY_MAX_QUERY_BYTES", whole(minimum=1024), "Longest SQL API q (in bytes)."))
+    log_level: str = field(default="info", metadata=row(
+        "GRANTKEY_LOG_LEVEL", TEXT, "uvicorn's log level."))
+    sql_timeout: float = field(default=25.0, metadata=row(
+        "GRANTKEY_SQL_TIMEOUT", SECONDS,
+        "Seconds a SQL API query of a regular or default public key may run."))
+    sql_master_timeout: float = field(default=25.0, metadata=row(
+        "GRANTKEY_SQL_MASTER_TIMEOUT", SECONDS,
+        "Seconds a SQL API query of the master key may run."))
+    sql_max_connections: int | None = field(default=None, metadata=row(  # None: sized by serve
+        "GRANTKEY_SQL_MAX_CONNECTIONS", whole(minimum=1),
+        "Connections logged in as key roles, in total, per server process."))
+    sql_pool_wait: float = field(default=5.0, metadata=row(
+        "GRANTKEY_SQL_POOL_WAIT", SECONDS,
+        "Seconds a request waits for a free connection before 429."))
+    sql_idle_seconds: float = field(default=60.0, metadata=row(
+        "GRANTKEY_SQL_IDLE_SECONDS", SECONDS,
+        "Idle key-role connections are closed after this long."))
+    send_timeout: float = field(default=30.0, metadata=row(
+        "GRANTKEY_SEND_TIMEOUT", SECONDS,
+        "Seconds a streamed SQL API answer may wait for a client that reads nothing."))
+    sql_key_share: float = field(default=0.5, metadata=row(
+        "GRANTKEY_SQL_KEY_SHARE", SHARE,
+        "Most of GRANTKEY_SQL_MAX_CONNECTIONS one key (one role; the default public key "
+        "included) may hold at once, as a fraction."))
+    pg_max_connections: int | None = field(default=None, metadata=row(  # None: from the machine
+        "GRANTKEY_PG_MAX_CONNECTIONS", whole(minimum=20),
+        "The embedded cluster's max_connections.", for_workers=False))
+    pg_shared_buffers: str | None = field(default=None, metadata=row(  # None: from the machine
+        "GRANTKEY_PG_SHARED_BUFFERS", LIMITED_SIZE,
+        "The embedded cluster's shared_buffers.", for_workers=False))
+    sql_user_share: float = field(default=0.75, metadata=row(
+        "GRANTKEY_SQL_USER_SHARE", SHARE,
+        "Most of GRANTKEY_SQL_MAX_CONNECTIONS all the keys of one user together may hold at "
+        "once, as a fraction."))
+    temp_file_limit: str = field(default="1GB", metadata=row(
+        "GRANTKEY_TEMP_FILE_LIMIT", SIZE, "Most temporary-file space one session may use."))
+    storage_quota: str = field(default="-1", metadata=row(  # per user database; -1: none
+        "GRANTKEY_STORAGE_QUOTA", QUOTA, "Most storage one user's database may hold."))
+    max_header_bytes: int = field(default=65_536, metadata=row(
+        "GRANTKEY_MAX_HEADER_BYTES", whole(minimum=1024),
+        "Most bytes of header fields in one request."))
+    header_timeout: float = field(default=10.0, metadata=row(
+        "GRANTKEY_HEADER_TIMEOUT", SECONDS,
+        "Seconds a request's head (request line and headers) may take to arrive."))
+    body_timeout: float = field(default=30.0, metadata=row(
+        "GRANTKEY_BODY_TIMEOUT", SECONDS,
+        "Seconds a request's body may take to arrive after its head."))
+    shutdown_seconds: float = field(default=10.0, metadata=row(
+        "GRANTKEY_SHUTDOWN_SECONDS", SECONDS,
+        "Seconds a server process may take to stop after SIGTERM, once its requests are done."))
     # only for the processes that need it (serve's start, the CLI); never given to workers
-    superuser_url: str | None = field(default=None, repr=False)
+    superuser_url: str | None = field(default=None, repr=False, metadata=row(
+        "GRANTKEY_SUPERUSER_URL", TEXT,
+        "With a GRANTKEY_DATABASE_URL role that is not a superuser: a superuser login of the "
+        "same server.", for_workers=False))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Each setting from its variable (unset or empty: its default), then the given
+        overrides that are not None (command-line flags)."""
         env = os.environ if env is None else env
-        settings = cls(
-            data_dir=Path(env.get("GRANTKEY_DATA_DIR") or "grantkey-data"),
-            database_url=env.get("GRANTKEY_DATABASE_URL") or None,
-            secret=env.get("GRANTKEY_SECRET") or None,
-            host=env.get("GRANTKEY_HOST") or "127.0.0.1",
-            port=_env_int(env, "GRANTKEY_PORT", 8000, minimum=0),
-            workers=_env_int(env, "GRANTKEY_WORKERS", 1, minimum=1),
-            store_tokens=_env_bool(env, "GRANTKEY_STORE_TOKENS", True),
-            max_keys_per_user=_env_int(env, "GRANTKEY_MAX_KEYS_PER_USER", 0),
-            key_cache_size=_env_int(env, "GRANTKEY_KEY_CACHE_SIZE", 10_000),
-            max_body_bytes=_env_int(env, "GRANTKEY_MAX_BODY_BYTES", 1_048_576, minimum=1024),
-            max_query_bytes=_env_int(env, "GRANTKEY_MAX_QUERY_BYTES", 262_144, minimum=1024),
-            log_level=env.get("GRANTKEY_LOG_LEVEL") or "info",
-            sql_timeout=_env_float(env, "GRANTKEY_SQL_TIMEOUT", 25.0),
-            sql_master_timeout=_env_float(env, "GRANTKEY_SQL_MASTER_TIMEOUT", 25.0),
-            sql_max_connections=_env_optional_int(env, "GRANTKEY_SQL_MAX_CONNECTIONS"),
-            pg_max_connections=_env_optional_int(env, "GRANTKEY_PG_MAX_CONNECTIONS",
-                                                 minimum=20),
-            pg_shared_buffers=_env_optional_size(env, "GRANTKEY_PG_SHARED_BUFFERS"),
-            sql_pool_wait=_env_float(env, "GRANTKEY_SQL_POOL_WAIT", 5.0),
-            sql_idle_seconds=_env_float(env, "GRANTKEY_SQL_IDLE_SECONDS", 60.0),
-            send_timeout=_env_float(env, "GRANTKEY_SEND_TIMEOUT", 30.0),
-            sql_key_share=_env_share(env, "GRANTKEY_SQL_KEY_SHARE", 0.5),
-            sql_user_share=_env_share(env, "GRANTKEY_SQL_USER_SHARE", 0.75),
-            temp_file_limit=_env_size(env, "GRANTKEY_TEMP_FILE_LIMIT", "1GB"),
-            storage_quota=_env_quota(env, "GRANTKEY_STORAGE_QUOTA"),
-            max_header_bytes=_env_int(env, "GRANTKEY_MAX_HEADER_BYTES", 65_536, minimum=1024),
-            header_timeout=_env_float(env, "GRANTKEY_HEADER_TIMEOUT", 10.0),
-            body_timeout=_env_float(env, "GRANTKEY_BODY_TIMEOUT", 30.0),
-            shutdown_seconds=_env_float(env, "GRANTKEY_SHUTDOWN_SECONDS", 10.0),
-            superuser_url=env.get("GRANTKEY_SUPERUSER_URL") or None,
-        )
-        given = {name: value for name, value in overrides.items() if value is not None}
-        return replace(settings, **given)
+        values = {row.name: row.parse(env[row.env]) if env.get(row.env) else row.default
+                  for row in SETTINGS}
+        values.update((name, value) for name, value in overrides.items() if value is not None)
+        return cls(**values)
 
     def as_env(self) -> dict[str, str]:
         """The variables that make `from_env` rebuild these settings in a worker process."""
-        env = {
-            "GRANTKEY_DATA_DIR": str(self.data_dir),
-            "GRANTKEY_HOST": self.host,
-            "GRANTKEY_PORT": str(self.port),
-            "GRANTKEY_WORKERS": str(self.workers),
-            "GRANTKEY_STORE_TOKENS": "true" if self.store_tokens else "false",
-            "GRANTKEY_MAX_KEYS_PER_USER": str(self.max_keys_per_user),
-            "GRANTKEY_KEY_CACHE_SIZE": str(self.key_cache_size),
-            "GRANTKEY_MAX_BODY_BYTES": str(self.max_body_bytes),
-            "GRANTKEY_MAX_QUERY_BYTES": str(self.max_query_bytes),
-            "GRANTKEY_LOG_LEVEL": self.log_level,
-            "GRANTKEY_SQL_TIMEOUT": str(self.sql_timeout),
-            "GRANTKEY_SQL_MASTER_TIMEOUT": str(self.sql_master_timeout),
-            "GRANTKEY_SQL_POOL_WAIT": str(self.sql_pool_wait),
-            "GRANTKEY_SQL_IDLE_SECONDS": str(self.sql_idle_seconds),
-            "GRANTKEY_SEND_TIMEOUT": str(self.send_timeout),
-            "GRANTKEY_SQL_KEY_SHARE": str(self.sql_key_share),
-            "GRANTKEY_SQL_USER_SHARE": str(self.sql_user_share),
-            "GRANTKEY_TEMP_FILE_LIMIT": self.temp_file_limit,
-            "GRANTKEY_STORAGE_QUOTA": self.storage_quota,
-            "GRANTKEY_MAX_HEADER_BYTES": str(self.max_header_bytes),
-            "GRANTKEY_HEADER_TIMEOUT": str(self.header_timeout),
-            "GRANTKEY_BODY_TIMEOUT": str(self.body_timeout),
-            "GRANTKEY_SHUTDOWN_SECONDS": str(self.shutdown_seconds),
-        }
-        if self.sql_max_connections is not None:
-            env["GRANTKEY_SQL_MAX_CONNECTIONS"] = str(self.sql_max_connections)
-        if self.database_url:
-            env["GRANTKEY_DATABASE_URL"] = self.database_url
-        if self.secret:
-            env["GRANTKEY_SECRET"] = self.secret
+        env = {}
+        for row in SETTINGS:
+            value = getattr(self, row.name)
+            if row.for_workers and value is not None and value != "":
+                env[row.env] = row.text(value)
         return env
+
+
+SETTINGS: tuple[Setting, ...] = tuple(
+    Setting(name=column.name, default=column.default, **column.metadata["setting"])
+    for column in fields(Settings))
+SETTING = {row.name: row for row in SETTINGS}
 
 
 DEFAULT_SQL_MAX_CONNECTIONS = 100  # in-process services (tests, CLI) not sized by `serve`

@@ -28,29 +28,54 @@ from grantkey.errors import (
 )
 from grantkey.services.container import Services
 from grantkey.services.upgrade import prepare_routine_admin
-from grantkey.settings import Settings
+from grantkey.settings import SETTING, Setting, Settings
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def cluster_options(command: F) -> F:
-    command = click.option(
-        "--database-url", envvar="GRANTKEY_DATABASE_URL", default=None,
-        help="Use this PostgreSQL (a role with CREATEDB and CREATEROLE) instead of the "
-             "embedded one. [env: GRANTKEY_DATABASE_URL]",
-    )(command)
-    command = click.option(
-        "--data-dir", envvar="GRANTKEY_DATA_DIR", default="grantkey-data", show_default=True,
-        type=click.Path(file_okay=False, path_type=Path),
-        help="Where the embedded PostgreSQL and the server secret live. [env: GRANTKEY_DATA_DIR]",
-    )(command)
-    return command
+class SettingValue(click.ParamType):  # type: ignore[type-arg]
+    """A flag's value, read by its setting's own parser (the same as its variable's)."""
+
+    def __init__(self, row: Setting) -> None:
+        self.row = row
+        self.name = row.parser.metavar.lower()
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return self.row.parser.read(value)
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
 
 
-def load_settings(data_dir: Path, database_url: str | None, **extra: Any) -> Settings:
+def setting_options(*names: str) -> Callable[[F], F]:
+    """The command-line flags of these settings, from the settings table: a flag given
+    wins over its variable, which `Settings.from_env` reads (the flag's default is None)."""
+
+    def decorate(command: F) -> F:
+        for name in reversed(names):
+            row = SETTING[name]
+            assert row.flag is not None, f"the setting {name} has no command-line flag"
+            shown = row.shown_default
+            described = f"{row.help} [env: {row.env}]" + (f"  [default: {shown}]" if shown else "")
+            command = click.option(row.flag, name, default=None, type=SettingValue(row),
+                                   help=described)(command)
+        return command
+
+    return decorate
+
+
+cluster_options = setting_options("data_dir", "database_url")
+
+
+def load_settings(data_dir: Path | None, database_url: str | None, **flags: Any) -> Settings:
+    """The settings from GRANTKEY_* and the flags given; a bad value exits 2 with one line
+    naming the setting."""
     try:
-        return Settings.from_env(data_dir=data_dir, database_url=database_url, **extra)
+        return Settings.from_env(data_dir=data_dir, database_url=database_url, **flags)
     except GrantkeyError as error:
         fail(str(error), 2)
 

@@ -30,7 +30,7 @@ def datasets() -> None:
 @click.argument("privacy", type=click.Choice(PRIVACIES))
 @click.option("--schema", default="public", show_default=True, help="The table's schema.")
 @cluster_options
-def privacy(username: str, table: str, privacy: str, schema: str, data_dir: Path,
+def privacy(username: str, table: str, privacy: str, schema: str, data_dir: Path | None,
             database_url: str | None) -> None:
     """Make USERNAME's TABLE public, link or private.
 
@@ -50,7 +50,7 @@ def privacy(username: str, table: str, privacy: str, schema: str, data_dir: Path
 @click.argument("username")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 @cluster_options
-def list_(username: str, as_json: bool, data_dir: Path, database_url: str | None) -> None:
+def list_(username: str, as_json: bool, data_dir: Path | None, database_url: str | None) -> None:
     """List USERNAME's tables with their privacy."""
 
     async def work(services: Services) -> list[dict[str, Any]]:

@@ -70,7 +70,7 @@ def keys() -> None:
 @click.argument("username")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of key objects.")
 @cluster_options
-def list_(username: str, as_json: bool, data_dir: Path, database_url: str | None) -> None:
+def list_(username: str, as_json: bool, data_dir: Path | None, database_url: str | None) -> None:
     """List USERNAME's keys (master, default public, then regular keys)."""
 
     async def work(services: Services) -> list[KeyView]:
@@ -100,7 +100,7 @@ def list_(username: str, as_json: bool, data_dir: Path, database_url: str | None
 @cluster_options
 def create(username: str, name: str, grants: str | None, apis: tuple[str, ...],
            tables: tuple[str, ...], schemas: tuple[str, ...], as_json: bool,
-           data_dir: Path, database_url: str | None) -> None:
+           data_dir: Path | None, database_url: str | None) -> None:
     """Create a regular key NAME for USERNAME; prints its token."""
     document = _grants_from_options(grants, apis, tables, schemas)
 
@@ -121,7 +121,7 @@ def create(username: str, name: str, grants: str | None, apis: tuple[str, ...],
 @click.argument("name")
 @click.option("--yes", is_flag=True, help="Confirm: the key stops working at once.")
 @cluster_options
-def delete(username: str, name: str, yes: bool, data_dir: Path, database_url: str | None) -> None:
+def delete(username: str, name: str, yes: bool, data_dir: Path | None, database_url: str | None) -> None:
     """Delete USERNAME's regular key NAME (tables it created stay, owned by the user)."""
     if not yes:
         fail(f"deleting key '{name}' revokes it at once; add --yes to confirm", 2)
@@ -139,7 +139,7 @@ def delete(username: str, name: str, yes: bool, data_dir: Path, database_url: st
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="Print the key object as JSON.")
 @cluster_options
-def regenerate(username: str, name: str, as_json: bool, data_dir: Path,
+def regenerate(username: str, name: str, as_json: bool, data_dir: Path | None,
                database_url: str | None) -> None:
     """Give USERNAME's key NAME a new token; the old one stops working at once."""
 

@@ -17,7 +17,7 @@ from typing import IO
 import click
 import uvicorn
 
-from grantkey.cli.common import cluster_options, fail, load_settings
+from grantkey.cli.common import fail, load_settings, setting_options
 from grantkey.cli.embedded import ROUTINE_ROLE, EmbeddedPostgres, sizing
 from grantkey.errors import GrantkeyError, SetupError
 from grantkey.services.container import Services
@@ -161,20 +161,16 @@ def _stop_cleanly_on_signals() -> None:
 
 
 @click.command()
-@click.option("--host", envvar="GRANTKEY_HOST", default="127.0.0.1", show_default=True,
-              help="Address to listen on. [env: GRANTKEY_HOST]")
-@click.option("--port", envvar="GRANTKEY_PORT", default=8000, show_default=True, type=int,
-              help="TCP port to listen on. [env: GRANTKEY_PORT]")
-@click.option("--workers", envvar="GRANTKEY_WORKERS", default=1, show_default=True,
-              type=click.IntRange(min=1), help="Server processes. [env: GRANTKEY_WORKERS]")
-@cluster_options
-def serve(host: str, port: int, workers: int, data_dir: Path, database_url: str | None) -> None:
+@setting_options("host", "port", "workers", "data_dir", "database_url")
+def serve(host: str | None, port: int | None, workers: int | None, data_dir: Path | None,
+          database_url: str | None) -> None:
     """Serve the Auth API, SQL API and datasets API (and a health check) over HTTP.
 
     Without --database-url, initialises (first run) and starts a private PostgreSQL under
     --data-dir, and stops it when the server exits (Ctrl-C or SIGTERM).
     """
-    settings = load_settings(data_dir.resolve(), database_url, host=host, port=port, workers=workers)
+    settings = load_settings(data_dir, database_url, host=host, port=port, workers=workers)
+    settings = replace(settings, data_dir=settings.data_dir.resolve())
     embedded = None if settings.database_url else EmbeddedPostgres(
         settings.data_dir, size=sizing(settings.pg_max_connections, settings.pg_shared_buffers))
     if embedded is not None:
@@ -191,11 +187,12 @@ def serve(host: str, port: int, workers: int, data_dir: Path, database_url: str 
             supervisor = Supervisor(embedded)
             supervisor.start()
         os.environ.update(settings.as_env())
-        click.echo(f"grantkey listening on http://{host}:{port}", err=True)
+        click.echo(f"grantkey listening on http://{settings.host}:{settings.port}", err=True)
         _stop_cleanly_on_signals()
         uvicorn.run(
-            "grantkey.http.app:create_app", factory=True, host=host, port=port,
-            workers=workers, access_log=False, log_level=settings.log_level,
+            "grantkey.http.app:create_app", factory=True, host=settings.host,
+            port=settings.port, workers=settings.workers, access_log=False,
+            log_level=settings.log_level,
             server_header=False, http="grantkey.http.protocol:BoundedHttpProtocol",
             # a client that holds a connection open cannot hold up the shutdown for long
             timeout_graceful_shutdown=int(max(settings.sql_timeout,

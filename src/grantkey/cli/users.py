@@ -37,7 +37,7 @@ def users() -> None:
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 @cluster_options
-def create(name: str, as_json: bool, data_dir: Path, database_url: str | None) -> None:
+def create(name: str, as_json: bool, data_dir: Path | None, database_url: str | None) -> None:
     """Create user NAME: its database, roles, master key and default public key.
 
     NAME: 1-63 lowercase letters, digits and '-', starting with a letter or digit.
@@ -64,7 +64,7 @@ def create(name: str, as_json: bool, data_dir: Path, database_url: str | None) -
 @users.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 @cluster_options
-def list_(as_json: bool, data_dir: Path, database_url: str | None) -> None:
+def list_(as_json: bool, data_dir: Path | None, database_url: str | None) -> None:
     """List every user."""
     settings = load_settings(data_dir, database_url)
 
@@ -84,7 +84,7 @@ def list_(as_json: bool, data_dir: Path, database_url: str | None) -> None:
 @click.argument("name")
 @click.option("--yes", is_flag=True, help="Confirm: the user's database and keys are destroyed.")
 @cluster_options
-def delete(name: str, yes: bool, data_dir: Path, database_url: str | None) -> None:
+def delete(name: str, yes: bool, data_dir: Path | None, database_url: str | None) -> None:
     """Delete user NAME with its database, tables, roles and keys (needs --yes)."""
     if not yes:
         fail(f"deleting '{name}' destroys its database and every key; add --yes to confirm", 2)
@@ -101,7 +101,7 @@ def delete(name: str, yes: bool, data_dir: Path, database_url: str | None) -> No
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @cluster_options
-def repair(name: str, as_json: bool, data_dir: Path, database_url: str | None) -> None:
+def repair(name: str, as_json: bool, data_dir: Path | None, database_url: str | None) -> None:
     """Restore the roles of user NAME's keys: each role's password from its key's token,
     and any role settings a client made with ALTER ROLE ... SET removed.
 
