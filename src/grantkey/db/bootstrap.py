@@ -9,7 +9,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
-from grantkey.db import migrations
+from grantkey.db import audit, migrations
 from grantkey.db.cluster import METADATA_DATABASE, AdminConnection, admin_conninfo, translated
 from grantkey.db.revocations import REVOCATIONS_DDL, REVOKED_TOKENS_DDL
 from grantkey.domain import names
@@ -80,6 +80,7 @@ METADATA_MIGRATIONS = [
     migrations.Migration(5, "storage quota applied to each user database", partial(
         _execute, "ALTER TABLE public.users ADD COLUMN IF NOT EXISTS storage_quota text "
                   "NOT NULL DEFAULT '-1'")),
+    migrations.Migration(6, "audit log: append-only, one row per change", audit.install),
 ]
 
 
@@ -165,7 +166,13 @@ async def hand_over_schema(conn: AdminConnection, schema: str, role: str) -> Non
         "SELECT c.relname::text AS relname FROM pg_catalog.pg_class c "
         "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
         "WHERE n.nspname OPERATOR(pg_catalog.=) %s::text AND c.relkind IN ('r', 'p', 'S') "
-        "AND c.relowner <> %s::pg_catalog.regrole", [schema, role])
+        "AND c.relowner <> %s::pg_catalog.regrole "
+        # a sequence owned by a column (serial, identity) follows its table; altered on its
+        # own it is refused
+        "AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d "
+        "  WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.objid = c.oid "
+        "  AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass "
+        "  AND d.deptype IN ('a', 'i'))", [schema, role])
     for row in await cur.fetchall():
         await conn.execute(sql.SQL("ALTER TABLE {} OWNER TO {}").format(
             sql.Identifier(schema, row["relname"]), ident))

@@ -1,4 +1,5 @@
-"""LISTEN on a channel of the metadata database, on a connection of its own."""
+"""NOTIFY in a transaction; LISTEN on a channel of the metadata database, on a connection
+of its own."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ from contextlib import asynccontextmanager
 import psycopg
 from psycopg import sql
 
+from grantkey.db.cluster import AdminConnection
 from grantkey.errors import DatabaseUnavailable
+
+
+async def notify(meta: AdminConnection, channel: str, payload: str) -> None:
+    """Delivered when (and only if) the transaction commits."""
+    await meta.execute("SELECT pg_catalog.pg_notify(%s, %s)", [channel, payload])
 
 
 @asynccontextmanager

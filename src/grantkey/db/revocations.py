@@ -171,11 +171,6 @@ async def terminate_sessions(conn: AdminConnection, oid: int) -> None:
     await sessions.terminate_role_sessions(conn, [oid])
 
 
-async def notify(meta: AdminConnection, channel: str, payload: str) -> None:
-    """Delivered when (and only if) the transaction commits."""
-    await meta.execute("SELECT pg_catalog.pg_notify(%s, %s)", [channel, payload])
-
-
 # Objects a key owns in its own database that are code someone else could run, and how to
 # drop each (the identity comes from PostgreSQL's own reg* output, quoted by PostgreSQL).
 _KEY_CODE = """

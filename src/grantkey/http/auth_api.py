@@ -24,7 +24,7 @@ DIRECTIONS = ["asc", "desc"]
 MAX_PER_PAGE = 1000
 
 
-def _wrong(name: str, valid: list[str] | None = None) -> BadListParameter:
+def wrong_parameter(name: str, valid: list[str] | None = None) -> BadListParameter:
     message = f"Wrong '{name}' parameter value."
     if valid is not None:
         message += f" Valid values are one of {orjson.dumps(valid).decode().replace(',', ', ')}"
@@ -36,7 +36,7 @@ def _positive(raw: str | None, name: str, default: int, maximum: int) -> int:
         return default
     value = strict_int(raw)
     if value is None or not 0 < value <= maximum:
-        raise _wrong(name)
+        raise wrong_parameter(name)
     return value
 
 
@@ -45,13 +45,13 @@ def parse_list_query(query: dict[str, str]) -> ListQuery:
     per_page = _positive(query.get("per_page"), "per_page", 20, MAX_PER_PAGE)
     order = query.get("order", "updated_at")
     if order not in ORDERS:
-        raise _wrong("order", ORDERS)
+        raise wrong_parameter("order", ORDERS)
     direction = query.get("order_direction", "asc")
     if direction not in DIRECTIONS:
-        raise _wrong("order_direction", DIRECTIONS)
+        raise wrong_parameter("order_direction", DIRECTIONS)
     types = [item.strip() for item in query.get("type", "").split(",") if item.strip()]
     if any(item not in TYPES for item in types):
-        raise _wrong("type", TYPES)
+        raise wrong_parameter("type", TYPES)
     return ListQuery(types=types or TYPES, order=order, descending=direction == "desc",
                      page=page, per_page=per_page)
 
@@ -80,7 +80,8 @@ async def create_key(call: Call) -> Response:
     body = call.params.json_body
     if not isinstance(body, dict):
         raise BadInput("The request body must be a JSON object with 'name' and 'grants'")
-    view = await call.services.keys.create(call.principal, body.get("name"), body.get("grants"))
+    view = await call.services.keys.create(call.principal, body.get("name"), body.get("grants"),
+                                         client=call.client)
     return json_response(key_document(view), 201)
 
 
@@ -90,12 +91,14 @@ async def show_key(call: Call) -> Response:
 
 
 async def delete_key(call: Call) -> Response:
-    await call.services.keys.delete(call.principal, call.request.path_params["name"])
+    await call.services.keys.delete(call.principal, call.request.path_params["name"],
+                                    client=call.client)
     return Response(status_code=204)
 
 
 async def regenerate_token(call: Call) -> Response:
-    view = await call.services.keys.regenerate(call.principal, call.request.path_params["name"])
+    view = await call.services.keys.regenerate(call.principal, call.request.path_params["name"],
+                                               client=call.client)
     return json_response(key_document(view))
 
 

@@ -24,6 +24,13 @@ class Call:
     params: Params
     principal: Principal
 
+    @property
+    def client(self) -> str:
+        """The client's address, as the audit log records it (uvicorn's view: its
+        --forwarded-allow-ips decides which proxies' X-Forwarded-For it believes)."""
+        client = self.request.client
+        return client.host if client is not None and client.host else "unknown"
+
 
 def services_of(request: Request) -> Services:
     services: Services = request.app.state.services

@@ -29,7 +29,8 @@ async def change_privacy(call: Call) -> Response:
     if not isinstance(schema, str):
         raise BadInput("'schema' must be a string")
     dataset = await call.services.datasets.set_privacy(
-        call.principal, schema, call.request.path_params["name"], body.get("privacy"))
+        call.principal, schema, call.request.path_params["name"], body.get("privacy"),
+        client=call.client)
     return json_response(dataset)
 
 

@@ -7,6 +7,7 @@ from grantkey.db.cluster import Cluster
 from grantkey.db.role_pools import RolePools
 from grantkey.domain.secrets_box import SecretBox
 from grantkey.services.datasets import DatasetService
+from grantkey.services.events import Events, KeyCreated, KeyRevoked, UserDeleted
 from grantkey.services.keys import KeyService
 from grantkey.services.repair import RoleRepair
 from grantkey.services.resolver import KeyResolver
@@ -23,12 +24,13 @@ class Services:
         self.cluster = Cluster(admin_url, superuser_url=settings.superuser_url)
         box = SecretBox(load_secret(settings))
         self.cache = KeyCache(settings.key_cache_size)
-        self.users = UserService(self.cluster, box, settings.store_tokens,
+        self.events = Events(self.cluster)
+        self.users = UserService(self.cluster, box, settings.store_tokens, self.events,
                                  cache_size=settings.key_cache_size,
                                  storage_quota=settings.storage_quota)
-        self.revoker = Revoker(self.cluster, self.cache)
+        self.revoker = Revoker(self.cluster, self.cache, self.events)
         self.keys = KeyService(
-            self.cluster, box, self.revoker,
+            self.cluster, box, self.revoker, self.events,
             store_tokens=settings.store_tokens, max_keys_per_user=settings.max_keys_per_user,
         )
         self.resolver = KeyResolver(self.cluster, self.cache)
@@ -42,9 +44,27 @@ class Services:
                               master_time_limit=settings.sql_master_timeout,
                               target_cache_size=settings.key_cache_size)
         self.revoker.forget_role = self.sql.forget_role
-        self.datasets = DatasetService(self.cluster)
+        self.datasets = DatasetService(self.cluster, self.events)
         self.repair = RoleRepair(self.cluster, box)
         self.sql.repair = self.repair
+        self._subscribe()
+
+    def _subscribe(self) -> None:
+        """What this process does once a change committed (other processes do the same
+        on its NOTIFY: `notifications.py`). Each subscriber runs on its own: one that
+        fails is logged and the next runs."""
+        self.events.subscribe(KeyRevoked, self.revoker.forget_revoked)
+        self.events.subscribe(KeyRevoked, self.revoker.end_revoked_sessions)
+        self.events.subscribe(KeyCreated, self._drop_orphan_privilege_roles)
+        self.events.subscribe(UserDeleted, self._forget_deleted_user)
+
+    async def _drop_orphan_privilege_roles(self, event: KeyCreated) -> None:
+        await self.revoker.drop_orphan_privilege_roles(event.user.id, event.user.database)
+
+    async def _forget_deleted_user(self, event: UserDeleted) -> None:
+        self.users.forget(event.user.username)
+        self.cache.clear()  # rare: simpler than finding that user's keys
+        self.sql.forget_all()
 
     async def open(self, *, migrate: bool = True) -> None:
         if migrate:

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from grantkey.db import datasets as dataset_store
-from grantkey.db.cluster import Cluster
+from grantkey.db.cluster import AdminConnection, Cluster
 from grantkey.domain import names
 from grantkey.domain.keys import PRIVACIES, KeyType, Principal, User
 from grantkey.errors import BadInput, Forbidden, NotFound
+from grantkey.services.events import CLI, OPERATOR, Actor, Events, PrivacyChanged
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,9 @@ def _document(row: dict[str, Any]) -> dict[str, Any]:
 
 
 class DatasetService:
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: Cluster, events: Events) -> None:
         self.cluster = cluster
+        self.events = events
 
     async def require_postgis(self, user: User) -> None:
         async with self.cluster.user_database(user.database) as conn:
@@ -48,17 +50,21 @@ class DatasetService:
         return DatasetPage(total, [_document(row) for row in rows])
 
     async def set_privacy(self, principal: Principal, schema: str, name: str,
-                          privacy: object) -> dict[str, Any]:
+                          privacy: object, *, client: str = CLI) -> dict[str, Any]:
         if not principal.is_master:
             raise Forbidden("Only the master key can change a dataset's privacy")
         if privacy not in PRIVACIES:
             raise BadInput("Wrong 'privacy' value. Valid values are one of "
                            + json.dumps(list(PRIVACIES)))
-        return await self.change_privacy(principal.user, schema, name, str(privacy))
+        return await self.change_privacy(principal.user, schema, name, str(privacy),
+                                         actor=Actor.of(principal, client))
 
-    async def change_privacy(self, user: User, schema: str, name: str,
-                             privacy: str) -> dict[str, Any]:
-        async with self.cluster.user_database(user.database) as conn:
+    async def change_privacy(self, user: User, schema: str, name: str, privacy: str, *,
+                             actor: Actor = OPERATOR) -> dict[str, Any]:
+        """The privacy of a table and of the tables inheriting from it, in the user's
+        database; its event in a metadata transaction that commits right after."""
+        async with self.cluster.metadata() as meta, \
+                self.cluster.user_database(user.database) as conn:
             table_oid = await dataset_store.find_table(conn, schema, name)
             if table_oid is None:
                 raise NotFound(f"Dataset not found: {schema}.{name}")
@@ -67,13 +73,25 @@ class DatasetService:
                 raise BadInput(
                     f"{schema}.{name} inherits from (or is a partition of) {parent}: privacy "
                     f"applies to a whole inheritance tree, so change the privacy of its root")
+            previous = await self._privacy_of(conn, user, table_oid)
             # reading a parent reads its children's rows: the whole tree shares the privacy
             reader = names.reader_role(user.id)
             await dataset_store.set_privacy(conn, table_oid, schema, name, privacy, reader)
-            for child in await dataset_store.descendants(conn, table_oid):
+            children = await dataset_store.descendants(conn, table_oid)
+            for child in children:
                 await dataset_store.set_privacy(conn, int(child["oid"]), child["schema"],
                                                 child["name"], privacy, reader)
+            changed = PrivacyChanged(user, actor, schema=schema, table=name, privacy=privacy,
+                                     previous=previous, tables=1 + len(children))
+            await self.events.record(meta, changed)
             _, rows = await dataset_store.list_datasets(
                 conn, public_role=user.public_role, caller=user.owner_role, limit=1, offset=0,
                 table_oid=table_oid)
+        await self.events.deliver(changed)
         return _document(rows[0])
+
+    async def _privacy_of(self, conn: AdminConnection, user: User, table_oid: int) -> str:
+        _, rows = await dataset_store.list_datasets(
+            conn, public_role=user.public_role, caller=user.owner_role, limit=1, offset=0,
+            table_oid=table_oid)
+        return str(rows[0]["privacy"]) if rows else "private"

@@ -33,6 +33,14 @@ from grantkey.errors import (
     ValidationFailed,
 )
 from grantkey.faults import checkpoint
+from grantkey.services.events import (
+    CLI,
+    Actor,
+    Events,
+    KeyCreated,
+    KeyDeleted,
+    KeyRegenerated,
+)
 from grantkey.services.revocation import Revoker
 
 NO_GUARD_MESSAGE = (
@@ -77,10 +85,11 @@ def readable_token(box: SecretBox, record: KeyRecord) -> str | None:
 
 class KeyService:
     def __init__(
-        self, cluster: Cluster, box: SecretBox, revoker: Revoker, *,
+        self, cluster: Cluster, box: SecretBox, revoker: Revoker, events: Events, *,
         store_tokens: bool, max_keys_per_user: int,
     ) -> None:
         self.cluster = cluster
+        self.events = events
         self.box = box
         self.revoker = revoker
         self.store_tokens = store_tokens
@@ -133,8 +142,12 @@ class KeyService:
             raise KeyNotFound(name)
         return (await self._views(principal.user, [record]))[0]
 
-    async def create(self, principal: Principal, name: Any, grants: Any) -> KeyView:
-        """One transaction: key row, LOGIN role, memberships and grants, or nothing."""
+    async def create(self, principal: Principal, name: Any, grants: Any, *,
+                     client: str = CLI) -> KeyView:
+        """One transaction: key row, LOGIN role, memberships and grants, or nothing. Its
+        event is written in the metadata transaction that holds the key lock, which
+        commits right after the user database's (a failure before either commit leaves
+        neither the key nor its event)."""
         _require_master(principal)
         user = principal.user
         name_problems = key_name_messages(name)
@@ -142,7 +155,7 @@ class KeyService:
         token = new_token("regular")
         key_id = names.new_id()
         role = names.key_role(user.id, key_id)
-        async with self._key_lock(user), self.cluster.user_database(user.database) as conn:
+        async with self._key_lock(user) as meta, self.cluster.user_database(user.database) as conn:
             if not name_problems and await key_store.find_by_name(conn, name) is not None:
                 name_problems.append("Name has already been taken")
             if name_problems or grant_problems:
@@ -176,54 +189,67 @@ class KeyService:
                 created_at=now, updated_at=now,
             )
             await key_store.insert_key(conn, record)
+            created = KeyCreated(user, Actor.of(principal, client), record,
+                                 tables=len(plan.tables), schemas=len(plan.create_schemas))
+            await self.events.record(meta, created)
             checkpoint("key.row_inserted")
             stored = await key_store.find_by_name(conn, name)
             live = await privileges.read_live_grants(conn, [role])
         assert stored is not None
-        await self.revoker.drop_orphan_privilege_roles(user.id, user.database)
+        await self.events.deliver(created)
         return KeyView(user, stored, token, live[role])
 
     @asynccontextmanager
-    async def _key_lock(self, user: User) -> AsyncIterator[None]:
+    async def _key_lock(self, user: User) -> AsyncIterator[AdminConnection]:
         """One user's key changes, one at a time; the lock lives in the metadata database,
-        out of every client's reach, and is held until the block ends."""
+        out of every client's reach, and is held until the block ends (in the transaction
+        it yields)."""
         async with self.cluster.metadata() as meta:
             await revocation_store.lock_user_keys(meta, user.id)
-            yield
+            yield meta
 
-    async def delete(self, principal: Principal, name: str) -> None:
-        """Decided in one metadata transaction (no login, no password, NOTIFY at commit);
-        the key's row goes right after; the role is removed best effort (see Revoker)."""
+    async def delete(self, principal: Principal, name: str, *, client: str = CLI) -> None:
+        """Decided in one metadata transaction (no login, no password, the event's audit
+        row and NOTIFY at commit); the key's row goes right after, then the event is
+        delivered; the role is removed best effort (see Revoker)."""
         _require_master(principal)
         user = principal.user
+        actor = Actor.of(principal, client)
         async with self._key_lock(user):
             async with self.cluster.user_database(user.database) as conn:
                 record = await _find_key(conn, name, allowed=(KeyType.REGULAR,))
-                oid = await self.revoker.decide(user, record, password=None)
+                deleted = await self.revoker.decide(
+                    user, record, password=None,
+                    event=lambda oid: KeyDeleted(user, actor, record, role_oid=oid))
                 checkpoint("key.revoked")
                 await key_store.delete_key_row(conn, record.id)
-            await self.revoker.after_commit(user, record, oid)
+            await self.events.deliver(deleted)
             await self.revoker.settled(user, record)
-        await self.revoker.clean_up(user.id, user.database, user.owner_role, record.role, oid)
+        await self.revoker.clean_up(user.id, user.database, user.owner_role, record.role,
+                                    deleted.role_oid)
 
-    async def regenerate(self, principal: Principal, name: str) -> KeyView:
+    async def regenerate(self, principal: Principal, name: str, *,
+                         client: str = CLI) -> KeyView:
         """The new role password is decided first (the old token stops at that commit);
         the key's row takes the new token's digest right after. A crash between the two
         leaves a key that refuses every token until it is regenerated again."""
         _require_master(principal)
         user = principal.user
+        actor = Actor.of(principal, client)
         async with self._key_lock(user):
             async with self.cluster.user_database(user.database) as conn:
                 record = await _find_key(conn, name, allowed=(KeyType.MASTER, KeyType.REGULAR))
                 token = new_token(record.type.value)
                 password = self.box.role_password(record.role, token)
-                oid = await self.revoker.decide(user, record, password=password)
+                regenerated = await self.revoker.decide(
+                    user, record, password=password,
+                    event=lambda oid: KeyRegenerated(user, actor, record, role_oid=oid))
                 checkpoint("key.regenerated_before_row")
                 await key_store.update_token(
                     conn, record.id, digest(token), self._seal(token, record.id))
                 updated = await key_store.find_by_name(conn, name)
                 live = await privileges.read_live_grants(conn, [record.role])
-            await self.revoker.after_commit(user, record, oid)
+            await self.events.deliver(regenerated)
             await self.revoker.settled(user, record)
         assert updated is not None
         return KeyView(user, updated, token, live[record.role])

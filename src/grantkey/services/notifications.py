@@ -8,7 +8,7 @@ import logging
 from grantkey.db.notify import listening
 from grantkey.errors import DatabaseUnavailable
 from grantkey.services.container import Services
-from grantkey.services.revocation import CHANNEL, deleted_username, payload_role
+from grantkey.services.events import CHANNEL, deleted_username, payload_role
 
 log = logging.getLogger("grantkey.notifications")
 RETRY_SECONDS = 1.0

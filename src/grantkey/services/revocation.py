@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import TypeVar
 
 from grantkey.db import keys as key_store
 from grantkey.db import privileges
@@ -20,14 +21,14 @@ from grantkey.domain import names
 from grantkey.domain.keys import KeyRecord, Principal, User
 from grantkey.errors import DatabaseUnavailable
 from grantkey.faults import checkpoint
+from grantkey.services.events import Events, KeyRevoked
 from grantkey.services.lru import Lru
 
 log = logging.getLogger("grantkey.revocation")
 DECIDE_ATTEMPTS = 5
 CLEANUP_ANSWER_SECONDS = 2.0
 RETRY_SECONDS = 30.0
-
-CHANNEL = "grantkey_keys"
+R = TypeVar("R", bound=KeyRevoked)
 
 
 class KeyCache:
@@ -64,50 +65,32 @@ class KeyCache:
         return len(self._entries)
 
 
-def payload(user: User, record: KeyRecord, role_oid: int) -> str:
-    return f"{user.id}:{record.token_digest.hex()}:{user.database}:{record.role}:{role_oid}"
-
-
-USER_DELETED = "user-deleted:"
-
-
-def user_deleted(username: str) -> str:
-    """The payload telling every process that a user is going away."""
-    return USER_DELETED + username
-
-
-def deleted_username(message: str) -> str | None:
-    return message[len(USER_DELETED):] if message.startswith(USER_DELETED) else None
-
-
-def payload_role(message: str) -> tuple[str, str, int] | None:
-    """(database, role, role OID) named by a payload, if it names them."""
-    parts = message.split(":")
-    if len(parts) != 5 or not parts[4].isascii() or not parts[4].isdigit():
-        return None
-    return parts[2], parts[3], int(parts[4])
-
-
 class Revoker:
-    """Revocation in three steps. `revoking()` is the decisive transaction on the metadata
-    database (no login, no password, a pending-cleanup row, a NOTIFY delivered at commit);
-    `after_commit()` acts in this process and ends the role's sessions cluster-wide; and
-    `remove_key_role()` removes the role without raising anyone's privileges. Every other
+    """Revocation in three steps. `decide()` is the decisive transaction on the metadata
+    database (no login, no password, a pending-cleanup row, the event's audit row and its
+    NOTIFY delivered at commit); the event's subscribers (`forget_revoked()`,
+    `end_revoked_sessions()`) act in this process and end the role's sessions
+    cluster-wide; and `remove_key_role()` removes the role without raising anyone's
+    privileges. Every other
     process acts on the NOTIFY (and, after a lost LISTEN connection, on the pending rows),
     so a crash after the commit skips nothing that matters."""
 
-    def __init__(self, cluster: Cluster, cache: KeyCache) -> None:
+    def __init__(self, cluster: Cluster, cache: KeyCache, events: Events) -> None:
         self.cluster = cluster
         self.cache = cache
+        self.events = events
         self.pools: RolePools | None = None
         # what else of the role this process remembers (the SQL API's connection strings)
         self.forget_role: Callable[[str, str], None] | None = None
         self._cleanups: set[asyncio.Task[bool]] = set()
 
-    async def decide(self, user: User, record: KeyRecord, *, password: str | None) -> int:
+    async def decide(self, user: User, record: KeyRecord, *, password: str | None,
+                     event: Callable[[int], R]) -> R:
         """Decide the revocation of `record` and commit (delete: `password` None, and the
         role also leaves every role it was a member of, so whatever it leaves behind runs
-        with no rights; regenerate: the new role password). Returns the role's OID.
+        with no rights; regenerate: the new role password). `event(role OID)` is recorded
+        in that transaction (its audit row and its NOTIFY) and returned, to be delivered
+        once the caller is done.
 
         A client can hold its own role's catalog row (an uncommitted `ALTER ROLE
         CURRENT_USER …`): the decision waits at most a second for it, then ends the role's
@@ -117,6 +100,8 @@ class Revoker:
                 async with self.cluster.metadata() as meta:
                     await store.bounded_lock_wait(meta)
                     oid = await store.role_oid(meta, record.role)
+                    revoked = event(oid)
+                    await self.events.record(meta, revoked)
                     await store.tombstone(meta, user.id, record.token_digest)
                     if password is None:
                         await store.disable_login(meta, record.role)
@@ -126,8 +111,7 @@ class Revoker:
                         checkpoint("key.deleted_before_commit")
                     else:
                         await key_store.set_role_password(meta, record.role, password)
-                    await store.notify(meta, CHANNEL, payload(user, record, oid))
-                return oid
+                return revoked
             except CLEANUP_ERRORS as error:
                 if not is_lock_conflict(error):  # the role is locked by its own sessions
                     raise
@@ -139,14 +123,17 @@ class Revoker:
                 await self.end_sessions(oid)
         raise AssertionError("unreachable")
 
-    async def after_commit(self, user: User, record: KeyRecord, role_oid: int) -> None:
-        """PostgreSQL already refuses the old login: forget it here, end its sessions."""
-        self.cache.evict(user.id, record.token_digest)
+    async def forget_revoked(self, event: KeyRevoked) -> None:
+        """A subscriber: PostgreSQL already refuses the old login; forget it here."""
+        self.cache.evict(event.user.id, event.key.token_digest)
         if self.forget_role is not None:
-            self.forget_role(user.database, record.role)
+            self.forget_role(event.user.database, event.key.role)
         if self.pools is not None:
-            await self.pools.discard_role(user.database, record.role)
-        await self.end_sessions(role_oid)
+            await self.pools.discard_role(event.user.database, event.key.role)
+
+    async def end_revoked_sessions(self, event: KeyRevoked) -> None:
+        """A subscriber: end the revoked role's sessions, cluster-wide."""
+        await self.end_sessions(event.role_oid)
 
     async def settled(self, user: User, record: KeyRecord) -> None:
         """The key's row no longer names the old token: its tombstone can go."""

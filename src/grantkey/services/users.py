@@ -10,7 +10,6 @@ from functools import partial
 from grantkey.db import keys as key_store
 from grantkey.db import locks, migrations, storage_quota
 from grantkey.db import managers as manager_store
-from grantkey.db import revocations as revocation_store
 from grantkey.db import users as user_store
 from grantkey.db.cluster import Cluster
 from grantkey.db.failures import CLEANUP_ERRORS
@@ -20,8 +19,8 @@ from grantkey.domain.secrets_box import SecretBox
 from grantkey.domain.tokens import DEFAULT_PUBLIC_TOKEN, digest, new_token
 from grantkey.errors import UserNotFound
 from grantkey.faults import checkpoint
+from grantkey.services.events import CLI, Actor, Events, UserCreated, UserDeleted
 from grantkey.services.lru import Lru
-from grantkey.services.revocation import CHANNEL, user_deleted
 
 BUILTIN_APIS = ("sql", "maps")
 log = logging.getLogger("grantkey.users")
@@ -34,9 +33,10 @@ class CreatedUser:
 
 
 class UserService:
-    def __init__(self, cluster: Cluster, box: SecretBox, store_tokens: bool,
+    def __init__(self, cluster: Cluster, box: SecretBox, store_tokens: bool, events: Events,
                  cache_size: int = 10_000, storage_quota: str = "-1") -> None:
         self.cluster = cluster
+        self.events = events
         self.storage_quota = storage_quota
         self.box = box
         self.store_tokens = store_tokens
@@ -68,8 +68,9 @@ class UserService:
         async with self.cluster.metadata() as conn:
             return await user_store.list_users(conn)
 
-    async def create(self, username: str) -> CreatedUser:
-        """All or nothing: on any failure the database, roles and row are removed."""
+    async def create(self, username: str, *, client: str = CLI) -> CreatedUser:
+        """All or nothing: on any failure the database, roles and row are removed. The
+        event is written in the transaction that makes the user ready."""
         names.check_username(username)
         user_id = names.new_id()
         user = User(
@@ -80,18 +81,20 @@ class UserService:
         async with self.cluster.metadata() as conn:
             await user_store.reserve_user(conn, user)  # UserExists if the name is taken
         master_token = new_token("master")
+        created = UserCreated(user, Actor(client))
         async with self.cluster.autocommit() as lock:
             # Held until provisioning ends, so start-up repair leaves this user alone.
             await locks.hold_user_lock(lock, user.id)
             try:
                 checkpoint("user.reserved")
-                await self._provision(user, master_token)
+                await self._provision(user, master_token, created)
             except BaseException:
                 await user_store.drop_user_everywhere(self.cluster, user.id, user.database)
                 raise
+        await self.events.deliver(created)
         return CreatedUser(user=user, master_token=master_token)
 
-    async def _provision(self, user: User, master_token: str) -> None:
+    async def _provision(self, user: User, master_token: str, created: UserCreated) -> None:
         async with self.cluster.metadata() as conn:
             await user_store.create_builtin_roles(
                 conn, user,
@@ -121,6 +124,7 @@ class UserService:
         async with self.cluster.metadata() as conn:
             await user_store.mark_ready(conn, user.id, version)
             await user_store.record_storage_quota(conn, user.id, quota)
+            await self.events.record(conn, created)
 
     def _builtin_keys(self, user: User, master_token: str) -> list[KeyRecord]:
         now = datetime.now(UTC)
@@ -140,13 +144,17 @@ class UserService:
         )
         return [master, default]
 
-    async def delete(self, username: str) -> None:
+    async def delete(self, username: str, *, client: str = CLI) -> None:
+        """Decided when the user is marked deleting: its event (audit row, and the NOTIFY
+        every process stops serving the user at) is written in that transaction. Its
+        audit history stays."""
         user = await self.get(username)
         self.forget(username)
+        deleted = UserDeleted(user, Actor(client))
         async with self.cluster.metadata() as conn:
             await user_store.mark_deleting(conn, user.id)
-            # delivered at commit: every process stops serving the user from its cache
-            await revocation_store.notify(conn, CHANNEL, user_deleted(username))
+            await self.events.record(conn, deleted)
+        await self.events.deliver(deleted)
         try:
             await user_store.drop_user_everywhere(self.cluster, user.id, user.database)
         except CLEANUP_ERRORS as error:  # the user is gone for every API
