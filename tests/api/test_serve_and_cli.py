@@ -21,7 +21,7 @@ from tests.support import ServerProcess
 COMMANDS = [[], ["serve"], ["users"], ["users", "create"], ["users", "list"],
             ["users", "delete"], ["users", "repair"], ["keys"], ["keys", "list"], ["keys", "create"],
             ["keys", "delete"], ["keys", "regenerate"], ["datasets"],
-            ["datasets", "privacy"], ["datasets", "list"]]
+            ["datasets", "privacy"], ["datasets", "list"], ["audit"]]
 
 
 def cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:

@@ -19,6 +19,7 @@ from starlette.applications import Starlette
 from grantkey import faults
 from grantkey.domain.tokens import digest
 from grantkey.http import auth_api
+from grantkey.http.routing import for_every_user
 from grantkey.services.container import Services
 from grantkey.services.events import Event, KeyCreated
 from tests.conftest import Account, KeyHandle
@@ -211,7 +212,7 @@ def test_a_raising_subscriber_fails_no_request_and_stops_no_revocation(
 ) -> None:
     """In process, through the Auth API's real handlers: a subscriber that raises is
     logged; the key is created, then deleted, and the other subscribers still revoke."""
-    app = Starlette(routes=auth_api.routes())
+    app = Starlette(routes=for_every_user(auth_api.routes()))
     app.state.services = services
 
     async def broken(event: Event) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from grantkey import __version__
+from grantkey.cli.audit import audit
 from grantkey.cli.datasets import datasets
 from grantkey.cli.keys import keys
 from grantkey.cli.serve import serve
@@ -25,3 +26,4 @@ main.add_command(serve)
 main.add_command(users)
 main.add_command(keys)
 main.add_command(datasets)
+main.add_command(audit)

@@ -1,11 +1,13 @@
 """The JSON documents CARTO's clients read, built in one place (the Auth API and the CLI's
-`--json` output show the same): a key, with its grants rebuilt from live PostgreSQL state."""
+`--json` output show the same): a key, with its grants rebuilt from live PostgreSQL state;
+an audit log entry (grantkey's own)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
 
+from grantkey.domain.audit import AuditEntry
 from grantkey.domain.keys import KeyRecord, KeyType, LiveGrants
 from grantkey.services.keys import KeyView
 
@@ -41,3 +43,20 @@ def grants_document(record: KeyRecord, live: LiveGrants) -> list[dict[str, Any]]
     if record.services:
         sections.append({"type": "dataservices", "services": list(record.services)})
     return sections
+
+
+def audit_document(entry: AuditEntry) -> dict[str, Any]:
+    """One audit log entry: what happened (`type`, `key`, `detail`), who did it (`actor`:
+    the key by name and type, null for the operator, and the client's address or `cli`),
+    to which user, and when."""
+    actor_key = (None if entry.actor_key is None
+                 else {"name": entry.actor_key, "type": entry.actor_type})
+    return {
+        "id": entry.id,
+        "type": entry.event,
+        "created_at": timestamp(entry.at),
+        "user": {"username": entry.username},
+        "actor": {"key": actor_key, "client": entry.client},
+        "key": None if entry.key_name is None else {"name": entry.key_name},
+        "detail": entry.detail,
+    }

@@ -26,6 +26,7 @@ from grantkey.domain.keys import KEY_TYPES, PRIVACIES
 from grantkey.http.auth_api import DIRECTIONS, ORDERS
 from grantkey.http.errors import json_response
 from grantkey.http.routing import CANONICAL_PREFIX, HOST_FORM, USER_PREFIXES
+from grantkey.services.events import EVENT_TYPES
 
 JSON = "application/json"
 
@@ -84,6 +85,35 @@ SCHEMAS: dict[str, Any] = {
         "properties": {"total": {"type": "integer", "minimum": 0},
                        "count": {"type": "integer", "minimum": 0},
                        "result": {"type": "array", "items": _ref("ApiKey")},
+                       "_links": _ref("Links")},
+    },
+    "AuditEntry": {
+        "type": "object",
+        "required": ["id", "type", "created_at", "user", "actor", "key", "detail"],
+        "properties": {
+            "id": {"type": "integer"},
+            "type": {"enum": list(EVENT_TYPES)},
+            "created_at": {"type": "string", "pattern": r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \+0000$"},
+            "user": {"type": "object", "required": ["username"],
+                     "properties": {"username": {"type": "string"}}},
+            "actor": {"type": "object", "required": ["key", "client"], "properties": {
+                "key": {"oneOf": [{"type": "null"}, {
+                    "type": "object", "required": ["name", "type"],
+                    "properties": {"name": {"type": "string"},
+                                   "type": {"enum": list(KEY_TYPES)}}}]},
+                "client": {"type": "string",
+                           "description": "The client's address, or `cli`."}}},
+            "key": {"oneOf": [{"type": "null"}, {
+                "type": "object", "required": ["name"],
+                "properties": {"name": {"type": "string"}}}]},
+            "detail": {"type": "object"},
+        },
+    },
+    "AuditList": {
+        "type": "object", "required": ["total", "count", "result", "_links"],
+        "properties": {"total": {"type": "integer", "minimum": 0},
+                       "count": {"type": "integer", "minimum": 0},
+                       "result": {"type": "array", "items": _ref("AuditEntry")},
                        "_links": _ref("Links")},
     },
     "Grants": {
@@ -235,6 +265,17 @@ OPERATIONS: list[tuple[str, str, dict[str, Any]]] = [
         "responses": {"200": _json(_ref("ApiKey"), "The key with its new token."),
                       "401": EMPTY_401, "403": _auth_error("The default key's token is fixed."),
                       "413": _auth_error("Request body too large."), **COMMON_AUTH}}),
+    ("/api/v3/audit", "get", {
+        "summary": "Read the user's audit log, newest first (master key only; read-only).",
+        "parameters": [API_KEY, _query("page", {"type": "integer", "minimum": 1}),
+                       _query("per_page", {"type": "integer", "minimum": 1, "maximum": 1000}),
+                       _query("name", {"type": "string"},
+                              "Only the events made by the key of that name or about it."),
+                       _query("type", {"type": "string"},
+                              "Comma-separated subset of " + ", ".join(EVENT_TYPES) + ".")],
+        "responses": {"200": _json(_ref("AuditList"), "A page of events."),
+                      "400": _auth_error("Wrong list parameter (the message names it)."),
+                      "401": EMPTY_401, **COMMON_AUTH}}),
     ("/api/v2/sql", "get", {"summary": "Run SQL as the key's role.",
                             "parameters": SQL_QUERY_PARAMETERS, "responses": SQL_RESPONSES}),
     ("/api/v2/sql", "post", {
