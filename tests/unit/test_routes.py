@@ -101,3 +101,13 @@ def test_a_wrong_method_answers_405_with_the_first_routes_methods(app: GrantkeyA
     assert status == 405 and set(headers["allow"].split(", ")) == {"GET", "HEAD"}
     status, headers, _, _ = call(app, "GET", prefix + "/api/v4/datasets/t")
     assert status == 405 and headers["allow"] == "PATCH"
+
+
+@pytest.mark.parametrize("prefix", ["/user/alice", "/u/alice", ""])
+def test_a_name_holding_a_line_break_reaches_its_handler(app: GrantkeyApp, prefix: str) -> None:
+    """A mount's remainder pattern stops at a line break where a route's `[^/]+` does not
+    (found by the OpenAPI fuzzer: a dataset name with "\n" got the router's 404)."""
+    for method, tail in (("GET", "/api/v3/api_keys/k\nx"), ("PATCH", "/api/v4/datasets/t\n")):
+        status, _, endpoint, params = call(app, method, prefix + tail)
+        assert status == 500 and endpoint is not None, (method, prefix + tail)
+        assert params["name"] == tail.rsplit("/", 1)[1]

@@ -9,6 +9,7 @@ trailing slash. The OpenAPI document shows each operation once, under `CANONICAL
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 
 from starlette.routing import BaseRoute, Match, Mount, Route
@@ -29,6 +30,12 @@ class UserPrefix(Mount):
     only when one of its routes does (fully, or by path with another method): a path under
     the prefix that no route serves stays the app's own 404 or trailing-slash redirect, as
     when every route was registered with the prefix written out."""
+
+    def __init__(self, path: str, routes: Sequence[BaseRoute]) -> None:
+        super().__init__(path, routes=routes)
+        # the mount's remainder is `.*`, which stops at a line break; a route's own
+        # `[^/]+` does not: a name holding one must still reach its handler
+        self.path_regex = re.compile(self.path_regex.pattern, re.DOTALL)
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
         match, child = super().matches(scope)
