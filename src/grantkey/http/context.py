@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -27,9 +28,16 @@ class Call:
     @property
     def client(self) -> str:
         """The client's address, as the audit log records it (uvicorn's view: its
-        --forwarded-allow-ips decides which proxies' X-Forwarded-For it believes)."""
+        --forwarded-allow-ips decides which proxies' X-Forwarded-For it believes). uvicorn
+        takes any text a trusted proxy's header holds (by default any local client's):
+        only an IP address is recorded, so no request passes for the command line (`cli`)
+        or writes free text into the log."""
         client = self.request.client
-        return client.host if client is not None and client.host else "unknown"
+        host = client.host if client is not None else ""
+        try:
+            return str(ipaddress.ip_address(host))
+        except ValueError:
+            return "unknown"
 
 
 def services_of(request: Request) -> Services:
