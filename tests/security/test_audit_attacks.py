@@ -409,3 +409,85 @@ def test_names_at_their_longest_in_four_byte_characters_are_audited_and_revoked(
         ("key.created", name), ("key.regenerated", name), ("key.deleted", name),
         ("dataset.privacy_changed", None)]
     assert rows[-1]["detail"]["table"] == table
+
+
+# -- one tenant's locks against another's revocation -------------------------------------------
+
+def test_privacy_changes_stalled_on_a_tenants_own_lock_do_not_block_another_tenants_revocation(
+    victim_and_attacker: tuple[Account, Account], make_key: MakeKey, owner_sql: OwnerSql,
+    services: Services, box: SecretBox,
+) -> None:
+    """A master holds its table's catalog row (an uncommitted `ALTER TABLE`, as any SQL API
+    request may within its time limit, 25 s by default) and sends privacy changes of that
+    table, many at once. Each waits on the lock in the user's database; it must not hold a
+    connection that another tenant's revocation needs meanwhile (the metadata pool: 8 per
+    process), or the victim's key deletion waits out the pool's timeout and fails."""
+    victim, attacker = victim_and_attacker
+    owner_sql(attacker, "CREATE TABLE held (x int)")
+    doomed = [make_key(victim, f"doomed{i}", apis_only("sql")) for i in range(4)]
+    master = builtin_handle(services, box, attacker, attacker.user.owner_role,
+                            attacker.master_token)
+    holder = psycopg.connect(master.conninfo)
+    holder.execute("ALTER TABLE held ADD COLUMN y int")  # uncommitted: the row stays held
+    stop = threading.Event()
+    url = f"{attacker.base_url}/user/{attacker.username}/api/v4/datasets/held"
+
+    def flood() -> None:
+        with httpx.Client(timeout=60, headers={"Connection": "close"}) as client:
+            while not stop.is_set():
+                client.patch(url, params=attacker.master(), json={"privacy": "public"})
+
+    pool = concurrent.futures.ThreadPoolExecutor(24)
+    floods = [pool.submit(flood) for _ in range(24)]
+    try:
+        time.sleep(1.5)  # every flooding request is now waiting on the held row
+        with httpx.Client(timeout=60, headers={"Connection": "close"}) as client:
+            for key in doomed:  # Connection: close: both workers are asked in turn
+                started = time.monotonic()
+                answer = client.delete(f"{victim.keys_url}/{key.name}",
+                                       params=victim.master())
+                took = time.monotonic() - started
+                assert (answer.status_code, took < 3.0) == (204, True), (
+                    key.name, answer.status_code, took, answer.text)
+                assert victim.sql(client, "SELECT 1", key.token).status_code == 401
+    finally:
+        stop.set()
+        holder.rollback()
+        holder.close()
+        for future in floods:
+            future.result(timeout=60)
+        pool.shutdown()
+
+
+def test_a_privacy_change_failing_after_its_event_is_recorded_leaves_neither(
+    account: Account, owner_sql: OwnerSql, services: Services, admin_url: str,
+    run: Callable[[Any], Any], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the metadata connection taken late (above), a failure after the audit row was
+    inserted still rolls back both the row and the change."""
+    owner_sql(account, "CREATE TABLE watched (x int)")
+    before = len(audit_rows(admin_url, account.username))
+    real = services.events.record
+
+    async def record_then_fail(meta: Any, event: Any) -> None:
+        await real(meta, event)
+        raise RuntimeError("injected after the audit row")
+
+    monkeypatch.setattr(services.events, "record", record_then_fail)
+    with pytest.raises(RuntimeError):
+        run(services.datasets.change_privacy(account.user, "public", "watched", "public"))
+    monkeypatch.undo()
+    assert len(audit_rows(admin_url, account.username)) == before
+    with psycopg.connect(admin_url, dbname=account.user.database) as conn:
+        granted = conn.execute(
+            "SELECT pg_catalog.has_table_privilege(%s, 'public.watched', 'SELECT')",
+            [account.user.public_role]).fetchone()
+    assert granted == (False,)
+    # the control: the same change, uninjected, grants and is recorded
+    run(services.datasets.change_privacy(account.user, "public", "watched", "public"))
+    assert len(audit_rows(admin_url, account.username)) == before + 1
+    with psycopg.connect(admin_url, dbname=account.user.database) as conn:
+        granted = conn.execute(
+            "SELECT pg_catalog.has_table_privilege(%s, 'public.watched', 'SELECT')",
+            [account.user.public_role]).fetchone()
+    assert granted == (True,)

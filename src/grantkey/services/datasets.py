@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -62,8 +63,13 @@ class DatasetService:
     async def change_privacy(self, user: User, schema: str, name: str, privacy: str, *,
                              actor: Actor = OPERATOR) -> dict[str, Any]:
         """The privacy of a table and of the tables inheriting from it, in the user's
-        database; its event in a metadata transaction that commits right after."""
-        async with self.cluster.metadata() as meta, \
+        database; its event in a metadata transaction that commits right after.
+
+        The metadata connection is taken only once the change is made: the change waits on
+        locks any client of the user may hold (its table's catalog row), and a shared
+        metadata connection held meanwhile would let one tenant's stalled changes exhaust
+        the pool other tenants' revocations need."""
+        async with contextlib.AsyncExitStack() as after_user_commit, \
                 self.cluster.user_database(user.database) as conn:
             table_oid = await dataset_store.find_table(conn, schema, name)
             if table_oid is None:
@@ -83,6 +89,9 @@ class DatasetService:
                                                 child["name"], privacy, reader)
             changed = PrivacyChanged(user, actor, schema=schema, table=name, privacy=privacy,
                                      previous=previous, tables=1 + len(children))
+            # entered last, left after the user database's commit (a failed commit there
+            # rolls the event back): never an event without its change
+            meta = await after_user_commit.enter_async_context(self.cluster.metadata())
             await self.events.record(meta, changed)
             _, rows = await dataset_store.list_datasets(
                 conn, public_role=user.public_role, caller=user.owner_role, limit=1, offset=0,
