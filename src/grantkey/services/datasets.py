@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from dataclasses import dataclass
@@ -9,10 +10,13 @@ from typing import Any
 
 from grantkey.db import datasets as dataset_store
 from grantkey.db.cluster import AdminConnection, Cluster
+from grantkey.db.failures import CLEANUP_ERRORS, is_lock_conflict
 from grantkey.domain import names
 from grantkey.domain.keys import PRIVACIES, KeyType, Principal, User
-from grantkey.errors import BadInput, Forbidden, NotFound
+from grantkey.errors import BadInput, DatabaseUnavailable, Forbidden, NotFound
 from grantkey.services.events import CLI, OPERATOR, Actor, Events, PrivacyChanged
+
+PRIVACY_ATTEMPTS = 8
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,27 @@ class DatasetService:
                              actor: Actor = OPERATOR) -> dict[str, Any]:
         """The privacy of a table and of the tables inheriting from it, in the user's
         database; its event in a metadata transaction that commits right after.
+
+        Two changes granting on one catalog row at once (the schema's, the table's): the
+        second fails with "tuple concurrently updated" once the first commits (it answered
+        500). It is tried again (each attempt all or nothing, and at least one of the
+        changes racing in a round commits); after the last, 503 "try again shortly"."""
+        for attempt in range(PRIVACY_ATTEMPTS):
+            try:
+                return await self._change_privacy(user, schema, name, privacy, actor)
+            except CLEANUP_ERRORS as error:
+                if not is_lock_conflict(error):
+                    raise
+                if attempt == PRIVACY_ATTEMPTS - 1:
+                    raise DatabaseUnavailable(
+                        "The table's privileges are being changed by another request; "
+                        "try again shortly") from error
+                await asyncio.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    async def _change_privacy(self, user: User, schema: str, name: str, privacy: str,
+                              actor: Actor) -> dict[str, Any]:
+        """One attempt.
 
         The metadata connection is taken only once the change is made: the change waits on
         locks any client of the user may hold (its table's catalog row), and a shared
