@@ -429,3 +429,19 @@ def test_names_at_their_longest_in_four_byte_characters_are_audited_and_revoked(
         ("key.created", name), ("key.regenerated", name), ("key.deleted", name),
         ("dataset.privacy_changed", None)]
     assert rows[-1]["detail"]["table"] == table
+
+
+def test_every_name_a_key_may_have_can_be_filtered_on(
+    account: Account, http: httpx.Client,
+) -> None:
+    """Names may hold space separators inside (U+00A0, U+3000, U+2003): the filter must
+    find their events, not refuse the name as a bad parameter."""
+    for name in ("map\u00a0app", "地图\u3000app", "wide\u2003space"):
+        made = http.post(account.keys_url, params=account.master(),
+                         json={"name": name, "grants": apis_only("sql")})
+        assert made.status_code == 201, made.text
+        found = http.get(account.base_url + audit_path(account.username),
+                         params={**account.master(), "name": name})
+        assert found.status_code == 200, (name, found.text)
+        assert [(e["type"], e["key"]) for e in found.json()["result"]] == [
+            ("key.created", {"name": name})]

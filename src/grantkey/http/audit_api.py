@@ -32,8 +32,10 @@ def parse_audit_query(query: dict[str, str]) -> AuditQuery:
 
 
 def _plausible_key_name(name: str) -> bool:
-    """A name some key could have had (PostgreSQL text holds no NUL)."""
-    return 0 < len(name) <= KEY_NAME_MAX_LENGTH and "\x00" not in name and name.isprintable()
+    """A name some key could have had (PostgreSQL text holds no NUL). Not `isprintable()`:
+    a key's name may hold space separators (U+00A0, U+3000), which it calls unprintable;
+    the name is compared as a parameter, so any other text just matches nothing."""
+    return 0 < len(name) <= KEY_NAME_MAX_LENGTH and "\x00" not in name
 
 
 async def list_events(call: Call) -> Response:
