@@ -445,3 +445,29 @@ def test_every_name_a_key_may_have_can_be_filtered_on(
         assert found.status_code == 200, (name, found.text)
         assert [(e["type"], e["key"]) for e in found.json()["result"]] == [
             ("key.created", {"name": name})]
+
+
+def test_a_new_user_with_a_deleted_users_name_reads_none_of_its_history(
+    services: Services, run: Callable[[Any], Any], http: httpx.Client, account: Account,
+) -> None:
+    """A user's rows outlive it (no foreign key) and keep its username: the log is read by
+    user id, so whoever takes the name next sees only its own events."""
+    username = f"{account.username}-reused"
+    first = run(services.users.create(username))
+    try:
+        master = run(services.keys.master_principal(first.user))
+        run(services.keys.create(master, "old-secret-app", apis_only("sql")))
+    finally:
+        run(services.users.delete(username))
+    second = run(services.users.create(username))
+    try:
+        answer = http.get(f"{account.base_url}{audit_path(username)}",
+                          params={"api_key": second.master_token})
+        assert answer.status_code == 200, answer.text
+        assert [e["type"] for e in answer.json()["result"]] == ["user.created"]
+        assert "old-secret-app" not in answer.text
+        old = http.get(f"{account.base_url}{audit_path(username)}",
+                       params={"api_key": first.master_token})
+        assert old.status_code == 401
+    finally:
+        run(services.users.delete(username))
