@@ -18,7 +18,7 @@ from grantkey.services.sql import RunningQuery
 from tests.conftest import Account, KeyHandle
 from tests.support import apis_only
 
-TRACKED = {"Execution", "RunningQuery", "StreamingCursor", "TimerHandle", "partial"}
+TRACKED = {"Execution", "RunningQuery", "StreamingCursor", "TimerHandle", "partial", "method"}
 
 
 @pytest.fixture
@@ -42,12 +42,14 @@ def kinds(garbage: list[object]) -> dict[str, int]:
     return found
 
 
+@pytest.mark.parametrize("closing", ["aclose", "async with"])
 @pytest.mark.parametrize("query", ["SELECT g AS n FROM generate_series(1, 10) g",
                                    "SELECT 1 AS a; SELECT 2 AS b",
                                    "SELECT 1/0 AS broken"])
 def test_a_query_leaves_no_cycle_behind(
     account: Account, services: Services, run: Callable[[Awaitable[Any]], Any],
     make_key: Callable[..., KeyHandle], saved_garbage: list[object], query: str,
+    closing: str,
 ) -> None:
     key = make_key(account, "acyclic", apis_only("sql"))
 
@@ -57,11 +59,16 @@ def test_a_query_leaves_no_cycle_behind(
             running: RunningQuery = await services.sql.start(principal, query)
         except Exception:  # the failing query: only its leftovers count
             return
+        if closing == "async with":
+            async with running:
+                async for _ in running.rows():
+                    pass
+            return
         try:
             async for _ in running.rows():
                 pass
         finally:
-            await services.sql.finish(running)
+            await running.aclose()
 
     for _ in range(20):
         run(one())

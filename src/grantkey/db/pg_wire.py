@@ -14,7 +14,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import select
-from collections.abc import AsyncGenerator, Callable, Generator
+from collections.abc import AsyncGenerator, Callable, Generator, Sequence
 from typing import Any, NoReturn
 
 import psycopg
@@ -75,9 +75,12 @@ def chunked_rows_available() -> bool:
     return pq.version() >= 170000
 
 
-class StreamingCursor(psycopg.AsyncCursor[Row]):
+class StreamingCursor(psycopg.AsyncRawCursor[Row]):
     """`batches()` yields lists of rows; afterwards `final` holds the closing result, and
-    `reset_done` says whether the session's DISCARD ALL, sent with the query, succeeded."""
+    `reset_done` says whether the session's DISCARD ALL, sent with the query, succeeded.
+
+    A raw cursor: bind parameters are PostgreSQL's own `$1`, `$2`…, and the query text is
+    never scanned for psycopg's `%s` (a client's `LIKE 'a%'` stays as it is)."""
 
     final: PGresult | None = None
     reset_done = False
@@ -124,18 +127,19 @@ class StreamingCursor(psycopg.AsyncCursor[Row]):
         yield from self._rest_of_statement(res)  # the connection stays usable after an error
         self._raise_for_result(res)
 
-    async def batches(self, query: str, size: int, *,
+    async def batches(self, query: str, size: int, *, params: Sequence[Any] | None = None,
                       reset: bool = False) -> AsyncGenerator[list[Row], None]:
-        """Run `query` (one statement only: the extended protocol refuses several). With
+        """Run `query` (one statement only: the extended protocol refuses several), with
+        `params` as its bind parameters (`$1`, `$2`…) if given. With
         `reset`, DISCARD ALL goes out in the same write, pipelined behind the query: the
         session is reset as soon as the query ends, with no round trip or wake-up of its
         own (read back here; `reset_done`)."""
         chunk = size if chunked_rows_available() else 1
         async with self._conn.lock:
             if reset:
-                await self._conn.wait(self._send_then_reset_gen(query, chunk))
+                await self._conn.wait(self._send_then_reset_gen(query, params, chunk))
             else:
-                await self._conn.wait(self._stream_send_gen(query, None, size=chunk))
+                await self._conn.wait(self._stream_send_gen(query, params, size=chunk))
             first = True
             batch: list[Row] = []
             try:
@@ -159,12 +163,13 @@ class StreamingCursor(psycopg.AsyncCursor[Row]):
             if batch:
                 yield batch
 
-    def _send_then_reset_gen(self, query: str, size: int) -> Generator[Any, Any, None]:
+    def _send_then_reset_gen(self, query: str, params: Sequence[Any] | None,
+                             size: int) -> Generator[Any, Any, None]:
         """psycopg's `_stream_send_gen` in libpq's pipeline mode, with a sync after the
         query (its own implicit transaction, as without the pipeline) and DISCARD ALL
         behind it (its own too: DISCARD ALL cannot run in a transaction block)."""
         yield from self._start_query(query)
-        pgq = self._convert_query(query, None)
+        pgq = self._convert_query(query, params)
         self._pgconn.enter_pipeline_mode()
         self._execute_send(pgq, force_extended=True)
         if size == 1:

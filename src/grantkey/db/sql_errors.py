@@ -37,9 +37,13 @@ def connection_lost(error: BaseException) -> bool:
     """The session itself ended (terminated, server gone), not the statement: an admin or
     crash shutdown, a connection exception (SQLSTATE class 08), or libpq's own report of a
     closed connection (no SQLSTATE). Resource limits (class 53, e.g. temp_file_limit) and
-    other OperationalErrors are the statement's."""
+    other OperationalErrors are the statement's, as is a protocol violation of severity
+    ERROR (bind parameters that do not fit the statement: the session goes on)."""
     if isinstance(error, psycopg.errors.AdminShutdown | psycopg.errors.CrashShutdown):
         return True
+    if (isinstance(error, psycopg.errors.ProtocolViolation)
+            and error.diag.severity_nonlocalized == "ERROR"):
+        return False
     if not isinstance(error, psycopg.OperationalError):
         return False
     state = error.sqlstate

@@ -4,14 +4,15 @@ A query is first sent as it is with the extended protocol (one round trip), its 
 received in chunks and streamed (`StreamingCursor`). PostgreSQL refuses several statements
 in one extended-protocol message while parsing, before anything runs; such a query is then
 sent again with the simple protocol: the statements run as one implicit transaction and the
-last result is answered (CARTO's rule), held in memory.
+last result is answered (CARTO's rule), held in memory. A query with bind parameters
+(`$1`, `$2`…: the simple protocol has none) must be one statement: several are refused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,14 @@ class QueryTimedOut(Exception):
     """The server's time limit ended the query (not the client's own settings)."""
 
 
+class SeveralStatementsWithParams(Exception):
+    """Bind parameters go with one statement: PostgreSQL's simple protocol, which runs
+    several, takes none (nothing ran)."""
+
+    def __init__(self) -> None:
+        super().__init__("A query with bind parameters must be a single statement")
+
+
 def _columns(cursor: StreamingCursor) -> list[Column]:
     """Names, types and type modifiers (libpq's PQfmod, through psycopg's public PGresult:
     varchar's length, numeric's precision) of the result the cursor holds."""
@@ -54,14 +63,18 @@ def _several_statements(error: psycopg.Error) -> bool:
 
 
 class Execution:
-    """One query in flight. `start()` runs it up to its first batch; then iterate `rows()`."""
+    """One query in flight. `start()` runs it up to its first batch; then iterate `rows()`.
+
+    `params`: bind parameters (`$1`, `$2`…), sent apart from the text in the extended
+    protocol; the text is never scanned for placeholders."""
 
     def __init__(
         self, conn: RoleConnection, query: str, time_limit: float,
-        terminate: Callable[[int], Awaitable[None]],
+        terminate: Callable[[int], Awaitable[None]], params: Sequence[Any] | None = None,
     ) -> None:
         self.conn = conn
         self.query = query
+        self.params = params
         self.time_limit = time_limit
         self._terminate = terminate
         self._cursor: StreamingCursor | None = None
@@ -86,13 +99,16 @@ class Execution:
             except psycopg.Error as error:
                 if not _several_statements(error):
                     raise
+                if self.params is not None:
+                    raise SeveralStatementsWithParams() from None
                 await self._start_plain()
         except psycopg.errors.QueryCanceled:
             raise self._timeout_or_cancel() from None
 
     async def _start_streaming(self) -> None:
         self._cursor = StreamingCursor(self.conn)
-        self._stream = self._cursor.batches(self.query, BATCH_ROWS, reset=True)
+        self._stream = self._cursor.batches(self.query, BATCH_ROWS, params=self.params,
+                                            reset=True)
         await self._next_batch()
         self.columns = _columns(self._cursor)
 

@@ -10,10 +10,9 @@ from typing import Any
 import orjson
 
 from grantkey.domain.sql_types import csv_text, field_description, json_converter, json_default
-from grantkey.services.sql import RunningQuery
+from grantkey.services.sql import GEOJSON_COLUMN, RunningQuery
 
 CHUNK_ROWS = 500
-GEOJSON_COLUMN = "__grantkey_geojson"
 GEOMETRY_COLUMNS = frozenset({"the_geom", "the_geom_webmercator", GEOJSON_COLUMN})
 MEDIA_TYPES = {
     "json": "application/json; charset=utf-8",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,14 +19,13 @@ from grantkey.domain.sql_text import COPY_REFUSED, starts_a_copy
 from grantkey.errors import BadInput, Forbidden, GrantkeyError
 from grantkey.http.context import Call, RequestHandler, endpoint
 from grantkey.http.errors import Family, render_error
-from grantkey.http.formats import EXTENSIONS, GEOJSON_COLUMN, MEDIA_TYPES, WRITERS
+from grantkey.http.formats import EXTENSIONS, MEDIA_TYPES, WRITERS
 from grantkey.http.protocol import ABORT_EXTENSION
-from grantkey.services.sql import RunningQuery, wrapped_query
+from grantkey.services.sql import Page, RunningQuery
 
 log = logging.getLogger("grantkey.sql")
 CALLBACK = re.compile(r"[A-Za-z_$][A-Za-z0-9_$.]{0,99}")
 SAFE_FILENAME = re.compile(r"[^A-Za-z0-9._-]+")
-PAGEABLE = re.compile(r"\s*(select|with)\b", re.IGNORECASE)
 MAX_ROWS_PER_PAGE = 1_000_000
 
 
@@ -89,30 +88,12 @@ def parse_sql_params(call: Call) -> SqlParams:
     )
 
 
-def effective_query(options: SqlParams) -> str:
-    """Paging wraps a SELECT (CARTO's rule); GeoJSON adds the geometry as GeoJSON text.
-
-    The client's SQL is wrapped as it is (`db/wrapping.py`).
-    """
-    query = options.query.strip().rstrip(";")
-    geojson = (options.dp, GEOJSON_COLUMN) if options.format == "geojson" else None
-    page = None
-    if options.rows_per_page is not None and PAGEABLE.match(query):
-        page = (options.rows_per_page, options.rows_per_page * options.page)
-    if geojson is None and page is None:
-        return options.query
-    return wrapped_query(query, geojson=geojson, page=page)
-
-
 def _disposition(options: SqlParams) -> str:
     extension = EXTENSIONS[options.format]
     if not options.format_given and options.filename is None:
         return f"inline; filename=cartodb-query.{extension}"
     name = SAFE_FILENAME.sub("_", options.filename or "cartodb-query").strip("._") or "download"
     return f"attachment; filename={name}.{extension}"
-
-
-Finisher = Callable[[RunningQuery], Awaitable[None]]
 
 
 async def _chunks(running: RunningQuery, options: SqlParams) -> AsyncIterator[bytes]:
@@ -130,9 +111,9 @@ class AnswerCutShort(Exception):
     chunk, and the client sees an incomplete answer, never a complete-looking one."""
 
 
-async def _body(running: RunningQuery, options: SqlParams,
-                finish: Finisher) -> AsyncIterator[bytes]:
-    """The answer, streamed. An error after the first bytes can only cut it short."""
+async def _body(running: RunningQuery, options: SqlParams) -> AsyncIterator[bytes]:
+    """The answer, streamed. An error after the first bytes can only cut it short. The
+    connection goes back as soon as the last row is read (before the last chunk is sent)."""
     try:
         async for chunk in _chunks(running, options):
             yield chunk
@@ -140,7 +121,7 @@ async def _body(running: RunningQuery, options: SqlParams,
         log.warning("SQL answer cut short: %s", type(error).__name__)
         raise AnswerCutShort from None
     finally:
-        await finish(running)
+        await running.aclose()
 
 
 class QueryResponse(StreamingResponse):
@@ -150,11 +131,9 @@ class QueryResponse(StreamingResponse):
     protocol's abort extension; the query's own time limit frees its database connection
     meanwhile)."""
 
-    def __init__(self, running: RunningQuery, finish: Finisher, send_timeout: float,
-                 **kwargs: Any) -> None:
+    def __init__(self, running: RunningQuery, send_timeout: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.running = running
-        self.finish = finish
         self.send_timeout = send_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -169,35 +148,38 @@ class QueryResponse(StreamingResponse):
                 if timer is not None:
                     timer.cancel()
 
-        try:
-            await super().__call__(scope, receive, send_or_give_up)
-        except AnswerCutShort:
-            if abort is None:
-                raise
-            abort()  # no final chunk: the answer cannot look complete
-        finally:
-            await self.finish(self.running)
+        async with self.running:
+            try:
+                await super().__call__(scope, receive, send_or_give_up)
+            except AnswerCutShort:
+                if abort is None:
+                    raise
+                abort()  # no final chunk: the answer cannot look complete
 
 
 async def run_sql(call: Call) -> Response:
     if not call.principal.allows_api("sql"):
         raise Forbidden("forbidden")
     options = parse_sql_params(call)
-    if options.format == "geojson":
-        await call.services.datasets.require_postgis(call.user)
-    running = await call.services.sql.start(call.principal, effective_query(options))
-    media = "text/javascript; charset=utf-8" if options.callback else MEDIA_TYPES[options.format]
-    headers = {"Content-Disposition": _disposition(options), "Vary": "Authorization"}
-    finish = call.services.sql.finish
-    if running.execution.finished:
-        # every row is already here: give the connection back first, answer in one piece
-        await finish(running)
-        body = b"".join([chunk async for chunk in _chunks(running, options)])
-        return Response(body, media_type=media, headers=headers)
-    return QueryResponse(
-        running, finish, call.services.settings.send_timeout,
-        content=_body(running, options, finish), media_type=media, headers=headers,
-    )
+    page = None if options.rows_per_page is None else Page(options.rows_per_page, options.page)
+    geojson_digits = options.dp if options.format == "geojson" else None
+    running = await call.services.sql.start(call.principal, options.query, page=page,
+                                            geojson_digits=geojson_digits)
+    try:
+        media = ("text/javascript; charset=utf-8" if options.callback
+                 else MEDIA_TYPES[options.format])
+        headers = {"Content-Disposition": _disposition(options), "Vary": "Authorization"}
+        if running.complete:
+            # every row is already here: give the connection back first, answer in one piece
+            await running.aclose()
+            body = b"".join([chunk async for chunk in _chunks(running, options)])
+            return Response(body, media_type=media, headers=headers)
+        return QueryResponse(running, call.services.settings.send_timeout,
+                             content=_body(running, options), media_type=media,
+                             headers=headers)
+    except BaseException:
+        await running.aclose()  # the response never took the query over
+        raise
 
 
 def jsonp_errors(request: Request, error: GrantkeyError) -> Response:

@@ -37,12 +37,6 @@ class DatasetService:
         self.cluster = cluster
         self.events = events
 
-    async def require_postgis(self, user: User) -> None:
-        async with self.cluster.user_database(user.database) as conn:
-            if not await dataset_store.has_postgis(conn):
-                raise BadInput("format=geojson needs PostGIS, which is not installed in this "
-                               "user's database")
-
     async def list(self, principal: Principal, page: int, per_page: int) -> DatasetPage:
         if not (principal.is_master or (principal.key.type is KeyType.REGULAR
                                         and principal.key.table_metadata)):

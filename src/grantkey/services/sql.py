@@ -1,66 +1,67 @@
-"""SQL API use case: run a client's SQL as the key's own role, streamed, time-limited."""
+"""SQL API use case: run a client's SQL as the key's own role, streamed, time-limited.
+
+`SqlService.start` composes the query (a page, the geometry as GeoJSON: `composed_query`)
+and runs it up to its first rows; the `RunningQuery` it returns owns the connection and
+gives it back itself (`aclose()`, `async with`), once, whatever cancels its caller.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
-from functools import partial
+from types import TracebackType
 from typing import Any
 
 from grantkey.db import sessions
 from grantkey.db.cluster import Cluster
+from grantkey.db.datasets import has_postgis
 from grantkey.db.role_pools import RoleConnection, RolePools, RoleTarget
 from grantkey.db.sql_errors import connection_lost, translate
 from grantkey.db.sql_exec import Column, Execution
 from grantkey.db.wrapping import wrap
-from grantkey.domain.keys import Principal
+from grantkey.domain.keys import Principal, User
 from grantkey.domain.secrets_box import SecretBox
-from grantkey.errors import DatabaseUnavailable, LoginRefused, QueryInterrupted, Unauthorized
+from grantkey.errors import (
+    BadInput,
+    DatabaseUnavailable,
+    LoginRefused,
+    QueryInterrupted,
+    Unauthorized,
+)
 from grantkey.services.lru import Lru
 from grantkey.services.quota_keeper import QuotaKeeper
 from grantkey.services.repair import RoleRepair
 from grantkey.services.resolver import KeyResolver
 
-
-def wrapped_query(query: str, *, geojson: tuple[int, str] | None = None,
-                  page: tuple[int, int] | None = None) -> str:
-    """The client's SQL wrapped, never edited: GeoJSON (digits, column), a page (limit,
-    offset); `db/wrapping.py`."""
-    return wrap(query, geojson=geojson, page=page)
+GEOJSON_COLUMN = "__grantkey_geojson"  # the geometry as GeoJSON text, added by the wrapping
+PAGEABLE = re.compile(r"\s*(select|with)\b", re.IGNORECASE)
 
 
-@dataclass
-class RunningQuery:
-    """A started query: its columns (with type names) and its rows, streamed."""
+@dataclass(frozen=True)
+class Page:
+    """CARTO's `rows_per_page` and `page` (counted from 0)."""
 
-    execution: Execution
-    target: RoleTarget
-    conn: RoleConnection
-    type_names: dict[int, str]
-    started: float
-    released: bool = False
-    quota_database: str | None = None  # a user with a storage quota: sweep afterwards
+    rows: int
+    number: int
 
-    @property
-    def columns(self) -> list[Column]:
-        return self.execution.columns
 
-    def type_name(self, column: Column) -> str:
-        return self.type_names.get(column.type_oid, "unknown")
-
-    @property
-    def elapsed(self) -> float:
-        return round(time.monotonic() - self.started, 3)
-
-    @property
-    def total_rows(self) -> int:
-        return self.execution.rowcount
-
-    def rows(self) -> AsyncIterator[tuple[Any, ...]]:
-        return self.execution.rows()
+def composed_query(query: str, *, page: Page | None = None,
+                   geojson_digits: int | None = None) -> str:
+    """Paging wraps a SELECT (CARTO's rule); GeoJSON adds the geometry as GeoJSON text in
+    `GEOJSON_COLUMN`, with `geojson_digits` decimal places. The client's SQL is wrapped,
+    never edited (`db/wrapping.py`); with neither, it is sent exactly as it came."""
+    stripped = query.strip().rstrip(";")
+    geojson = None if geojson_digits is None else (geojson_digits, GEOJSON_COLUMN)
+    limits = None
+    if page is not None and PAGEABLE.match(stripped):
+        limits = (page.rows, page.rows * page.number)
+    if geojson is None and limits is None:
+        return query
+    return wrap(stripped, geojson=geojson, page=limits)
 
 
 async def _shielded(work: Coroutine[Any, Any, None]) -> None:
@@ -68,6 +69,85 @@ async def _shielded(work: Coroutine[Any, Any, None]) -> None:
     task = asyncio.ensure_future(work)
     with contextlib.suppress(asyncio.CancelledError):
         await asyncio.shield(task)
+
+
+async def _release(pools: RolePools, execution: Execution, target: RoleTarget,
+                   conn: RoleConnection) -> None:
+    """Stop what still runs; the connection goes back to its pool, or is closed if a
+    command was interrupted or the time limit stopped it (`Execution.close`)."""
+    reusable = await execution.close()
+    await pools.release(target, conn, reusable=reusable)
+
+
+class RunningQuery:
+    """A started query: its columns (with type names) and its rows, streamed. It owns its
+    connection: `aclose()` (or leaving `async with`) gives it back, once (later calls do
+    nothing), and finishes even when the caller is cancelled meanwhile (the client went
+    away). The time limit closes it too, whatever its reader does. The rows of a
+    `complete` query are all in memory: they can still be read after `aclose()`."""
+
+    def __init__(self, execution: Execution, pools: RolePools, target: RoleTarget,
+                 conn: RoleConnection, type_names: dict[int, str], started: float,
+                 quota: tuple[QuotaKeeper, str] | None) -> None:
+        self._execution = execution
+        self._pools = pools
+        self._target = target
+        self._conn = conn
+        self._type_names = type_names
+        self._started = started
+        self._quota = quota  # a user with a storage quota: sweep afterwards
+        self.released = False
+        # the time limit closes the query even if its reader never does. A cycle (execution
+        # -> bound method -> self) until `aclose` breaks it: a request must leave nothing
+        # to the cyclic garbage collector (tests/db/test_no_cyclic_garbage.py)
+        execution.on_stopped = self.aclose
+
+    @property
+    def columns(self) -> list[Column]:
+        return self._execution.columns
+
+    def type_name(self, column: Column) -> str:
+        return self._type_names.get(column.type_oid, "unknown")
+
+    @property
+    def elapsed(self) -> float:
+        return round(time.monotonic() - self._started, 3)
+
+    @property
+    def total_rows(self) -> int:
+        return self._execution.rowcount
+
+    @property
+    def complete(self) -> bool:
+        """Every row is already here (the query ended with its first batch)."""
+        return self._execution.finished
+
+    def rows(self) -> AsyncIterator[tuple[Any, ...]]:
+        return self._execution.rows()
+
+    async def __aenter__(self) -> RunningQuery:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Give the connection back (once), even while the caller is being cancelled."""
+        if self.released:
+            return
+        self.released = True
+        execution = self._execution
+        execution.on_stopped = None  # breaks execution -> aclose -> self -> execution
+        if self._quota is not None:
+            keeper, database = self._quota
+            keeper.leave(database)
+        if execution.finished and not execution.timed_out:
+            execution.stop_timers()
+            if self._pools.release_at_once(self._target, self._conn,
+                                           already_reset=execution.reset_done):
+                return  # the usual case: no task needed to protect it from cancellation
+        await _shielded(_release(self._pools, execution, self._target, self._conn))
 
 
 class SqlService:
@@ -110,46 +190,55 @@ class SqlService:
         """Does this process still hold a connection string of the role?"""
         return any(key[:2] == (database, role) for key in self._targets)
 
-    async def start(self, principal: Principal, query: str) -> RunningQuery:
-        """Run `query` up to its first row. Errors here get a proper status. A user with a
-        storage quota has their database swept while it runs and after (QuotaKeeper)."""
+    async def start(self, principal: Principal, query: str, *,
+                    params: Sequence[Any] | None = None, page: Page | None = None,
+                    geojson_digits: int | None = None) -> RunningQuery:
+        """Run `query` (composed: `composed_query`; `params` bound to `$1`, `$2`…) up to
+        its first rows. Errors here get a proper status. A user with a storage quota has
+        their database swept while it runs and after (QuotaKeeper)."""
+        if geojson_digits is not None:
+            await self.require_postgis(principal.user)
+        query = composed_query(query, page=page, geojson_digits=geojson_digits)
         if principal.user.storage_quota == "-1":
-            return await self._start(principal, query)
+            return await self._start(principal, query, params, None)
         database = principal.user.database
         self.quota.enter(database)
         try:
-            running = await self._start(principal, query)
+            return await self._start(principal, query, params, (self.quota, database))
         except BaseException:
             self.quota.leave(database)
             raise
-        running.quota_database = database  # `finish` leaves
-        return running
 
-    async def _start(self, principal: Principal, query: str) -> RunningQuery:
+    async def require_postgis(self, user: User) -> None:
+        async with self.cluster.user_database(user.database) as conn:
+            if not await has_postgis(conn):
+                raise BadInput("format=geojson needs PostGIS, which is not installed in this "
+                               "user's database")
+
+    async def _start(self, principal: Principal, query: str, params: Sequence[Any] | None,
+                     quota: tuple[QuotaKeeper, str] | None) -> RunningQuery:
         target = self.target_for(principal)
         conn = await self._acquire(principal, target)
         limit = self.master_time_limit if principal.is_master else self.time_limit
-        execution = Execution(conn, query, limit, self._terminate)
+        execution = Execution(conn, query, limit, self._terminate, params)
         started = time.monotonic()
         try:
             await execution.start()
         except Exception as error:
-            await _shielded(self._release(execution, target, conn))
+            await _shielded(_release(self.pools, execution, target, conn))
             if connection_lost(error):
                 await self._lost(principal, target)  # 401 if the key was revoked
                 raise QueryInterrupted from None
             raise translate(error) from None
         except BaseException:  # cancelled: the client went away mid-query
-            await _shielded(self._release(execution, target, conn))
+            await _shielded(_release(self.pools, execution, target, conn))
             raise
         try:  # the type names may need an admin connection, which may fail
             names = await self._names(principal.user.database, execution.columns, conn)
         except BaseException:
-            await _shielded(self._release(execution, target, conn))
+            await _shielded(_release(self.pools, execution, target, conn))
             raise
-        running = RunningQuery(execution, target, conn, names, started)
-        execution.on_stopped = partial(self.finish, running)
-        return running
+        return RunningQuery(execution, self.pools, target, conn, names, started, quota)
 
     async def _acquire(self, principal: Principal, target: RoleTarget) -> RoleConnection:
         """A session of the key's role. A refused login of a key that is still valid means
@@ -166,27 +255,6 @@ class SqlService:
                 await self._lost(principal, target)  # a login cut short by a revocation: 401
                 raise
         raise AssertionError("unreachable")
-
-    async def finish(self, running: RunningQuery) -> None:
-        """Give the connection back (once), even while the request is being cancelled."""
-        if running.released:
-            return
-        running.released = True
-        running.execution.on_stopped = None  # breaks execution -> finish -> running -> execution
-        if running.quota_database is not None:
-            self.quota.leave(running.quota_database)
-        execution = running.execution
-        if execution.finished and not execution.timed_out:
-            execution.stop_timers()
-            if self.pools.release_at_once(running.target, running.conn,
-                                          already_reset=execution.reset_done):
-                return  # the usual case: no task needed to protect it from cancellation
-        await _shielded(self._release(running.execution, running.target, running.conn))
-
-    async def _release(self, execution: Execution, target: RoleTarget,
-                       conn: RoleConnection) -> None:
-        reusable = await execution.close()
-        await self.pools.release(target, conn, reusable=reusable)
 
     async def _lost(self, principal: Principal, target: RoleTarget) -> None:
         """The session ended under the query: a revoked key answers 401. PostgreSQL's login
