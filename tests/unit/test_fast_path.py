@@ -1,9 +1,11 @@
-"""The SQL API's fast path serves exactly the SQL routes, and keeps CORS and the last-resort
-500 that Starlette's middleware gives every other route."""
+"""The fast path serves exactly the hot routes (the SQL API's), built from the routes the app
+serves, and keeps CORS and the last-resort 500 that Starlette's middleware gives every
+other route."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import httpx
 from starlette.requests import Request
@@ -11,8 +13,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from grantkey.http.app import create_app
-from grantkey.http.fast_path import SQL_PATH, GrantkeyApp
-from grantkey.http.routing import served_routes
+from grantkey.http.fast_path import FastTable, GrantkeyApp
+from grantkey.http.routing import FastRoute, for_every_user, served_routes
 from grantkey.settings import Settings
 
 
@@ -25,13 +27,48 @@ def test_the_fast_path_matches_every_sql_route_and_no_other_route() -> None:
     sql_paths: list[str] = []
     other_paths: list[str] = []
     for path, route in served_routes(app.routes):
-        is_sql = route.endpoint is app.sql_handler
+        is_sql = path.rstrip("/").endswith("/sql")
+        assert isinstance(route, FastRoute) == is_sql  # the SQL routes are the hot ones
         (sql_paths if is_sql else other_paths).append(concrete(path))
     assert len(sql_paths) == 12  # v1 and v2, under /user/<u>, /u/<u> and none, with and without "/"
-    assert all(SQL_PATH.fullmatch(path) for path in sql_paths)
-    assert not [path for path in other_paths if SQL_PATH.fullmatch(path)]
-    for near_miss in ("/api/v3/sql", "/user/a/b/api/v2/sql", "/api/v2/sqlx", "/x/ana/api/v2/sql"):
-        assert SQL_PATH.fullmatch(near_miss) is None
+    assert len(app.fast.entries) == 12
+    assert all(app.fast.match(method, path) for path in sql_paths for method in ("GET", "POST"))
+    assert not [path for path in other_paths
+                if app.fast.match("GET", path) or app.fast.match("POST", path)]
+    for near_miss in ("/api/v3/sql", "/user/a/b/api/v2/sql", "/api/v2/sqlx", "/x/ana/api/v2/sql",
+                      "/user//api/v2/sql", "/api/v2/sql//"):
+        assert app.fast.match("GET", near_miss) is None
+    for method in ("HEAD", "OPTIONS", "PUT", "DELETE"):
+        assert app.fast.match(method, "/api/v2/sql") is None
+
+
+async def tile(request: Request) -> Response:
+    return Response("tile")
+
+
+def test_another_hot_route_joins_the_table_under_every_prefix() -> None:
+    """A route flagged as fast (tiles, later) is matched with its parameters converted, in
+    every form the app serves it, without a pattern written for it."""
+    table = FastTable(for_every_user([
+        FastRoute("/api/v1/map/{token}/{z:int}/{x:int}/{y:int}.mvt", tile, methods=["GET"]),
+        Route("/api/v1/map/{token}", tile, methods=["GET", "POST"])]))
+    for prefix, username in (("", None), ("/user/ana", "ana"), ("/u/ana", "ana")):
+        found = table.match("GET", f"{prefix}/api/v1/map/abc/3/4/5.mvt")
+        assert found is not None
+        handler, params = found
+        assert handler is tile
+        expected: dict[str, object] = {"token": "abc", "z": 3, "x": 4, "y": 5}
+        if username is not None:
+            expected["username"] = username
+        assert params == expected
+        assert table.match("POST", f"{prefix}/api/v1/map/abc/3/4/5.mvt") is None  # GET only
+        assert table.match("GET", f"{prefix}/api/v1/map/abc") is None  # not a hot route
+        assert table.match("GET", f"{prefix}/api/v1/map/abc/3/4/y.mvt") is None
+
+
+def test_a_name_with_a_line_break_still_takes_the_fast_path() -> None:
+    table = FastTable(for_every_user([FastRoute("/api/v2/sql", tile, methods=["GET"])]))
+    assert table.match("GET", "/user/a\nb/api/v2/sql") == (tile, {"username": "a\nb"})
 
 
 async def raising_handler(request: Request) -> Response:
@@ -42,13 +79,15 @@ async def echo_handler(request: Request) -> Response:
     return Response(str(request.path_params.get("username")), media_type="text/plain")
 
 
-def app_with(handler: object) -> GrantkeyApp:
+def app_with(handler: Callable[[Request], Awaitable[Response]]) -> GrantkeyApp:
     async def other(request: Request) -> Response:
         return Response("other")
 
-    app = GrantkeyApp(routes=[Route("/health", other)])
-    app.sql_handler = handler  # type: ignore[assignment]
-    return app
+    return GrantkeyApp(routes=[Route("/health", other),
+                               *for_every_user([FastRoute("/api/v2/sql", handler,
+                                                          methods=["GET", "POST"]),
+                                                FastRoute("/api/v1/sql", handler,
+                                                          methods=["GET", "POST"])])])
 
 
 def requests_to(app: GrantkeyApp, *calls: tuple[str, str]) -> list[httpx.Response]:
@@ -72,8 +111,8 @@ def test_the_username_comes_from_the_path_and_other_requests_reach_starlette() -
     prefixed, bare, other, head = requests_to(
         app_with(echo_handler), ("POST", "/u/ana/api/v1/sql/"), ("GET", "/api/v2/sql"),
         ("GET", "/health"),
-        ("HEAD", "/api/v2/sql"))  # not a fast method: Starlette's router (no route here: 404)
+        ("HEAD", "/api/v2/sql"))  # not a fast method: Starlette's router
     assert (prefixed.text, bare.text) == ("ana", "None")
     assert prefixed.headers["access-control-allow-origin"] == "*"
     assert other.text == "other"
-    assert head.status_code == 404
+    assert head.status_code == 200 and "access-control-allow-origin" not in head.headers

@@ -97,19 +97,17 @@ def create_app(settings: Settings | None = None) -> GrantkeyApp:
         finally:
             await shut_down(tasks, services.close, settings.shutdown_seconds)
 
-    sql_handler = sql_api.handler()
     app = GrantkeyApp(
         routes=[Route("/health", health, methods=["GET"]),
                 Route("/health/ready", health, methods=["GET"]),
                 Route("/health/live", live, methods=["GET"]),
                 Route("/openapi.json", openapi, methods=["GET"]),
                 *for_every_user([*auth_api.routes(), *audit_api.routes(),
-                                 *sql_api.routes(sql_handler), *datasets_api.routes()])],
+                                 *sql_api.routes(sql_api.handler()), *datasets_api.routes()])],
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error, ClientDisconnect: client_disconnected,
                             Exception: unexpected_error},
         middleware=[Middleware(CorsMiddleware)],
     )
     app.state.services = services
-    app.sql_handler = sql_handler
     return app

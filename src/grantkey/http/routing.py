@@ -20,6 +20,13 @@ CANONICAL_PREFIX = USER_PREFIXES[0]
 HOST_FORM = ""  # no prefix: the user comes from the Host header
 
 
+class FastRoute(Route):
+    """A hot route: its GET and POST requests are answered before Starlette's middleware
+    and router (`fast_path.FastTable`, built from the served routes), so its handler must
+    render its own errors (`context.endpoint`). Starlette serves it as any route otherwise
+    (HEAD, OPTIONS…)."""
+
+
 def slash_variants(path: str) -> list[str]:
     """A collection path (one not ending in a parameter) also answers with a trailing slash."""
     return [path] if path.endswith("}") else [path, path + "/"]
@@ -58,7 +65,7 @@ def for_every_user(routes: Sequence[Route]) -> list[BaseRoute]:
     for route in routes:
         for path in slash_variants(route.path):
             variants.append(route if path == route.path else
-                            Route(path, route.endpoint, methods=route.methods))
+                            type(route)(path, route.endpoint, methods=route.methods))
     return [*variants, *(UserPrefix(prefix, routes=variants) for prefix in USER_PREFIXES)]
 
 

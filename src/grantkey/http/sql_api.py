@@ -21,6 +21,7 @@ from grantkey.http.context import Call, RequestHandler, endpoint
 from grantkey.http.errors import Family, render_error
 from grantkey.http.formats import EXTENSIONS, MEDIA_TYPES, WRITERS
 from grantkey.http.protocol import ABORT_EXTENSION
+from grantkey.http.routing import FastRoute
 from grantkey.services.sql import Page, RunningQuery
 
 log = logging.getLogger("grantkey.sql")
@@ -197,7 +198,7 @@ def handler() -> RequestHandler:
 
 
 def routes(sql_handler: RequestHandler) -> list[Route]:
-    """The SQL API's routes, once: `routing.for_every_user` serves them under each prefix
-    (and `fast_path` answers their GET and POST before the router)."""
-    return [Route(f"/api/{version}/sql", sql_handler, methods=["GET", "POST"])
+    """The SQL API's routes, once: `routing.for_every_user` serves them under each prefix,
+    and as `FastRoute`s `fast_path` answers their GET and POST before the router."""
+    return [FastRoute(f"/api/{version}/sql", sql_handler, methods=["GET", "POST"])
             for version in ("v2", "v1")]
