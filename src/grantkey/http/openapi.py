@@ -35,6 +35,15 @@ def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
+def _page_of(item: str) -> dict[str, Any]:
+    """A paginated list (the key list, the audit log, the datasets): one shape."""
+    return {"type": "object", "required": ["total", "count", "result", "_links"],
+            "properties": {"total": {"type": "integer", "minimum": 0},
+                           "count": {"type": "integer", "minimum": 0},
+                           "result": {"type": "array", "items": _ref(item)},
+                           "_links": _ref("Links")}}
+
+
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {JSON: {"schema": schema}}}
 
@@ -80,13 +89,7 @@ SCHEMAS: dict[str, Any] = {
                              "properties": {"href": {"type": "string"}}}
                        for rel in ("first", "last", "prev", "next")},
     },
-    "ApiKeyList": {
-        "type": "object", "required": ["total", "count", "result", "_links"],
-        "properties": {"total": {"type": "integer", "minimum": 0},
-                       "count": {"type": "integer", "minimum": 0},
-                       "result": {"type": "array", "items": _ref("ApiKey")},
-                       "_links": _ref("Links")},
-    },
+    "ApiKeyList": _page_of("ApiKey"),
     "AuditEntry": {
         "type": "object",
         "required": ["id", "type", "created_at", "user", "actor", "key", "detail"],
@@ -109,13 +112,7 @@ SCHEMAS: dict[str, Any] = {
             "detail": {"type": "object"},
         },
     },
-    "AuditList": {
-        "type": "object", "required": ["total", "count", "result", "_links"],
-        "properties": {"total": {"type": "integer", "minimum": 0},
-                       "count": {"type": "integer", "minimum": 0},
-                       "result": {"type": "array", "items": _ref("AuditEntry")},
-                       "_links": _ref("Links")},
-    },
+    "AuditList": _page_of("AuditEntry"),
     "Grants": {
         "type": "array",
         "description": "Sections: exactly one `apis`, at most one `database` and `dataservices`.",
@@ -165,12 +162,7 @@ SCHEMAS: dict[str, Any] = {
                        "updated_at": {"type": ["string", "null"]},
                        "mode": {"enum": ["r", "rw", None]}},
     },
-    "DatasetList": {
-        "type": "object", "required": ["total", "count", "result", "_links"],
-        "properties": {"total": {"type": "integer"}, "count": {"type": "integer"},
-                       "result": {"type": "array", "items": _ref("Dataset")},
-                       "_links": _ref("Links")},
-    },
+    "DatasetList": _page_of("Dataset"),
     "PrivacyChange": {
         "type": "object", "required": ["privacy"],
         "properties": {"privacy": {"enum": list(PRIVACIES)},
