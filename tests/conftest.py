@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import httpx._transports.default as httpx_transports
 import psycopg
 import psycopg.sql
 import pytest
@@ -32,6 +33,17 @@ from tests.support import TEST_SECRET, ServerProcess
 T = TypeVar("T")
 SQL_TIMEOUT = 3
 Runner = Callable[[Awaitable[T]], T]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_tls_context() -> Iterator[None]:
+    """Every httpx client loads the CA bundle into a new TLS context (50-80 ms here, some
+    thousand clients in the suite), although the tests speak plain HTTP to 127.0.0.1: one
+    context, made once, serves them all. Fails loudly if httpx moves the function."""
+    context = httpx.create_ssl_context()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(httpx_transports, "create_ssl_context", lambda *args, **kwargs: context)
+        yield
 
 
 @pytest.fixture(scope="session")
