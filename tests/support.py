@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -19,6 +20,35 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _socket_inode(local_port: int, remote_port: int) -> str | None:
+    """The inode of the TCP socket from 127.0.0.1:`local_port` to `remote_port` (Linux)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                local, remote, inode = fields[1], fields[2], fields[9]
+                if (int(local.rsplit(":", 1)[1], 16) == local_port
+                        and int(remote.rsplit(":", 1)[1], 16) == remote_port):
+                    return inode
+    return None
+
+
+def _holds_socket(pid: int, inode: str) -> bool:
+    target = f"socket:[{inode}]"
+    try:
+        descriptors = os.listdir(f"/proc/{pid}/fd")
+    except OSError:  # the process ended
+        return False
+    for fd in descriptors:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 class ServerProcess:
@@ -46,6 +76,52 @@ class ServerProcess:
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"server not healthy in {timeout}s: {self.log_path.read_text()[-3000:]}")
+
+    def children(self) -> list[int]:
+        """The server's child processes (its uvicorn workers, and any helper)."""
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent == self.process.pid:
+                found.append(int(entry))
+        return found
+
+    def worker_of(self, response: httpx.Response) -> int:
+        """The pid of the worker that answered `response`, whose connection must still be
+        open (a kept-alive one): the process holding the server's end of that socket."""
+        client_port = response.extensions["network_stream"].get_extra_info("client_addr")[1]
+        inode = _socket_inode(self.port, client_port)
+        assert inode is not None, "the connection is closed: cannot tell which worker answered"
+        holders = [pid for pid in self.children() if _holds_socket(pid, inode)]
+        assert len(holders) == 1, f"socket held by {holders}"
+        return holders[0]
+
+    def fresh(self, method: str, url: str, **kwargs: Any) -> tuple[httpx.Response, int]:
+        """One request on a new connection (so that successive ones spread over the
+        workers): the response, read, and the pid of the worker that answered it."""
+        with httpx.Client(timeout=kwargs.pop("timeout", 30)) as client:
+            response = client.request(method, url, **kwargs)
+            return response, self.worker_of(response)
+
+    def on_every_worker(self, method: str, url: str, workers: int = 2, tries: int = 200,
+                        **kwargs: Any) -> list[httpx.Response]:
+        """The same request on new connections until each of `workers` processes has
+        answered it at least once (a test that says "every worker" must reach them all):
+        every response, in order."""
+        responses: list[httpx.Response] = []
+        seen: set[int] = set()
+        while len(seen) < workers:
+            assert len(responses) < tries, f"only workers {seen} answered in {tries} requests"
+            response, pid = self.fresh(method, url, **kwargs)
+            responses.append(response)
+            seen.add(pid)
+        return responses
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.process.poll() is None:

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from tests.conftest import SQL_TIMEOUT, Account, KeyHandle
-from tests.support import apis_only, table_grants
+from tests.support import ServerProcess, apis_only, table_grants
 
 TIMEOUT_MESSAGE = ("You are over platform's limits: SQL query timeout error. Refactor your query "
                    "before running again or contact your administrator for more details.")
@@ -134,13 +134,14 @@ def test_deleting_a_key_ends_its_running_query_within_2_seconds(
 
 
 def test_regenerated_key_old_token_fails_on_sql_api_right_away(
-    http: httpx.Client, account: Account, make_key: Callable[..., KeyHandle]
+    http: httpx.Client, account: Account, make_key: Callable[..., KeyHandle],
+    server: ServerProcess,
 ) -> None:
     rot = make_key(account, "rot", apis_only("sql"))
-    for _ in range(3):  # warm both workers' caches and pools with the old token
-        assert account.sql(http, "SELECT 1", rot.token).status_code == 200
+    old = {"q": "SELECT 1", "api_key": rot.token}
+    warmed = server.on_every_worker("GET", account.sql_url, params=old)  # caches and pools
+    assert {answer.status_code for answer in warmed} == {200}
     new = http.post(f"{account.keys_url}/rot/token/regenerate", params=account.master()).json()
-    for _ in range(6):
-        with httpx.Client(timeout=10) as fresh:
-            assert account.sql(fresh, "SELECT 1", rot.token).status_code == 401
+    refused = server.on_every_worker("GET", account.sql_url, params=old)
+    assert {answer.status_code for answer in refused} == {401}
     assert account.sql(http, "SELECT 1", new["token"]).status_code == 200
