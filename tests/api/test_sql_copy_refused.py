@@ -2,8 +2,9 @@
 
 A COPY answer puts the session in copy mode; a read loop that took it for an error spun at
 100% CPU forever, with the event loop (time limits, SIGTERM, every other request) stopped.
-Each request here goes on a new TCP connection so both server workers receive some, and
-each has a short client timeout so a frozen worker fails the test instead of hanging it.
+Each case is sent on new TCP connections until both server workers have answered it, and
+each request has a short client timeout so a frozen worker fails the test instead of
+hanging it.
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ import httpx
 import pytest
 
 from tests.conftest import Account, KeyHandle
-from tests.support import table_grants
+from tests.support import ServerProcess, table_grants
 
 COPY_MESSAGE = ("COPY to or from the client (COPY ... TO STDOUT, COPY ... FROM STDIN) is not "
                 "supported on the SQL API endpoint")
-REQUESTS_PER_CASE = 4  # new connections each: both workers get some
 
 
 def _fresh(account: Account, q: str, token: str | None) -> httpx.Response:
@@ -27,11 +27,18 @@ def _fresh(account: Account, q: str, token: str | None) -> httpx.Response:
         return http.get(account.sql_url, params=params)
 
 
-def _every_worker_still_answers(account: Account, token: str | None) -> None:
-    for _ in range(2 * REQUESTS_PER_CASE):
-        with httpx.Client(timeout=5, headers={"Connection": "close"}) as http:
-            assert http.get(f"{account.base_url}/health").status_code == 200
-        assert _fresh(account, "SELECT 7 AS n", token).json()["rows"] == [{"n": 7}]
+def _on_every_worker(server: ServerProcess, account: Account, q: str,
+                     token: str | None) -> list[httpx.Response]:
+    params = {"q": q} if token is None else {"q": q, "api_key": token}
+    return server.on_every_worker("GET", account.sql_url, timeout=10, params=params)
+
+
+def _every_worker_still_answers(server: ServerProcess, account: Account,
+                                token: str | None) -> None:
+    for health in server.on_every_worker("GET", f"{account.base_url}/health", timeout=5):
+        assert health.status_code == 200
+    for answer in _on_every_worker(server, account, "SELECT 7 AS n", token):
+        assert answer.json()["rows"] == [{"n": 7}]
 
 
 @pytest.fixture
@@ -41,9 +48,8 @@ def key(account: Account, owner_sql: Callable[[Account, str], None],
     return make_key(account, "copier", table_grants([("public", "cities", ["select", "insert"])]))
 
 
-def _assert_refused(account: Account, q: str, token: str | None) -> None:
-    for _ in range(REQUESTS_PER_CASE):
-        response = _fresh(account, q, token)
+def _assert_refused(server: ServerProcess, account: Account, q: str, token: str | None) -> None:
+    for response in _on_every_worker(server, account, q, token):
         assert response.status_code == 400, response.text
         assert response.json() == {"error": [COPY_MESSAGE]}
 
@@ -54,11 +60,11 @@ def _assert_refused(account: Account, q: str, token: str | None) -> None:
     "SELECT 1; COPY (SELECT 1) TO STDOUT",
 ])
 def test_copy_to_stdout_answers_400_and_the_worker_still_answers(
-    account: Account, key: KeyHandle, q: str,
+    account: Account, key: KeyHandle, q: str, server: ServerProcess,
 ) -> None:
     for token in (None, account.master_token, key.token):
-        _assert_refused(account, q, token)
-        _every_worker_still_answers(account, token)
+        _assert_refused(server, account, q, token)
+        _every_worker_still_answers(server, account, token)
 
 
 @pytest.mark.parametrize("q", [
@@ -67,23 +73,23 @@ def test_copy_to_stdout_answers_400_and_the_worker_still_answers(
     "SELECT 1; COPY cities FROM STDIN",
 ])
 def test_copy_from_stdin_answers_400_and_the_worker_still_answers(
-    account: Account, key: KeyHandle, q: str,
+    account: Account, key: KeyHandle, q: str, server: ServerProcess,
 ) -> None:
     for token in (account.master_token, key.token):
-        _assert_refused(account, q, token)
-        _every_worker_still_answers(account, token)
+        _assert_refused(server, account, q, token)
+        _every_worker_still_answers(server, account, token)
     # with no key the table is not writable: PostgreSQL refuses before any copy starts,
     # but a temporary table of its own is, and that copy is refused the same way
-    _assert_refused(account, "CREATE TEMP TABLE mine (a int); COPY mine FROM STDIN", None)
-    _every_worker_still_answers(account, None)
+    _assert_refused(server, account, "CREATE TEMP TABLE mine (a int); COPY mine FROM STDIN", None)
+    _every_worker_still_answers(server, account, None)
 
 
 def test_a_refused_copy_leaves_nothing_of_its_query_written(
-    account: Account, key: KeyHandle,
+    account: Account, key: KeyHandle, server: ServerProcess,
 ) -> None:
     for token in (account.master_token, key.token):
         for copy in ("COPY (SELECT 1) TO STDOUT", "COPY cities FROM STDIN"):
-            _assert_refused(account, f"INSERT INTO cities VALUES ('Quito'); {copy}", token)
+            _assert_refused(server, account, f"INSERT INTO cities VALUES ('Quito'); {copy}", token)
     rows = _fresh(account, "SELECT name FROM cities ORDER BY name", key.token).json()["rows"]
     assert rows == [{"name": "Lima"}]
 
