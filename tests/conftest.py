@@ -1,7 +1,10 @@
 """Session-wide fixtures: one real PostgreSQL and one real grantkey server for the suite.
 
 PostgreSQL is the embedded one (started once), or GRANTKEY_TEST_DATABASE_URL. The server
-is `grantkey serve --workers 2` in a subprocess, on 127.0.0.1.
+is `grantkey serve --workers 2` in a subprocess, on 127.0.0.1. A test (or module) marked
+`in_process` talks to the same app in this process instead (tests/in_process.py): its
+`account` URLs and its `http` client reach that app, and the subprocess server is started
+only if the test asks for it.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,6 +31,8 @@ from grantkey.domain.secrets_box import SecretBox
 from grantkey.services.container import Services
 from grantkey.services.upgrade import prepare_routine_admin
 from grantkey.settings import Settings
+from tests.in_process import IN_PROCESS_URL, InProcessApp
+from tests.in_process import client as in_process_client
 from tests.support import TEST_SECRET, ServerProcess
 
 T = TypeVar("T")
@@ -149,6 +154,32 @@ def box() -> SecretBox:
 
 
 @pytest.fixture(scope="session")
+def in_process_app(settings: Settings, services: Services) -> Iterator[InProcessApp]:
+    app = InProcessApp(replace(settings, sql_timeout=SQL_TIMEOUT, sql_master_timeout=SQL_TIMEOUT))
+    app.start()
+    try:
+        yield app
+    finally:
+        app.stop()
+
+
+def runs_in_process(request: pytest.FixtureRequest) -> bool:
+    node = request.node
+    return (node.get_closest_marker("in_process") is not None
+            and node.get_closest_marker("subprocess") is None)
+
+
+@pytest.fixture
+def base_url(request: pytest.FixtureRequest) -> str:
+    """Where this test's accounts are served: the in-process app or the subprocess server."""
+    if runs_in_process(request):
+        request.getfixturevalue("in_process_app")
+        return IN_PROCESS_URL
+    server: ServerProcess = request.getfixturevalue("server")
+    return server.url
+
+
+@pytest.fixture(scope="session")
 def server(data_dir: Path, settings: Settings, services: Services) -> Iterator[ServerProcess]:
     assert settings.database_url is not None
     process = ServerProcess(
@@ -203,7 +234,7 @@ _counter = iter(range(10**9))
 
 @pytest.fixture
 def make_account(
-    services: Services, run: Callable[[Awaitable[Any]], Any], server: ServerProcess
+    services: Services, run: Callable[[Awaitable[Any]], Any], base_url: str
 ) -> Iterator[Callable[[], Account]]:
     created: list[str] = []
 
@@ -211,7 +242,7 @@ def make_account(
         username = f"u{os.getpid()}-{next(_counter)}"
         result = run(services.users.create(username))
         created.append(username)
-        return Account(result.user, result.master_token, server.url)
+        return Account(result.user, result.master_token, base_url)
 
     yield make
     for username in created:
@@ -224,9 +255,14 @@ def account(make_account: Callable[[], Account]) -> Account:
 
 
 @pytest.fixture
-def http() -> Iterator[httpx.Client]:
-    with httpx.Client(timeout=30) as client:
-        yield client
+def http(request: pytest.FixtureRequest) -> Iterator[httpx.Client]:
+    if runs_in_process(request):
+        app: InProcessApp = request.getfixturevalue("in_process_app")
+        with in_process_client(app, timeout=30) as client:
+            yield client
+    else:
+        with httpx.Client(timeout=30) as client:
+            yield client
 
 
 

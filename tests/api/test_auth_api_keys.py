@@ -6,9 +6,12 @@ import re
 from urllib.parse import quote
 
 import httpx
+import pytest
 
 from tests.conftest import Account
 from tests.support import apis_only, table_grants
+
+pytestmark = pytest.mark.in_process
 
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \+0000")
 FORBIDDEN = "You don't have permission to access that resource"

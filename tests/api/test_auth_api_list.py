@@ -10,6 +10,8 @@ import pytest
 from tests.conftest import Account
 from tests.support import apis_only
 
+pytestmark = pytest.mark.in_process
+
 
 @pytest.fixture
 def five_keys(http: httpx.Client, account: Account) -> Account:

@@ -12,6 +12,8 @@ import pytest
 from tests.conftest import Account, Login
 from tests.support import ServerProcess, apis_only
 
+pytestmark = pytest.mark.in_process
+
 
 def post(http: httpx.Client, account: Account, body: dict[str, Any]) -> httpx.Response:
     return http.post(account.keys_url, params=account.master(), json=body)

@@ -8,6 +8,8 @@ import pytest
 from tests.conftest import Account
 from tests.support import apis_only
 
+pytestmark = pytest.mark.in_process
+
 
 @pytest.mark.parametrize("segment", ["%00", "%FF", "%ED%A0%80", "a%00b", "x" * 5000])
 def test_odd_key_names_in_the_url_are_404(

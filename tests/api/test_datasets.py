@@ -14,6 +14,8 @@ import pytest
 from tests.conftest import Account, KeyHandle, Login
 from tests.support import apis_only, table_grants
 
+pytestmark = pytest.mark.in_process
+
 
 @pytest.fixture
 def tables(account: Account, owner_sql: Callable[[Account, str], None]) -> Account:

@@ -10,6 +10,8 @@ import pytest
 
 from tests.conftest import Account
 
+pytestmark = pytest.mark.in_process
+
 
 @pytest.fixture
 def trees(account: Account, owner_sql: Callable[[Account, str], None]) -> Account:

@@ -15,6 +15,8 @@ from grantkey.services.container import Services
 from tests.conftest import Account, KeyHandle
 from tests.support import ServerProcess, apis_only, table_grants
 
+pytestmark = pytest.mark.in_process
+
 SETUP = """
 CREATE TABLE cities (id serial PRIMARY KEY, name text, pop numeric, area float8, big boolean,
                      founded date, seen timestamptz, tags text[]);
@@ -272,6 +274,7 @@ def test_error_before_the_first_batch_gets_its_status(http: httpx.Client, city: 
     assert response.status_code == 400 and response.json() == {"error": ["division by zero"]}
 
 
+@pytest.mark.subprocess  # the bytes that arrived before the connection dropped
 def test_error_after_streaming_began_cuts_the_answer_short(
     http: httpx.Client, city: Account
 ) -> None:
@@ -313,15 +316,18 @@ def test_several_statements_run_exactly_once(http: httpx.Client, city: Account) 
 
 
 def test_a_deleted_user_is_404_on_every_worker_although_workers_cache_users(
-    http: httpx.Client, services: Services, run: Callable[[Awaitable[Any]], Any],
-    server: ServerProcess,
+    services: Services, run: Callable[[Awaitable[Any]], Any], server: ServerProcess,
 ) -> None:
+    """On the subprocess server: each request on a new connection, until both workers have
+    answered (each holds the user in its cache before the deletion)."""
     created = run(services.users.create("cached-then-deleted"))
     url = f"{server.url}/user/cached-then-deleted/api/v2/sql"
-    for _ in range(20):  # both workers now hold the user in their cache
-        answer = http.get(url, params={"q": "SELECT 1 AS x", "api_key": created.master_token})
-        assert answer.status_code == 200
-    run(services.users.delete("cached-then-deleted"))
+    try:
+        warmed = server.on_every_worker("GET", url, params={"q": "SELECT 1 AS x",
+                                                            "api_key": created.master_token})
+        assert {answer.status_code for answer in warmed} == {200}
+    finally:
+        run(services.users.delete("cached-then-deleted"))
     time.sleep(0.5)  # NOTIFY is asynchronous
-    statuses = {http.get(url, params={"q": "SELECT 1 AS x"}).status_code for _ in range(20)}
-    assert statuses == {404}
+    after = server.on_every_worker("GET", url, params={"q": "SELECT 1 AS x"})
+    assert {answer.status_code for answer in after} == {404}

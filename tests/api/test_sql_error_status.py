@@ -12,6 +12,8 @@ import pytest
 
 from tests.conftest import Account
 
+pytestmark = pytest.mark.in_process
+
 
 @pytest.mark.parametrize("statement", [
     "SELECT 'permission denied'::int",

@@ -10,6 +10,8 @@ import pytest
 from tests.conftest import Account
 from tests.support import table_grants
 
+pytestmark = pytest.mark.in_process
+
 SETUP = """
 CREATE TABLE world_population (id serial PRIMARY KEY, country text, people bigint);
 INSERT INTO world_population (country, people) VALUES ('Chile', 19), ('Peru', 33);

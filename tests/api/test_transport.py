@@ -5,9 +5,12 @@ from __future__ import annotations
 import base64
 
 import httpx
+import pytest
 
 from tests.conftest import Account
 from tests.support import apis_only
+
+pytestmark = pytest.mark.in_process
 
 
 def basic(username: str, token: str) -> dict[str, str]:
