@@ -274,9 +274,12 @@ def test_a_key_changing_its_own_password_cannot_break_its_deletion(
     """An uncommitted ALTER ROLE CURRENT_USER (invisible to event triggers) holds the role's
     catalog row; the decision ends the key's sessions and tries again."""
     key = make_key(account, "victim", table_grants([]))
-    racer = threading.Thread(target=lambda: account.sql(
-        httpx.Client(timeout=30),
-        "ALTER ROLE CURRENT_USER PASSWORD 'chosen-by-the-key'; SELECT pg_sleep(2)", key.token))
+    def race() -> None:
+        with httpx.Client(timeout=30) as own:  # closed: no socket left to the collector
+            account.sql(own, "ALTER ROLE CURRENT_USER PASSWORD 'chosen-by-the-key'; "
+                             "SELECT pg_sleep(2)", key.token)
+
+    racer = threading.Thread(target=race)
     racer.start()
     time.sleep(0.5)
     deleted = http.delete(f"{account.keys_url}/victim", params=account.master())
