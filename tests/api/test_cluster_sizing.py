@@ -69,6 +69,7 @@ def test_bad_sizes_stop_the_start(name: str, value: str) -> None:
         Settings.from_env({name: value})
 
 
+@pytest.mark.slow  # starts its own server
 def test_serve_applies_the_sizes_and_splits_the_cap_across_workers(tmp_path: Path) -> None:
     if os.environ.get("GRANTKEY_TEST_DATABASE_URL"):
         pytest.skip("sizes grantkey's own embedded PostgreSQL")

@@ -14,6 +14,9 @@ import pytest
 from tests.conftest import Account, Login
 from tests.support import ServerProcess
 
+# each test starts its own server or cluster: out of the inner loop
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def six_slots(data_dir: Path, login: Login) -> Iterator[ServerProcess]:

@@ -22,6 +22,9 @@ from grantkey.cli.embedded import EmbeddedPostgres
 from tests.conftest import Account, Login
 from tests.support import ServerProcess, apis_only
 
+# each test starts its own server or cluster: out of the inner loop
+pytestmark = pytest.mark.slow
+
 
 def test_sessions_postgresql_closed_are_replaced_not_answered_400(
     http: httpx.Client, account: Account, admin_url: str,

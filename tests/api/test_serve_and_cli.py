@@ -49,6 +49,7 @@ def embedded_server(embedded_dir: Path) -> Iterator[ServerProcess]:
         process.stop()
 
 
+@pytest.mark.slow  # starts its own server
 def test_serve_starts_on_a_fresh_data_dir_with_embedded_postgres(
     embedded_server: ServerProcess, embedded_dir: Path
 ) -> None:
@@ -61,6 +62,7 @@ def test_serve_starts_on_a_fresh_data_dir_with_embedded_postgres(
     assert "scram-sha-256" in hba and "host" not in hba.replace("# Written by grantkey", "")
 
 
+@pytest.mark.slow  # starts its own server
 def test_a_second_serve_on_the_same_data_directory_is_refused_and_the_first_keeps_serving(
     embedded_server: ServerProcess, embedded_dir: Path
 ) -> None:
@@ -79,6 +81,7 @@ def test_a_second_serve_on_the_same_data_directory_is_refused_and_the_first_keep
     assert httpx.get(embedded_server.url + "/health").status_code == 200
 
 
+@pytest.mark.slow  # starts its own server
 def test_the_server_works_as_a_routine_admin_that_is_not_a_superuser(
     embedded_server: ServerProcess, embedded_dir: Path
 ) -> None:
@@ -110,6 +113,7 @@ def test_the_server_works_as_a_routine_admin_that_is_not_a_superuser(
     assert {name for name in logins if not name.startswith("gk_")} == {"grantkey_app"}, logins
 
 
+@pytest.mark.slow  # starts its own server
 def test_cli_works_while_the_server_runs_and_serve_restarts_keep_data(
     embedded_server: ServerProcess, embedded_dir: Path
 ) -> None:
@@ -219,6 +223,7 @@ def test_keys_create_refuses_grants_mixed_with_other_grant_options(tmp_path: Pat
     assert "--grants is the whole grants array" in result.stderr
 
 
+@pytest.mark.slow  # starts its own server
 def test_a_cli_command_never_stops_the_postgresql_of_a_running_server(tmp_path: Path) -> None:
     """While a server holds the data directory (it may be restarting PostgreSQL), a CLI
     command that found PostgreSQL stopped starts it and leaves it running."""

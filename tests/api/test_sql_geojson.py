@@ -23,6 +23,9 @@ from grantkey.services.container import Services
 from grantkey.settings import Settings
 from tests.support import TEST_SECRET, ServerProcess
 
+# each test starts its own server or cluster: out of the inner loop
+pytestmark = pytest.mark.slow
+
 SYSTEM_BIN = Path("/usr/lib/postgresql/15/bin")
 POSTGIS_CONTROL = Path("/usr/share/postgresql/15/extension/postgis.control")
 

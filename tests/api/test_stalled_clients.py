@@ -16,6 +16,9 @@ import pytest
 from tests.conftest import Account, Login
 from tests.support import ServerProcess
 
+# each test starts its own server or cluster: out of the inner loop
+pytestmark = pytest.mark.slow
+
 BIG = "SELECT g, repeat('x', 5000) AS pad FROM generate_series(1, 1000000) AS g"
 TIME_LIMIT, SEND_TIMEOUT = 2, 5
 

@@ -10,9 +10,13 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from grantkey.cli.embedded import EmbeddedPostgres
 from tests.support import ServerProcess
+
+# each test starts its own server or cluster: out of the inner loop
+pytestmark = pytest.mark.slow
 
 
 def test_temporary_files_are_bounded_and_clients_cannot_lift_the_bound(data_dir: Path) -> None:

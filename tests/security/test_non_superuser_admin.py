@@ -215,6 +215,7 @@ def test_a_superuser_url_lets_a_non_superuser_admin_install_the_guard(
     cli(managed_url, "users", "delete", "managed-carol", "--yes")
 
 
+@pytest.mark.slow  # starts its own server
 def test_a_storage_quota_without_a_superuser_stops_the_start_with_a_clear_message(
     managed_url: str, cluster: EmbeddedPostgres,
 ) -> None:

@@ -31,6 +31,7 @@ def sql_on_every_worker(server: ServerProcess, account: Account, token: str) -> 
     return [response.status_code for response in responses]
 
 
+@pytest.mark.slow  # 40 trials; test_sql_limits checks one regenerate on every worker
 def test_old_token_is_refused_by_every_worker_right_after_delete(
     account: Account, server: ServerProcess
 ) -> None:
@@ -46,6 +47,7 @@ def test_old_token_is_refused_by_every_worker_right_after_delete(
         assert set(after) == {401}, f"trial {trial}: {after}"
 
 
+@pytest.mark.slow  # 40 trials; test_sql_limits checks one regenerate on every worker
 def test_old_token_is_refused_by_every_worker_right_after_regenerate(
     account: Account, server: ServerProcess
 ) -> None:

@@ -189,6 +189,7 @@ def _cli(login: Login, crash_at: str, *args: str) -> int:
                           timeout=120).returncode
 
 
+@pytest.mark.slow  # starts its own server
 @pytest.mark.parametrize(("command", "crash_at"), [
     ("delete", "key.revoked"), ("delete", "key.deleted_before_commit"),
     ("regenerate", "key.regenerated_before_row"),
@@ -288,6 +289,7 @@ def test_a_key_changing_its_own_password_cannot_break_its_deletion(
     assert not role_exists(admin_url, key.role)
 
 
+@pytest.mark.slow  # starts its own server
 def test_a_lock_held_during_cleanup_leaves_nothing_of_the_key_with_rights(
     account: Account, owner_sql: Callable[[Account, str], None],
     make_key: Callable[..., KeyHandle], login: Login, data_dir: Path,

@@ -75,6 +75,7 @@ def test_role_settings_made_by_a_client_do_not_reach_later_sessions(
         assert made.json()["rows"] == [{"ok": 1}], made.text
 
 
+@pytest.mark.slow  # starts its own server
 def test_start_up_and_the_cli_repair_tampered_roles(
     account: Account, reader: KeyHandle, admin_url: str, login: Login, data_dir: Path,
 ) -> None:

@@ -29,6 +29,9 @@ from tests.upgrade.previous_release import (
     release_available,
 )
 
+# each test starts its own server or cluster: out of the inner loop
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module", params=PREVIOUS_RELEASES, ids=lambda release: release[:7])
 def old(data_dir: Path, request: pytest.FixtureRequest) -> Iterator[OldInstallation]:
