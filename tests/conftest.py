@@ -73,6 +73,18 @@ def one_tls_context() -> Iterator[None]:
         yield
 
 
+@pytest.fixture
+def tmp_path() -> Iterator[Path]:
+    """A directory of the test's own, outside /tmp/pytest-of-USER: the PostgreSQL clusters
+    some tests start there run as another OS account, which must traverse its parents, and
+    each pytest session that starts on the machine takes the rights of group and others off
+    pytest-of-USER (_pytest/tmpdir.py): a cluster of a test running then failed its initdb
+    with 'Permission denied'."""
+    path = Path(tempfile.mkdtemp(prefix="gktmp-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="gkt-"))
