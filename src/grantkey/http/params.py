@@ -82,4 +82,7 @@ async def _form(request: Request, raw: bytes) -> dict[str, Any]:
         form = await Request(request.scope, replay).form()
     except Exception as error:  # the multipart parser raises several kinds
         raise BadInput(f"The request body is not a valid form: {error}") from None
-    return {key: value for key, value in form.items() if not isinstance(value, UploadFile)}
+    try:
+        return {key: value for key, value in form.items() if not isinstance(value, UploadFile)}
+    finally:
+        await form.close()  # an uploaded file's spooled temporary file: not left to the GC
