@@ -19,6 +19,7 @@ import psycopg
 import pytest
 
 from grantkey.cli.embedded import EmbeddedPostgres
+from grantkey.db.bootstrap import METADATA_MIGRATIONS
 from grantkey.db.migrations import USER_LATEST
 from grantkey.errors import SetupError
 from tests.support import ServerProcess
@@ -75,7 +76,8 @@ def test_a_data_directory_of_the_previous_release_is_upgraded_at_start(old: OldI
         database = httpx.get(sql, params={"api_key": old.master_token,
                                           "q": "SELECT current_database() AS d"}).json()
         user_database = database["rows"][0]["d"]
-        assert versions(old, "grantkey", "public.schema_migrations") == [1, 2, 3, 4, 5]
+        assert versions(old, "grantkey", "public.schema_migrations") == [
+            m.version for m in METADATA_MIGRATIONS]
         assert versions(old, user_database, "grantkey_meta.schema_migrations") == list(
             range(1, USER_LATEST + 1))
         # the storage quota's trigger reached the old table
