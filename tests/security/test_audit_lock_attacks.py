@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -34,6 +34,45 @@ def audit_rows(admin_url: str, username: str) -> list[dict[str, Any]]:
 @pytest.fixture
 def victim_and_attacker(make_account: Callable[[], Account]) -> tuple[Account, Account]:
     return make_account(), make_account()
+
+
+def deletion_time_under_a_flood(
+    run: Callable[[Any], Any], services: Services, victims_master: Any,
+    holder: psycopg.Connection[Any], attempt: Callable[[], Awaitable[Any]],
+) -> float:
+    """Seconds the victim's key `doomed` takes to be deleted while 16 tasks repeat the
+    attacker's `attempt` (each stalled on the rows `holder` keeps); inf after 20 s. The
+    holder is rolled back and closed at the end."""
+
+    async def attack() -> float:
+        stop = asyncio.Event()
+
+        async def flood() -> None:
+            while not stop.is_set():
+                try:
+                    await attempt()
+                except Exception:  # the attacker's own failures
+                    await asyncio.sleep(0.01)
+
+        floods = [asyncio.ensure_future(flood()) for _ in range(16)]
+        try:
+            await asyncio.sleep(1.5)  # every flooding attempt now waits on the held rows
+            started = time.monotonic()
+            try:
+                await asyncio.wait_for(services.keys.delete(victims_master, "doomed"), 20)
+            except TimeoutError:
+                return float("inf")
+            return time.monotonic() - started
+        finally:
+            stop.set()
+            holder.rollback()
+            await asyncio.wait(floods, timeout=30)
+
+    try:
+        took: float = run(attack())
+    finally:
+        holder.close()
+    return took
 
 
 # -- one tenant's locks against another's revocation -------------------------------------------
@@ -62,35 +101,9 @@ def test_privacy_changes_stalled_on_a_tenants_own_lock_do_not_block_another_tena
     holder.execute("GRANT USAGE ON SCHEMA public TO PUBLIC")
     holder.execute("ALTER TABLE held ADD COLUMN y int")
 
-    async def attack() -> float:
-        stop = asyncio.Event()
-
-        async def flood() -> None:
-            while not stop.is_set():
-                try:
-                    await services.datasets.set_privacy(attackers_master, "public", "held",
-                                                        "public")
-                except Exception:  # the attacker's own failures
-                    await asyncio.sleep(0.01)
-
-        floods = [asyncio.ensure_future(flood()) for _ in range(16)]
-        try:
-            await asyncio.sleep(1.5)  # every flooding change now waits on the held rows
-            started = time.monotonic()
-            try:
-                await asyncio.wait_for(services.keys.delete(victims_master, "doomed"), 20)
-            except TimeoutError:
-                return float("inf")
-            return time.monotonic() - started
-        finally:
-            stop.set()
-            holder.rollback()
-            await asyncio.wait(floods, timeout=30)
-
-    try:
-        took = run(attack())
-    finally:
-        holder.close()
+    took = deletion_time_under_a_flood(
+        run, services, victims_master, holder,
+        lambda: services.datasets.set_privacy(attackers_master, "public", "held", "public"))
     assert took < 3.0, took
     with pytest.raises(psycopg.OperationalError):
         doomed.connect()
@@ -124,34 +137,9 @@ def test_key_creations_stalled_on_a_tenants_own_lock_do_not_block_another_tenant
     grants = table_grants([("public", "held", ["select"])])
     counter = iter(range(10**6))
 
-    async def attack() -> float:
-        stop = asyncio.Event()
-
-        async def flood() -> None:
-            while not stop.is_set():
-                try:
-                    await services.keys.create(attackers_master, f"f{next(counter)}", grants)
-                except Exception:  # the attacker's own failures
-                    await asyncio.sleep(0.01)
-
-        floods = [asyncio.ensure_future(flood()) for _ in range(16)]
-        try:
-            await asyncio.sleep(1.5)
-            started = time.monotonic()
-            try:
-                await asyncio.wait_for(services.keys.delete(victims_master, "doomed"), 20)
-            except TimeoutError:
-                return float("inf")
-            return time.monotonic() - started
-        finally:
-            stop.set()
-            holder.rollback()
-            await asyncio.wait(floods, timeout=30)
-
-    try:
-        took = run(attack())
-    finally:
-        holder.close()
+    took = deletion_time_under_a_flood(
+        run, services, victims_master, holder,
+        lambda: services.keys.create(attackers_master, f"f{next(counter)}", grants))
     assert took < 3.0, took
     with pytest.raises(psycopg.OperationalError):
         doomed.connect()
