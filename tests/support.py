@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 
 TEST_SECRET = "test-secret-" + "0123456789abcdef" * 3
 
@@ -148,3 +149,17 @@ def table_grants(tables: list[tuple[str, str, list[str]]], apis: tuple[str, ...]
     if create_schemas:
         database["schemas"] = [{"name": s, "permissions": ["create"]} for s in create_schemas]
     return [{"type": "apis", "apis": list(apis)}, database]
+
+
+def end_backends(admin_url: str, *, role: str | None = None, database: str | None = None) -> None:
+    """Terminate the sessions of `role` (or of every key role in `database`) and wait until
+    their backends have exited: pg_terminate_backend alone only signals, and a query sent
+    before the backend acts on the signal reaches a session about to end, which "may have
+    run" (503). Waiting is what a restart or an idle reap gives the next request."""
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        ended = conn.execute(
+            "SELECT pg_catalog.pg_terminate_backend(pid, 10000) FROM pg_catalog.pg_stat_activity"
+            " WHERE usename <> current_user AND (%(role)s::text IS NULL OR usename = %(role)s)"
+            " AND (%(db)s::text IS NULL OR datname = %(db)s)", {"role": role, "db": database},
+        ).fetchall()
+    assert all(row[0] for row in ended), "a backend outlived its termination by 10 s"

@@ -20,7 +20,7 @@ import pytest
 
 from grantkey.cli.embedded import EmbeddedPostgres
 from tests.conftest import Account, Login
-from tests.support import ServerProcess, apis_only
+from tests.support import ServerProcess, apis_only, end_backends
 
 # each test starts its own server or cluster: out of the inner loop
 pytestmark = pytest.mark.slow
@@ -35,11 +35,9 @@ def test_sessions_postgresql_closed_are_replaced_not_answered_400(
     for _ in range(5):
         for key in (account.master_token, token, None):
             assert account.sql(http, "SELECT 1 AS a", key).status_code == 200
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                         "WHERE datname = %s AND usename <> current_user",
-                         [account.user.database])
-        time.sleep(0.2)  # their farewell has arrived: a query sent now cannot run there
+        # once the backends have exited their farewell has arrived: a query sent now
+        # cannot run there and must go to a fresh session
+        end_backends(admin_url, database=account.user.database)
         for key in (account.master_token, token, None):
             response = account.sql(http, "SELECT 1 AS a", key)
             assert response.status_code == 200, response.text

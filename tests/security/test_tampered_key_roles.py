@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from tests.conftest import Account, KeyHandle, Login
-from tests.support import ServerProcess, table_grants
+from tests.support import ServerProcess, end_backends, table_grants
 
 
 def fresh(account: Account, q: str, token: str | None) -> httpx.Response:
@@ -28,9 +28,7 @@ def fresh(account: Account, q: str, token: str | None) -> httpx.Response:
 
 def end_sessions(admin_url: str, role: str) -> None:
     """Pooled sessions would hide the change: end them, as a restart or an idle reap would."""
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
-                     [role])
+    end_backends(admin_url, role=role)
 
 
 @pytest.fixture
