@@ -109,21 +109,15 @@ def test_privacy_changes_stalled_on_a_tenants_own_lock_do_not_block_another_tena
         doomed.connect()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pre-existing (fails at 1ab4da1, before the events seam): a key creation holds a "
-    "metadata connection for the user's key lock while its GRANT waits on the master's "
-    "held catalog row, and creations queued on the lock hold one each; 16 of them take the "
-    "process's 8 and another tenant's deletion fails on the pool's 10 s timeout. A fix "
-    "bounds how long key management may hold the shared pool (a lock_timeout on the user "
-    "database's work, or the key lock taken outside the pool): not a minimal change"))
 def test_key_creations_stalled_on_a_tenants_own_lock_do_not_block_another_tenants_revocation(
     victim_and_attacker: tuple[Account, Account], make_key: MakeKey, owner_sql: OwnerSql,
     services: Services, box: SecretBox, run: Callable[[Any], Any],
 ) -> None:
-    """The same attack through key creation: each creation holds a metadata connection for
-    the user's key lock while it works in the user's database, where its GRANT on a table
-    waits on the master's held catalog row; the creations queued behind the lock hold one
-    each too."""
+    """The same attack through key creation: a creation holds a metadata connection for the
+    user's key lock while it works in the user's database, where its GRANT on a table waits
+    on the master's held catalog row. The creations queued behind it must not hold one each
+    (16 of them took the process's 8, and the victim's deletion failed on the pool's 10 s
+    timeout): they queue in the process, holding nothing."""
     victim, attacker = victim_and_attacker
     owner_sql(attacker, "CREATE TABLE held (x int)")
     doomed = make_key(victim, "doomed", apis_only("sql"))

@@ -41,6 +41,7 @@ from grantkey.services.events import (
     KeyDeleted,
     KeyRegenerated,
 )
+from grantkey.services.keyed_locks import KeyedLocks
 from grantkey.services.revocation import Revoker
 
 NO_GUARD_MESSAGE = (
@@ -94,6 +95,7 @@ class KeyService:
         self.revoker = revoker
         self.store_tokens = store_tokens
         self.max_keys_per_user = max_keys_per_user
+        self._queued = KeyedLocks()
 
     def _token_of(self, record: KeyRecord) -> str | None:
         return readable_token(self.box, record)
@@ -203,8 +205,10 @@ class KeyService:
     async def _key_lock(self, user: User) -> AsyncIterator[AdminConnection]:
         """One user's key changes, one at a time; the lock lives in the metadata database,
         out of every client's reach, and is held until the block ends (in the transaction
-        it yields)."""
-        async with self.cluster.metadata() as meta:
+        it yields). The changes of one user queue in this process first, holding nothing:
+        however many wait (on a catalog row the user's own session keeps, say), one user
+        holds one metadata connection here, not the pool every tenant's revocation needs."""
+        async with self._queued.hold(user.id), self.cluster.metadata() as meta:
             await revocation_store.lock_user_keys(meta, user.id)
             yield meta
 
