@@ -35,10 +35,15 @@ def machine() -> dict[str, str]:
 
 
 def write_result(name: str, lines: list[str]) -> Path:
-    """Print a benchmark's report and keep it as bench/results/<name>-<date>.md."""
+    """Print a benchmark's report and keep it as bench/results/<name>-<date>.md, or
+    <name>-<date>-run<N>.md when a run of the same day is already kept (never over it)."""
     text = "\n".join(lines) + "\n"
     print(text)
-    out = Path(__file__).parent / "results" / f"{name}-{time.strftime('%Y-%m-%d')}.md"
+    stem = Path(__file__).parent / "results" / f"{name}-{time.strftime('%Y-%m-%d')}"
+    out, run = stem.with_name(stem.name + ".md"), 1
+    while out.exists():
+        run += 1
+        out = stem.with_name(f"{stem.name}-run{run}.md")
     out.write_text(text)
     print(f"written to {out}")
     return out
