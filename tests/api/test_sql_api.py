@@ -115,6 +115,15 @@ def test_paging_is_zero_based(http: httpx.Client, city: Account) -> None:
     assert [r["id"] for r in second["rows"]] == [3]
 
 
+def test_a_trailing_line_comment_does_not_swallow_the_page(
+    http: httpx.Client, city: Account,
+) -> None:
+    q = "SELECT id FROM cities ORDER BY id -- the first two"
+    paged = city.sql(http, q, city.master_token, rows_per_page=2, page=0)
+    assert paged.status_code == 200, paged.text
+    assert [r["id"] for r in paged.json()["rows"]] == [1, 2]
+
+
 def test_jsonp_success_and_error(http: httpx.Client, city: Account) -> None:
     ok = city.sql(http, "SELECT 1 AS x", city.master_token, callback="cb")
     assert ok.status_code == 200 and ok.text.startswith('cb({"rows":[{"x":1}]')

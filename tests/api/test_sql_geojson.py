@@ -101,6 +101,14 @@ def test_geojson_is_a_feature_collection_with_dp(geo: tuple[str, str]) -> None:
     assert response.headers["content-disposition"] == "attachment; filename=cartodb-query.geojson"
 
 
+def test_geojson_of_a_query_ending_in_a_line_comment(geo: tuple[str, str]) -> None:
+    url, token = geo
+    response = httpx.get(url, params={"q": "SELECT * FROM places WHERE id = 1 -- one",
+                                      "api_key": token, "format": "geojson"})
+    assert response.status_code == 200, response.text
+    assert [f["properties"]["id"] for f in response.json()["features"]] == [1]
+
+
 def test_geometry_fields_describe_type_and_srid(geo: tuple[str, str]) -> None:
     url, token = geo
     body = httpx.get(url, params={"q": "SELECT the_geom FROM places", "api_key": token}).json()

@@ -10,14 +10,16 @@ from psycopg import sql
 
 def wrap(query: str, *, geojson: tuple[int, str] | None = None,
          page: tuple[int, int] | None = None) -> str:
-    """`geojson`: (decimal places, name of the added column); `page`: (limit, offset)."""
+    """`geojson`: (decimal places, name of the added column); `page`: (limit, offset).
+    The client's text ends on a line of its own: a `--` comment at its end must not swallow
+    the closing parenthesis."""
     composed: sql.Composable = sql.SQL(query)
     if geojson is not None:
         digits, column = geojson
-        composed = sql.SQL("SELECT *, ST_AsGeoJSON(the_geom, {}) AS {} FROM ({}) AS cdbq").format(
+        composed = sql.SQL("SELECT *, ST_AsGeoJSON(the_geom, {}) AS {} FROM ({}\n) AS cdbq").format(
             sql.Literal(digits), sql.Identifier(column), composed)
     if page is not None:
         limit, offset = page
-        composed = sql.SQL("SELECT * FROM ({}) AS cdbq LIMIT {} OFFSET {}").format(
+        composed = sql.SQL("SELECT * FROM ({}\n) AS cdbq LIMIT {} OFFSET {}").format(
             composed, sql.Literal(limit), sql.Literal(offset))
     return composed.as_string(None)
