@@ -224,6 +224,9 @@ class Settings:
     pg_shared_buffers: str | None = field(default=None, metadata=row(  # None: from the machine
         "GRANTKEY_PG_SHARED_BUFFERS", LIMITED_SIZE,
         "The embedded cluster's shared_buffers.", for_workers=False))
+    pg_bin_dir: Path | None = field(default=None, metadata=row(  # None: chosen (pg_binaries)
+        "GRANTKEY_PG_BIN_DIR", DIRECTORY,
+        "The PostgreSQL binaries that run the embedded cluster.", for_workers=False))
     sql_user_share: float = field(default=0.75, metadata=row(
         "GRANTKEY_SQL_USER_SHARE", SHARE,
         "Most of GRANTKEY_SQL_MAX_CONNECTIONS all the keys of one user together may hold at "

@@ -16,6 +16,7 @@ import psycopg
 import pytest
 
 from grantkey.cli.embedded import EmbeddedPostgres
+from grantkey.cli.pg_binaries import RECORD, system_candidates
 from tests.support import ServerProcess
 
 COMMANDS = [[], ["serve"], ["users"], ["users", "create"], ["users", "list"],
@@ -111,6 +112,39 @@ def test_the_server_works_as_a_routine_admin_that_is_not_a_superuser(
     assert routine == (False, True, True)
     assert "grantkey_app" in logins
     assert {name for name in logins if not name.startswith("gk_")} == {"grantkey_app"}, logins
+
+
+@pytest.mark.slow  # starts its own server
+def test_serve_runs_a_postgresql_with_postgis_when_the_machine_has_one(
+    embedded_server: ServerProcess, embedded_dir: Path
+) -> None:
+    """A fresh data directory gets the system's PostgreSQL with PostGIS (CI installs it:
+    GRANTKEY_REQUIRE_POSTGIS=1), records it, says so at start and in /health, and a new
+    user's key runs PostGIS SQL; without one, the wheel's, said just as plainly."""
+    with_postgis = [b for b in system_candidates() if b.postgis]
+    if os.environ.get("GRANTKEY_REQUIRE_POSTGIS") == "1":
+        assert with_postgis, "CI installs postgresql-15-postgis-3"
+    log = embedded_server.log_path.read_text()
+    health = httpx.get(embedded_server.url + "/health").json()
+    if not with_postgis:
+        assert "no PostGIS (Debian/Ubuntu: apt-get install postgresql-15-postgis-3" in log
+        assert health["postgis"] is False
+        return
+    newest = with_postgis[0]
+    assert f"PostgreSQL {newest.major} from {newest.bin}: PostGIS available" in log
+    assert health["postgis"] is True
+    assert (embedded_dir / RECORD).read_text().strip() == str(newest.bin)
+    assert (embedded_dir / "pg" / "PG_VERSION").read_text().strip() == newest.major
+    created = cli("users", "create", "mapper", "--json", data_dir=embedded_dir)
+    assert created.returncode == 0, created.stderr
+    try:
+        point = httpx.get(f"{embedded_server.url}/user/mapper/api/v2/sql", params={
+            "q": "SELECT ST_AsText(ST_MakePoint(1, 2)) AS p",
+            "api_key": json.loads(created.stdout)["master_token"]})
+        assert point.status_code == 200, point.text
+        assert point.json()["rows"] == [{"p": "POINT(1 2)"}]
+    finally:
+        assert cli("users", "delete", "mapper", "--yes", data_dir=embedded_dir).returncode == 0
 
 
 @pytest.mark.slow  # starts its own server

@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from grantkey.cli.embedded import ROUTINE_ROLE, EmbeddedPostgres, sizing
+from grantkey.cli.pg_binaries import choose_binaries
 from grantkey.errors import (
     BadInput,
     GrantkeyError,
@@ -85,6 +86,13 @@ def fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
+def embedded_cluster(settings: Settings) -> EmbeddedPostgres:
+    """The embedded cluster under the data directory, run by its binaries (pg_binaries)."""
+    binaries = choose_binaries(settings.data_dir, settings.pg_bin_dir)
+    return EmbeddedPostgres(settings.data_dir, bin_dir=binaries.bin, binaries=binaries,
+                            size=sizing(settings.pg_max_connections, settings.pg_shared_buffers))
+
+
 @contextlib.contextmanager
 def reach_cluster(settings: Settings, *, keep_running: bool = False) -> Iterator[Settings]:
     """Settings with a database URL: the embedded cluster is started if needed.
@@ -95,8 +103,7 @@ def reach_cluster(settings: Settings, *, keep_running: bool = False) -> Iterator
     if settings.database_url:
         yield settings
         return
-    embedded = EmbeddedPostgres(
-        settings.data_dir, size=sizing(settings.pg_max_connections, settings.pg_shared_buffers))
+    embedded = embedded_cluster(settings)
     if not embedded.is_initialised():  # a mistyped --data-dir must not make a new cluster
         fail(f"{settings.data_dir} holds no grantkey data directory: check --data-dir (or "
              "GRANTKEY_DATA_DIR), or run `grantkey serve` once to create it there", 2)

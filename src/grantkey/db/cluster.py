@@ -100,6 +100,7 @@ class Cluster:
         self.superuser_url = superuser_url
         self._max_user_pools = max_user_pools
         self._metadata: AsyncConnectionPool[AdminConnection] | None = None
+        self._postgis: bool | None = None
         self._user_pools: OrderedDict[str, AsyncConnectionPool[AdminConnection]] = OrderedDict()
         self._pools_lock = asyncio.Lock()
         self.down_since: float | None = None  # set by `watch_forever` while unreachable
@@ -151,6 +152,19 @@ class Cluster:
         """Returns if the metadata database answers; DatabaseUnavailable otherwise."""
         async with self.metadata() as conn:
             await conn.execute("SELECT 1")
+
+    async def postgis_available(self) -> bool:
+        """Can user databases have PostGIS (is the extension installed on the server)?
+        Asked once per process: the answer changes only with the server's packages."""
+        if self._postgis is None:
+            async with self.metadata() as conn:
+                cur = await conn.execute(
+                    "SELECT EXISTS (SELECT FROM pg_catalog.pg_available_extensions "
+                    "WHERE name = 'postgis') AS available")
+                row = await cur.fetchone()
+            assert row is not None
+            self._postgis = bool(row["available"])
+        return self._postgis
 
     async def max_connections(self) -> int:
         """PostgreSQL's max_connections."""

@@ -39,12 +39,15 @@ log = logging.getLogger("grantkey.server")
 
 async def health(request: Request) -> Response:
     """Ready: this process can serve (PostgreSQL answers). `/health` and `/health/ready`."""
+    cluster = services_of(request).cluster
     try:
-        await services_of(request).cluster.ping()
+        await cluster.ping()
+        postgis = await cluster.postgis_available()
     except DatabaseUnavailable:
         return json_response({"status": "unavailable", "postgres": "unreachable"}, 503,
                              {"Retry-After": RETRY_AFTER})
-    return json_response({"status": "ok", "postgres": "ok", "version": __version__})
+    return json_response({"status": "ok", "postgres": "ok", "postgis": postgis,
+                          "version": __version__})
 
 
 async def live(request: Request) -> Response:

@@ -171,6 +171,8 @@ SCHEMAS: dict[str, Any] = {
     "Health": {
         "type": "object", "required": ["status", "postgres"],
         "properties": {"status": {"type": "string"}, "postgres": {"type": "string"},
+                       "postgis": {"type": "boolean",
+                                   "description": "Whether user databases can have PostGIS."},
                        "version": {"type": "string"}},
     },
 }
