@@ -19,7 +19,7 @@ from psycopg.rows import dict_row
 from grantkey.domain.secrets_box import SecretBox
 from grantkey.services.container import Services
 from tests.conftest import Account, KeyHandle, builtin_handle
-from tests.support import apis_only, table_grants
+from tests.support import apis_only, end_backends, table_grants
 
 MakeKey = Callable[[Account, str, Any], KeyHandle]
 OwnerSql = Callable[[Account, str], None]
@@ -134,6 +134,47 @@ def test_key_creations_stalled_on_a_tenants_own_lock_do_not_block_another_tenant
     took = deletion_time_under_a_flood(
         run, services, victims_master, holder,
         lambda: services.keys.create(attackers_master, f"f{next(counter)}", grants))
+    assert took < 3.0, took
+    with pytest.raises(psycopg.OperationalError):
+        doomed.connect()
+
+
+def test_tampered_logins_waiting_on_a_stalled_key_lock_do_not_block_another_tenants_revocation(
+    victim_and_attacker: tuple[Account, Account], make_key: MakeKey, owner_sql: OwnerSql,
+    services: Services, box: SecretBox, run: Callable[[Any], Any], admin_url: str,
+) -> None:
+    """The same attack through the role repair (found reviewing the queue above): a key
+    whose role's password its own client changed finds its login refused, and the repair
+    waits for the user's key lock, which a key creation stalled on the held catalog row
+    keeps. Each such request must wait without holding a metadata connection."""
+    victim, attacker = victim_and_attacker
+    owner_sql(attacker, "CREATE TABLE held (x int)")
+    doomed = make_key(victim, "doomed", apis_only("sql"))
+    tampered = make_key(attacker, "tampered", apis_only("sql"))
+    with tampered.connect() as conn:
+        conn.execute("ALTER ROLE CURRENT_USER PASSWORD 'changed by its client'")
+    end_backends(admin_url, role=tampered.role)
+    master = builtin_handle(services, box, attacker, attacker.user.owner_role,
+                            attacker.master_token)
+    attackers_master = run(services.keys.master_principal(attacker.user))
+    victims_master = run(services.keys.master_principal(victim.user))
+    tampered_key = run(services.resolver.resolve(attacker.user, tampered.token, fresh=True))
+    holder = psycopg.connect(master.conninfo)
+    holder.execute("GRANT USAGE ON SCHEMA public TO PUBLIC")
+    holder.execute("ALTER TABLE held ADD COLUMN y int")
+    grants = table_grants([("public", "held", ["select"])])
+    counter = iter(range(10**6))
+
+    async def query() -> None:
+        running = await services.sql.start(tampered_key, "SELECT 1 AS a")
+        await running.aclose()
+
+    async def attempt() -> None:  # one creation keeps the lock; the queries queue for it
+        await asyncio.gather(
+            services.keys.create(attackers_master, f"f{next(counter)}", grants),
+            *(query() for _ in range(4)), return_exceptions=True)
+
+    took = deletion_time_under_a_flood(run, services, victims_master, holder, attempt)
     assert took < 3.0, took
     with pytest.raises(psycopg.OperationalError):
         doomed.connect()

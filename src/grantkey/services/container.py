@@ -8,6 +8,7 @@ from grantkey.db.role_pools import RolePools
 from grantkey.domain.secrets_box import SecretBox
 from grantkey.services.datasets import DatasetService
 from grantkey.services.events import Events, KeyCreated, KeyRevoked, UserDeleted
+from grantkey.services.keyed_locks import KeyedLocks
 from grantkey.services.keys import KeyService
 from grantkey.services.repair import RoleRepair
 from grantkey.services.resolver import KeyResolver
@@ -29,9 +30,12 @@ class Services:
                                  cache_size=settings.key_cache_size,
                                  storage_quota=settings.storage_quota)
         self.revoker = Revoker(self.cluster, self.cache, self.events)
+        # every holder of a user's key lock queues here first (keys, role repair)
+        key_queue = KeyedLocks()
         self.keys = KeyService(
             self.cluster, box, self.revoker, self.events,
             store_tokens=settings.store_tokens, max_keys_per_user=settings.max_keys_per_user,
+            queue=key_queue,
         )
         self.resolver = KeyResolver(self.cluster, self.cache)
         self.pools = RolePools(settings.sql_max_connections or DEFAULT_SQL_MAX_CONNECTIONS,
@@ -45,7 +49,7 @@ class Services:
                               target_cache_size=settings.key_cache_size)
         self.revoker.forget_role = self.sql.forget_role
         self.datasets = DatasetService(self.cluster, self.events)
-        self.repair = RoleRepair(self.cluster, box)
+        self.repair = RoleRepair(self.cluster, box, key_queue)
         self.sql.repair = self.repair
         self._subscribe()
 

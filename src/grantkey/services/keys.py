@@ -87,7 +87,7 @@ def readable_token(box: SecretBox, record: KeyRecord) -> str | None:
 class KeyService:
     def __init__(
         self, cluster: Cluster, box: SecretBox, revoker: Revoker, events: Events, *,
-        store_tokens: bool, max_keys_per_user: int,
+        store_tokens: bool, max_keys_per_user: int, queue: KeyedLocks | None = None,
     ) -> None:
         self.cluster = cluster
         self.events = events
@@ -95,7 +95,7 @@ class KeyService:
         self.revoker = revoker
         self.store_tokens = store_tokens
         self.max_keys_per_user = max_keys_per_user
-        self._queued = KeyedLocks()
+        self._queued = queue if queue is not None else KeyedLocks()
 
     def _token_of(self, record: KeyRecord) -> str | None:
         return readable_token(self.box, record)

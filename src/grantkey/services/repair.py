@@ -19,6 +19,7 @@ from grantkey.db.cluster import AdminConnection, Cluster
 from grantkey.domain.keys import KEY_TYPES, Principal, User
 from grantkey.domain.secrets_box import SecretBox
 from grantkey.domain.tokens import digest
+from grantkey.services.keyed_locks import KeyedLocks
 from grantkey.services.keys import readable_token
 
 log = logging.getLogger("grantkey.repair")
@@ -31,14 +32,17 @@ class RepairReport:
 
 
 class RoleRepair:
-    def __init__(self, cluster: Cluster, box: SecretBox) -> None:
+    def __init__(self, cluster: Cluster, box: SecretBox,
+                 queue: KeyedLocks | None = None) -> None:
         self.cluster = cluster
         self.box = box
+        # the queue KeyService uses: waiting for a user's key lock holds no connection
+        self._queued = queue if queue is not None else KeyedLocks()
 
     async def restore_login(self, principal: Principal) -> bool:
         """After a refused login: True if the key is valid and its role was restored."""
         user = principal.user
-        async with self.cluster.metadata() as meta:
+        async with self._queued.hold(user.id), self.cluster.metadata() as meta:
             await store.lock_user_keys(meta, user.id)
             async with self.cluster.user_database(user.database) as conn:
                 record = await key_store.find_by_digest(conn, digest(principal.token))
@@ -56,7 +60,7 @@ class RoleRepair:
         """Every key of a user: password from its token (where the token is known), and
         role settings reset. The CLI's `grantkey users repair`."""
         report = RepairReport()
-        async with self.cluster.metadata() as meta:
+        async with self._queued.hold(user.id), self.cluster.metadata() as meta:
             await store.lock_user_keys(meta, user.id)
             async with self.cluster.user_database(user.database) as conn:
                 _, records = await key_store.list_keys(
