@@ -134,7 +134,7 @@ def test_the_service_composes_paging_and_geojson() -> None:
     query = "SELECT * FROM t;"
     assert composed_query(query) == query  # as it came, byte for byte
     assert composed_query(query, page=Page(10, 2)) == (
-        "SELECT * FROM (SELECT * FROM t) AS cdbq LIMIT 10 OFFSET 20")
+        "SELECT * FROM (SELECT * FROM t\n) AS cdbq LIMIT 10 OFFSET 20")  # own line: a -- ends
     assert composed_query("INSERT INTO t VALUES (1)", page=Page(10, 2)) == (
         "INSERT INTO t VALUES (1)")  # only a SELECT (or WITH) is paged
     assert '"__grantkey_geojson"' in composed_query(query, geojson_digits=3)
