@@ -84,6 +84,37 @@ def test_new_user_databases_get_postgis(geo: tuple[str, str]) -> None:
     assert response.status_code == 200 and response.json()["rows"][0]["v"]
 
 
+def test_a_user_database_without_postgis_on_a_server_with_it_is_400_saying_so(
+    geo: tuple[str, str], postgis_cluster: str, data_dir: Path,
+) -> None:
+    settings = Settings(data_dir=data_dir, database_url=postgis_cluster, secret=TEST_SECRET)
+
+    async def users(action: str) -> str:
+        services = Services(settings, postgis_cluster)
+        await services.open()
+        try:
+            if action == "create":
+                return (await services.users.create("flat")).master_token
+            await services.users.delete("flat")
+            return ""
+        finally:
+            await services.close()
+
+    token = asyncio.run(users("create"))
+    try:
+        with psycopg.connect(postgis_cluster, dbname="grantkey") as conn:
+            row = conn.execute("SELECT database FROM users WHERE username = 'flat'").fetchone()
+        assert row is not None
+        with psycopg.connect(postgis_cluster, dbname=row[0], autocommit=True) as conn:
+            conn.execute("DROP EXTENSION postgis")  # as a database made before PostGIS was
+        url = geo[0].replace("/user/geo/", "/user/flat/")
+        response = httpx.get(url, params={"q": "SELECT 1", "api_key": token, "format": "geojson"})
+        assert response.status_code == 400
+        assert "this user's database does not have" in response.json()["error"][0]
+    finally:
+        asyncio.run(users("delete"))
+
+
 def test_geojson_is_a_feature_collection_with_dp(geo: tuple[str, str]) -> None:
     url, token = geo
     response = httpx.get(url, params={"q": "SELECT * FROM places ORDER BY id", "api_key": token,

@@ -150,6 +150,13 @@ class RunningQuery:
         await _shielded(_release(self._pools, execution, self._target, self._conn))
 
 
+NO_POSTGIS = (
+    "format=geojson needs PostGIS, which is not installed on this server: on Debian/Ubuntu, "
+    "apt-get install postgresql-postgis, then run grantkey on a new data directory (a "
+    "data directory keeps the PostgreSQL that made it) or with GRANTKEY_PG_BIN_DIR naming a "
+    "PostgreSQL of the same major version that has PostGIS")
+
+
 class SqlService:
     def __init__(
         self, cluster: Cluster, pools: RolePools, resolver: KeyResolver, box: SecretBox, *,
@@ -211,9 +218,13 @@ class SqlService:
 
     async def require_postgis(self, user: User) -> None:
         async with self.cluster.user_database(user.database) as conn:
-            if not await has_postgis(conn):
-                raise BadInput("format=geojson needs PostGIS, which is not installed in this "
-                               "user's database")
+            if await has_postgis(conn):
+                return
+        if await self.cluster.postgis_available():
+            raise BadInput("format=geojson needs PostGIS, which this user's database does not "
+                           "have (it was made before PostGIS was installed on the server, or "
+                           "with no superuser to install it)")
+        raise BadInput(NO_POSTGIS)
 
     async def _start(self, principal: Principal, query: str, params: Sequence[Any] | None,
                      quota: tuple[QuotaKeeper, str] | None) -> RunningQuery:
