@@ -15,7 +15,8 @@ from grantkey.domain.keys import Principal
 from grantkey.domain.tokens import digest
 from grantkey.errors import Unauthorized
 from grantkey.services.container import Services
-from grantkey.services.notifications import listen_for_revocations
+from grantkey.services.events import payload_role
+from grantkey.services.notifications import _apply, listen_for_revocations
 from tests.conftest import Account, KeyHandle
 from tests.support import ServerProcess, apis_only
 
@@ -169,3 +170,29 @@ def test_a_revoked_keys_derived_password_leaves_every_process_memory(
         return gone_here, gone_elsewhere
 
     assert run(scenario()) == (True, True)
+
+
+def test_another_process_applying_a_regenerate_spares_the_new_tokens_sessions(
+    account: Account, services: Services, run: Callable[[Awaitable[Any]], Any],
+    make_key: Callable[..., KeyHandle], admin_url: str,
+) -> None:
+    """Every process ends a revoked role's sessions on the NOTIFY (the revoking one may have
+    died after its commit). A regenerated key keeps its role: by the time another process
+    reads the notice, the new token may already be in use there, and those sessions must
+    live (a CI run saw one answered 503 "session ended during the query"); the sessions
+    opened before the regenerate still end."""
+    key = make_key(account, "rolled", apis_only("sql"))
+    with psycopg.connect(admin_url, dbname="grantkey", autocommit=True) as listener, \
+            key.connect() as old_session:
+        listener.execute("LISTEN grantkey_keys")
+        master = run(services.keys.master_principal(account.user))
+        new_token = run(services.keys.regenerate(master, "rolled")).token
+        notice = next(listener.notifies(timeout=10, stop_after=1)).payload
+        assert payload_role(notice) is not None
+        target = services.sql.target_for(run(services.resolver.resolve(
+            account.user, new_token, fresh=True)))
+        with psycopg.connect(target.conninfo, autocommit=True) as new_session:
+            run(_apply(services, notice))  # what another process does with the notice
+            assert new_session.execute("SELECT 1").fetchone() == (1,)
+        with pytest.raises(psycopg.OperationalError):
+            old_session.execute("SELECT 1")

@@ -13,8 +13,17 @@ from grantkey.db.cluster import AdminConnection
 from grantkey.errors import DatabaseUnavailable
 
 
-async def notify(meta: AdminConnection, channel: str, payload: str) -> None:
-    """Delivered when (and only if) the transaction commits."""
+async def notify(meta: AdminConnection, channel: str, payload: str, *,
+                 stamped: bool = False) -> None:
+    """Delivered when (and only if) the transaction commits. `stamped`: the payload gets
+    `:<PostgreSQL's clock now, epoch seconds>` (sessions that started later are not the
+    ones the change was about: see `sessions.terminate_role_sessions`)."""
+    if stamped:
+        cur = await meta.execute(
+            "SELECT pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()) AS now")
+        row = await cur.fetchone()
+        assert row is not None
+        payload = f"{payload}:{float(row['now'])!r}"
     await meta.execute("SELECT pg_catalog.pg_notify(%s, %s)", [channel, payload])
 
 

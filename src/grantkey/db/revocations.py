@@ -166,9 +166,10 @@ async def forget_pending(meta: AdminConnection, role: str) -> None:
     await meta.execute("DELETE FROM public.revocations WHERE role = %s", [role])
 
 
-async def terminate_sessions(conn: AdminConnection, oid: int) -> None:
+async def terminate_sessions(conn: AdminConnection, oid: int,
+                             started_before: float | None = None) -> None:
     """By OID: once a role is dropped, pg_stat_activity no longer shows its name."""
-    await sessions.terminate_role_sessions(conn, [oid])
+    await sessions.terminate_role_sessions(conn, [oid], started_before)
 
 
 # Objects a key owns in its own database that are code someone else could run, and how to

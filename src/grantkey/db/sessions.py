@@ -15,12 +15,17 @@ async def terminate_backend(conn: Conn, pid: int) -> None:
     await conn.execute("SELECT pg_catalog.pg_terminate_backend(%s)", [pid])
 
 
-async def terminate_role_sessions(conn: Conn, oids: list[int]) -> None:
+async def terminate_role_sessions(conn: Conn, oids: list[int],
+                                  started_before: float | None = None) -> None:
     """Every session of these roles, by OID: once a role is dropped, pg_stat_activity no
-    longer shows its name."""
+    longer shows its name. `started_before` (epoch seconds, PostgreSQL's clock): only the
+    sessions that logged in before it (a regenerated key's role logs in again with the new
+    token, and those sessions must live)."""
     await conn.execute(
         "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity "
-        "WHERE usesysid = ANY(%s::oid[])", [oids])
+        "WHERE usesysid = ANY(%(oids)s::oid[]) AND (%(before)s::float8 IS NULL "
+        "OR backend_start < pg_catalog.to_timestamp(%(before)s::float8))",
+        {"oids": oids, "before": started_before})
 
 
 async def type_names(conn: Conn, oids: list[int]) -> dict[int, str]:

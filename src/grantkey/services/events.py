@@ -202,7 +202,7 @@ class Events:
             key_name=event.key_name, detail=event.detail()))
         message = event.notification()
         if message is not None:
-            await notify(meta, CHANNEL, message)
+            await notify(meta, CHANNEL, message, stamped=isinstance(event, KeyRevoked))
 
     async def deliver(self, event: Event) -> None:
         """After the commit: every subscriber of the event, in the order they subscribed.
@@ -247,9 +247,16 @@ def deleted_username(message: str) -> str | None:
     return message[len(USER_DELETED):] if message.startswith(USER_DELETED) else None
 
 
-def payload_role(message: str) -> tuple[str, str, int] | None:
-    """(database, role, role OID) named by a payload, if it names them."""
+def payload_role(message: str) -> tuple[str, str, int, float | None] | None:
+    """(database, role, role OID, when the revocation was recorded: epoch seconds of
+    PostgreSQL's clock, if stamped) named by a payload, if it names them."""
     parts = message.split(":")
-    if len(parts) != 5 or not parts[4].isascii() or not parts[4].isdigit():
+    if len(parts) not in (5, 6) or not parts[4].isascii() or not parts[4].isdigit():
         return None
-    return parts[2], parts[3], int(parts[4])
+    stamp = None
+    if len(parts) == 6:
+        try:
+            stamp = float(parts[5])
+        except ValueError:
+            return None
+    return parts[2], parts[3], int(parts[4]), stamp

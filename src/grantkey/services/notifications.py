@@ -49,12 +49,15 @@ async def _apply(services: Services, payload: str) -> None:
     services.cache.evict_payload(payload)
     target = payload_role(payload)
     if target is not None:
-        database, role, oid = target
+        database, role, oid, recorded_at = target
         services.sql.forget_role(database, role)
         await services.pools.discard_role(database, role)
         # the revoking process may have died right after its commit: end the role's
-        # sessions from here too (every process does; it is idempotent)
-        await services.revoker.end_sessions(oid)
+        # sessions from here too (every process does; it is idempotent) — only those that
+        # logged in before the revocation was recorded: by now a regenerated key's new
+        # token may be in use, in sessions of the same role (the revoking process itself
+        # ends them all, right after its commit, before anyone has the new token)
+        await services.revoker.end_sessions(oid, started_before=recorded_at)
 
 
 async def _end_pending_revocations(services: Services) -> None:

@@ -143,12 +143,13 @@ class Revoker:
         except CLEANUP_ERRORS as error:
             log.warning("a revoked token's tombstone stays: %s", error)
 
-    async def end_sessions(self, role_oid: int) -> None:
-        """Terminate every session of a role, cluster-wide. Never raises (every process
-        does it on the NOTIFY too, and the cleanup again)."""
+    async def end_sessions(self, role_oid: int, started_before: float | None = None) -> None:
+        """Terminate every session of a role (that started before `started_before`),
+        cluster-wide. Never raises (every process does it on the NOTIFY too, and the
+        cleanup again)."""
         try:
             async with self.cluster.metadata() as conn:
-                await store.terminate_sessions(conn, role_oid)
+                await store.terminate_sessions(conn, role_oid, started_before)
         except CLEANUP_ERRORS as error:
             log.warning("could not end the sessions of a revoked role: %s", error)
 
