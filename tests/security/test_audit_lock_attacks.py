@@ -9,6 +9,7 @@ import asyncio
 import concurrent.futures
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -77,9 +78,51 @@ def deletion_time_under_a_flood(
 
 # -- one tenant's locks against another's revocation -------------------------------------------
 
+@dataclass
+class Stall:
+    """The attacker's master and table `held`, the victim's key `doomed`, and each master's
+    principal; `hold()` opens the attacker's session holding the catalog rows."""
+
+    attacker: Account
+    doomed: KeyHandle
+    attackers_master: Any
+    victims_master: Any
+    conninfo: str
+
+    def hold(self) -> psycopg.Connection[Any]:
+        holder = psycopg.connect(self.conninfo)
+        # uncommitted: the schema's and the table's catalog rows stay held (every privacy
+        # change grants USAGE on the schema first, then SELECT on the table)
+        holder.execute("GRANT USAGE ON SCHEMA public TO PUBLIC")
+        holder.execute("ALTER TABLE held ADD COLUMN y int")
+        return holder
+
+
+@pytest.fixture
+def stall(victim_and_attacker: tuple[Account, Account], make_key: MakeKey, owner_sql: OwnerSql,
+          services: Services, box: SecretBox, run: Callable[[Any], Any]) -> Stall:
+    victim, attacker = victim_and_attacker
+    owner_sql(attacker, "CREATE TABLE held (x int)")
+    doomed = make_key(victim, "doomed", apis_only("sql"))
+    master = builtin_handle(services, box, attacker, attacker.user.owner_role,
+                            attacker.master_token)
+    return Stall(attacker, doomed, run(services.keys.master_principal(attacker.user)),
+                 run(services.keys.master_principal(victim.user)), master.conninfo)
+
+
+def assert_revocation_unblocked(stall: Stall, services: Services, run: Callable[[Any], Any],
+                                attempt: Callable[[], Awaitable[Any]]) -> None:
+    """The victim's key deletion takes under 3 s while the attacker floods `attempt`
+    against its own held rows, and the deleted key's role logs in no more."""
+    took = deletion_time_under_a_flood(run, services, stall.victims_master, stall.hold(),
+                                       attempt)
+    assert took < 3.0, took
+    with pytest.raises(psycopg.OperationalError):
+        stall.doomed.connect()
+
+
 def test_privacy_changes_stalled_on_a_tenants_own_lock_do_not_block_another_tenants_revocation(
-    victim_and_attacker: tuple[Account, Account], make_key: MakeKey, owner_sql: OwnerSql,
-    services: Services, box: SecretBox, run: Callable[[Any], Any],
+    stall: Stall, services: Services, run: Callable[[Any], Any],
 ) -> None:
     """A master holds its schema's and table's catalog rows (an uncommitted `GRANT` and
     `ALTER TABLE`, as any SQL API request may within its time limit, 25 s by default) and
@@ -88,80 +131,38 @@ def test_privacy_changes_stalled_on_a_tenants_own_lock_do_not_block_another_tena
     metadata pool: 8 per process), or the victim's key deletion waits out the pool's 10 s
     timeout. In one process (the services the server's workers run), so that the flood and
     the deletion surely share one pool."""
-    victim, attacker = victim_and_attacker
-    owner_sql(attacker, "CREATE TABLE held (x int)")
-    doomed = make_key(victim, "doomed", apis_only("sql"))
-    master = builtin_handle(services, box, attacker, attacker.user.owner_role,
-                            attacker.master_token)
-    attackers_master = run(services.keys.master_principal(attacker.user))
-    victims_master = run(services.keys.master_principal(victim.user))
-    holder = psycopg.connect(master.conninfo)
-    # uncommitted: the schema's and the table's catalog rows stay held (every privacy
-    # change grants USAGE on the schema first, then SELECT on the table)
-    holder.execute("GRANT USAGE ON SCHEMA public TO PUBLIC")
-    holder.execute("ALTER TABLE held ADD COLUMN y int")
-
-    took = deletion_time_under_a_flood(
-        run, services, victims_master, holder,
-        lambda: services.datasets.set_privacy(attackers_master, "public", "held", "public"))
-    assert took < 3.0, took
-    with pytest.raises(psycopg.OperationalError):
-        doomed.connect()
+    assert_revocation_unblocked(stall, services, run, lambda: services.datasets.set_privacy(
+        stall.attackers_master, "public", "held", "public"))
 
 
 def test_key_creations_stalled_on_a_tenants_own_lock_do_not_block_another_tenants_revocation(
-    victim_and_attacker: tuple[Account, Account], make_key: MakeKey, owner_sql: OwnerSql,
-    services: Services, box: SecretBox, run: Callable[[Any], Any],
+    stall: Stall, services: Services, run: Callable[[Any], Any],
 ) -> None:
     """The same attack through key creation: a creation holds a metadata connection for the
     user's key lock while it works in the user's database, where its GRANT on a table waits
     on the master's held catalog row. The creations queued behind it must not hold one each
     (16 of them took the process's 8, and the victim's deletion failed on the pool's 10 s
     timeout): they queue in the process, holding nothing."""
-    victim, attacker = victim_and_attacker
-    owner_sql(attacker, "CREATE TABLE held (x int)")
-    doomed = make_key(victim, "doomed", apis_only("sql"))
-    master = builtin_handle(services, box, attacker, attacker.user.owner_role,
-                            attacker.master_token)
-    attackers_master = run(services.keys.master_principal(attacker.user))
-    victims_master = run(services.keys.master_principal(victim.user))
-    holder = psycopg.connect(master.conninfo)
-    holder.execute("GRANT USAGE ON SCHEMA public TO PUBLIC")
-    holder.execute("ALTER TABLE held ADD COLUMN y int")
     grants = table_grants([("public", "held", ["select"])])
     counter = iter(range(10**6))
-
-    took = deletion_time_under_a_flood(
-        run, services, victims_master, holder,
-        lambda: services.keys.create(attackers_master, f"f{next(counter)}", grants))
-    assert took < 3.0, took
-    with pytest.raises(psycopg.OperationalError):
-        doomed.connect()
+    assert_revocation_unblocked(stall, services, run, lambda: services.keys.create(
+        stall.attackers_master, f"f{next(counter)}", grants))
 
 
 def test_tampered_logins_waiting_on_a_stalled_key_lock_do_not_block_another_tenants_revocation(
-    victim_and_attacker: tuple[Account, Account], make_key: MakeKey, owner_sql: OwnerSql,
-    services: Services, box: SecretBox, run: Callable[[Any], Any], admin_url: str,
+    stall: Stall, make_key: MakeKey, services: Services, run: Callable[[Any], Any],
+    admin_url: str,
 ) -> None:
     """The same attack through the role repair (found reviewing the queue above): a key
     whose role's password its own client changed finds its login refused, and the repair
     waits for the user's key lock, which a key creation stalled on the held catalog row
     keeps. Each such request must wait without holding a metadata connection."""
-    victim, attacker = victim_and_attacker
-    owner_sql(attacker, "CREATE TABLE held (x int)")
-    doomed = make_key(victim, "doomed", apis_only("sql"))
-    tampered = make_key(attacker, "tampered", apis_only("sql"))
+    tampered = make_key(stall.attacker, "tampered", apis_only("sql"))
     with tampered.connect() as conn:
         conn.execute("ALTER ROLE CURRENT_USER PASSWORD 'changed by its client'")
     end_backends(admin_url, role=tampered.role)
-    master = builtin_handle(services, box, attacker, attacker.user.owner_role,
-                            attacker.master_token)
-    attackers_master = run(services.keys.master_principal(attacker.user))
-    victims_master = run(services.keys.master_principal(victim.user))
-    tampered_key = run(services.resolver.resolve(attacker.user, tampered.token, fresh=True))
-    holder = psycopg.connect(master.conninfo)
-    holder.execute("GRANT USAGE ON SCHEMA public TO PUBLIC")
-    holder.execute("ALTER TABLE held ADD COLUMN y int")
+    tampered_key = run(services.resolver.resolve(stall.attacker.user, tampered.token,
+                                                 fresh=True))
     grants = table_grants([("public", "held", ["select"])])
     counter = iter(range(10**6))
 
@@ -171,13 +172,10 @@ def test_tampered_logins_waiting_on_a_stalled_key_lock_do_not_block_another_tena
 
     async def attempt() -> None:  # one creation keeps the lock; the queries queue for it
         await asyncio.gather(
-            services.keys.create(attackers_master, f"f{next(counter)}", grants),
+            services.keys.create(stall.attackers_master, f"f{next(counter)}", grants),
             *(query() for _ in range(4)), return_exceptions=True)
 
-    took = deletion_time_under_a_flood(run, services, victims_master, holder, attempt)
-    assert took < 3.0, took
-    with pytest.raises(psycopg.OperationalError):
-        doomed.connect()
+    assert_revocation_unblocked(stall, services, run, attempt)
 
 
 def test_concurrent_privacy_changes_of_one_table_never_answer_500(
