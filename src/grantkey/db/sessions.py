@@ -24,7 +24,7 @@ async def terminate_role_sessions(conn: Conn, oids: list[int],
     await conn.execute(
         "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity "
         "WHERE usesysid = ANY(%(oids)s::oid[]) AND (%(before)s::float8 IS NULL "
-        "OR backend_start < pg_catalog.to_timestamp(%(before)s::float8))",
+        "OR backend_start OPERATOR(pg_catalog.<) pg_catalog.to_timestamp(%(before)s::float8))",
         {"oids": oids, "before": started_before})
 
 
