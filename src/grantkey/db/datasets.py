@@ -15,6 +15,10 @@ FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 LEFT JOIN grantkey_meta.datasets d ON d.table_oid = c.oid
 WHERE c.relkind::text = ANY(%(relkinds)s::text[]) AND n.nspname::text <> ALL(%(hidden)s::text[])
   AND NOT pg_catalog.starts_with(n.nspname::text, 'pg_'::text)
+  AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend e
+                  WHERE e.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+                    AND e.objid OPERATOR(pg_catalog.=) c.oid
+                    AND e.deptype OPERATOR(pg_catalog.=) 'e')
 """
 _PRIVACY = """
 CASE WHEN NOT pg_catalog.has_table_privilege(%(public_role)s::name, c.oid, 'SELECT'::text) THEN 'private'
@@ -24,11 +28,6 @@ _MODE = """
 CASE WHEN pg_catalog.has_table_privilege(%(caller)s::name, c.oid, 'INSERT, UPDATE, DELETE'::text) THEN 'rw'
      WHEN pg_catalog.has_table_privilege(%(caller)s::name, c.oid, 'SELECT'::text) THEN 'r' END
 """
-
-
-async def has_postgis(conn: AdminConnection) -> bool:
-    cur = await conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'postgis'")
-    return await cur.fetchone() is not None
 
 
 async def find_table(conn: AdminConnection, schema: str, name: str) -> int | None:

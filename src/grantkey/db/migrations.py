@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from psycopg import sql
 
-from grantkey.db import storage_quota
+from grantkey.db import postgis, storage_quota
 from grantkey.db.cluster import AdminConnection
 from grantkey.domain import names
 
@@ -194,6 +194,13 @@ async def _withheld_tables(conn: AdminConnection) -> None:
     await conn.execute(storage_quota.WITHHELD_TABLES)
 
 
+async def _postgis(su: AdminConnection) -> None:
+    """A superuser's CREATE EXTENSION, after the guard and the quota (which leave a
+    superuser's DDL alone); on a server without PostGIS, nothing (a server that gains it
+    later gives it to new users; `docs/maps.md` says how to add it to older ones)."""
+    await postgis.install(su)
+
+
 QUOTA_VERSION = 5  # from this version on, a user database can hold a storage quota
 USER_MIGRATIONS = [
     Migration(2, "guard: keys create tables, never code", _install_guard, needs_superuser=True),
@@ -211,6 +218,8 @@ USER_MIGRATIONS = [
     # that made these tables in this transaction would wait for it forever
     Migration(8, "storage quota: where CREATE withheld is kept, with or without a superuser",
               _withheld_tables),
+    Migration(9, "PostGIS, where the server has it (databases made before it was there)",
+              _postgis, needs_superuser=True),
 ]
 USER_BASELINE = 1  # what users.harden_database makes
 

@@ -151,13 +151,6 @@ async def harden_database(conn: AdminConnection, user: User) -> None:
     await conn.execute(KEYS_TABLE_DDL)
 
 
-async def install_postgis(su: AdminConnection) -> None:
-    """PostGIS, where the server has it: a superuser's job (it is not a trusted extension)."""
-    cur = await su.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'postgis'")
-    if await cur.fetchone() is not None and await is_superuser(su):
-        await su.execute("CREATE EXTENSION IF NOT EXISTS postgis SCHEMA public")
-
-
 _GRANT_OWNER_16 = sql.SQL("GRANT {} TO {} WITH ADMIN TRUE, INHERIT TRUE, SET FALSE")
 _GRANT_PUBLIC_16 = sql.SQL("GRANT {} TO {} WITH ADMIN TRUE, INHERIT TRUE, SET FALSE")
 _GRANT_ADMIN_16 = sql.SQL("GRANT {} TO {} WITH ADMIN TRUE, INHERIT FALSE, SET FALSE")
@@ -223,14 +216,24 @@ async def mark_deleting(conn: AdminConnection, user_id: str) -> None:
     await conn.execute("UPDATE public.users SET state = 'deleting' WHERE id = %s", [user_id])
 
 
+DROP_ATTEMPTS = 3
+
+
 async def drop_user_everywhere(cluster: Cluster, user_id: str, database: str) -> None:
     """Remove a user's database, every role named for it, and its row. Idempotent. The row
     goes last, only once every role is gone, so a failure is retried at start-up."""
     await cluster.forget_database(database)
+    drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database))
     async with cluster.autocommit() as conn:
-        await conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database))
-        )
+        for attempt in range(1, DROP_ATTEMPTS + 1):
+            try:
+                await conn.execute(drop)
+                break
+            except psycopg.errors.ObjectInUse:
+                # FORCE waits 5 s for the sessions it ended to exit; a busy machine's
+                # backend (dropping a session's many temporary tables) may take longer
+                if attempt == DROP_ATTEMPTS:
+                    raise
     await drop_user_roles(cluster, user_id)
     async with cluster.autocommit() as conn:
         await conn.execute("DELETE FROM public.users WHERE id = %s", [user_id])

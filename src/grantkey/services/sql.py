@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from grantkey.db import sessions
+from grantkey.db import postgis, sessions
 from grantkey.db.cluster import Cluster
-from grantkey.db.datasets import has_postgis
 from grantkey.db.role_pools import RoleConnection, RolePools, RoleTarget
 from grantkey.db.sql_errors import connection_lost, translate
 from grantkey.db.sql_exec import Column, Execution
@@ -150,11 +149,15 @@ class RunningQuery:
         await _shielded(_release(self._pools, execution, self._target, self._conn))
 
 
-NO_POSTGIS = (
-    "format=geojson needs PostGIS, which is not installed on this server: on Debian/Ubuntu, "
-    "apt-get install postgresql-postgis, then run grantkey on a new data directory (a "
-    "data directory keeps the PostgreSQL that made it) or with GRANTKEY_PG_BIN_DIR naming a "
-    "PostgreSQL of the same major version that has PostGIS")
+def no_postgis(feature: str) -> str:
+    """The 400 for `feature` on a server without PostGIS: what to install, and how."""
+    return (f"{feature} needs PostGIS, which is not installed on this server: on Debian/Ubuntu, "
+            "apt-get install postgresql-postgis, then run grantkey on a new data directory (a "
+            "data directory keeps the PostgreSQL that made it) or with GRANTKEY_PG_BIN_DIR naming "
+            "a PostgreSQL of the same major version that has PostGIS")
+
+
+NO_POSTGIS = no_postgis("format=geojson")
 
 
 class SqlService:
@@ -169,6 +172,7 @@ class SqlService:
         self.time_limit = time_limit
         self.master_time_limit = master_time_limit
         self._type_names: Lru[tuple[str, int], str] = Lru(target_cache_size)
+        self._with_postgis: Lru[str, bool] = Lru(target_cache_size)
         # deriving the password and building the conninfo cost more than the query itself
         self._targets: Lru[tuple[str, str, str], RoleTarget] = Lru(target_cache_size)
         self.repair: RoleRepair | None = None
@@ -216,15 +220,18 @@ class SqlService:
             self.quota.leave(database)
             raise
 
-    async def require_postgis(self, user: User) -> None:
+    async def require_postgis(self, user: User, feature: str = "format=geojson") -> None:
+        if self._with_postgis.get(user.database):
+            return
         async with self.cluster.user_database(user.database) as conn:
-            if await has_postgis(conn):
+            if await postgis.installed(conn):
+                self._with_postgis.put(user.database, True)
                 return
         if await self.cluster.postgis_available():
-            raise BadInput("format=geojson needs PostGIS, which this user's database does not "
+            raise BadInput(f"{feature} needs PostGIS, which this user's database does not "
                            "have (it was made before PostGIS was installed on the server, or "
                            "with no superuser to install it)")
-        raise BadInput(NO_POSTGIS)
+        raise BadInput(no_postgis(feature))
 
     async def _start(self, principal: Principal, query: str, params: Sequence[Any] | None,
                      quota: tuple[QuotaKeeper, str] | None) -> RunningQuery:

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from functools import partial
 
 from grantkey.db import keys as key_store
-from grantkey.db import locks, migrations, storage_quota
+from grantkey.db import locks, migrations, postgis, storage_quota
 from grantkey.db import managers as manager_store
 from grantkey.db import users as user_store
 from grantkey.db.cluster import Cluster
@@ -108,7 +108,7 @@ class UserService:
         async with self.cluster.user_database(user.database) as conn:
             await user_store.harden_database(conn, user)
         async with self.cluster.superuser_session(user.database) as su:
-            await user_store.install_postgis(su)
+            await postgis.install(su)
         async with self.cluster.user_database(user.database) as conn:
             version = await migrations.run_user_migrations(
                 conn, partial(self.cluster.superuser_session, user.database))

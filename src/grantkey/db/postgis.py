@@ -1,0 +1,23 @@
+"""PostGIS in a user database: installed by a superuser (it is not a trusted extension),
+where the server has it."""
+
+from __future__ import annotations
+
+from grantkey.db.cluster import AdminConnection
+
+
+async def install(su: AdminConnection) -> None:
+    """CREATE EXTENSION postgis, if the server has it and `su` is a superuser."""
+    cur = await su.execute(
+        "SELECT pg_catalog.current_setting('is_superuser') OPERATOR(pg_catalog.=) 'on' AS su, "
+        "EXISTS (SELECT FROM pg_catalog.pg_available_extensions "
+        "        WHERE name OPERATOR(pg_catalog.=) 'postgis') AS available")
+    row = await cur.fetchone()
+    if row is not None and row["su"] and row["available"]:
+        await su.execute("CREATE EXTENSION IF NOT EXISTS postgis SCHEMA public")
+
+
+async def installed(conn: AdminConnection) -> bool:
+    cur = await conn.execute(
+        "SELECT FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'postgis'")
+    return await cur.fetchone() is not None

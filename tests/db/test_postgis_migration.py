@@ -1,0 +1,41 @@
+"""A user database made before PostGIS was on the server gets it at the next start (user
+migration 9, after the guard and the storage quota), and then works as a new one does."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import psycopg
+import pytest
+
+from grantkey.services.container import Services
+from grantkey.services.upgrade import upgrade_user_databases
+from tests.conftest import Account, KeyHandle
+from tests.support import table_grants
+
+pytestmark = pytest.mark.in_process
+
+
+def test_an_older_user_database_gets_postgis_at_start_up(
+        postgis: None, account: Account, admin_url: str, services: Services,
+        run: Callable[[Awaitable[Any]], Any], make_key: Callable[..., KeyHandle],
+        owner_sql: Callable[[Account, str], None]) -> None:
+    database = account.user.database
+    with psycopg.connect(admin_url, dbname=database, autocommit=True) as conn:
+        conn.execute("DROP EXTENSION postgis")  # as a database made before PostGIS was
+        conn.execute("DELETE FROM grantkey_meta.schema_migrations WHERE version = 9")
+    with psycopg.connect(admin_url, dbname="grantkey", autocommit=True) as conn:
+        conn.execute("UPDATE users SET schema_version = 8 WHERE id = %s", [account.user.id])
+    upgraded = run(upgrade_user_databases(services.cluster))
+    assert upgraded.get(account.username) == 9
+    with psycopg.connect(admin_url, dbname=database, autocommit=True) as conn:
+        assert conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'postgis'"
+                            ).fetchone() is not None
+    owner_sql(account, "CREATE TABLE spots (id int, the_geom geometry(Point, 4326));"
+                       "INSERT INTO spots VALUES (1, ST_SetSRID(ST_MakePoint(1, 2), 4326))")
+    key = make_key(account, "reader", table_grants([("public", "spots", ["select"])]))
+    with key.connect() as conn:
+        assert conn.execute("SELECT ST_X(the_geom) FROM spots").fetchone() == (1.0,)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'")
