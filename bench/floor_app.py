@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import orjson
+from psycopg import AsyncRawCursor
 from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -49,6 +50,22 @@ async def answer(request: Request, pool: AsyncConnectionPool) -> Response:
     return Response(orjson.dumps(body), media_type="application/json; charset=utf-8")
 
 
+TILE_SQL = os.environ.get("BENCH_TILE_SQL", "")
+
+
+async def floor_tile(request: Request) -> Response:
+    """The tile statement grantkey runs (bench/tiles.py), bound to z, x, y: the tile's
+    floor."""
+    params = request.path_params
+    async with pool.connection() as conn, AsyncRawCursor(conn) as cur:  # $1, $2, $3
+        await cur.execute(TILE_SQL.encode(), [params["z"], params["x"], params["y"]])
+        row = await cur.fetchone()
+    data = bytes(row[0]) if row and row[0] else b""
+    if not data:
+        return Response(status_code=204)
+    return Response(data, media_type="application/x-protobuf")
+
+
 @asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     await pool.open()
@@ -58,5 +75,6 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     await unprepared_pool.close()
 
 
-app = Starlette(routes=[Route("/floor", floor), Route("/floor-unprepared", floor_unprepared)],
+app = Starlette(routes=[Route("/floor", floor), Route("/floor-unprepared", floor_unprepared),
+                        Route("/tile/{z:int}/{x:int}/{y:int}", floor_tile)],
                 lifespan=lifespan)

@@ -6,6 +6,11 @@ shape. A class without its own status is a 500 with "Internal error"."""
 
 from __future__ import annotations
 
+TIMEOUT_MESSAGE = (
+    "You are over platform's limits: SQL query timeout error. Refactor your query before "
+    "running again or contact your administrator for more details."
+)
+
 
 class GrantkeyError(Exception):
     """Base of every error grantkey raises on purpose."""
@@ -161,3 +166,24 @@ class PoolExhausted(_Stated):
 
 class LoginRefused(GrantkeyError):
     """PostgreSQL refused a key role's login (its role was dropped or its password changed)."""
+
+
+class LayerFailed(SqlError):
+    """A Maps API layer's SQL failed when the map was made: the error names the layer."""
+
+    def __init__(self, error: SqlError, index: int, layer_id: str | None) -> None:
+        super().__init__(error.status, error.message, hint=error.hint, detail=error.detail,
+                         context=error.context)
+        self.index = index
+        self.layer_id = layer_id
+
+
+class LayergroupNotFound(NotFound):
+    """A Maps API layergroup id that is unknown (or expired): CARTO's message."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__(token)
+        self.token = token
+
+    def public_message(self) -> str:
+        return f"Invalid or nonexistent map configuration token '{self.token[:100]}'"

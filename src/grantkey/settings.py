@@ -238,6 +238,12 @@ class Settings:
     max_header_bytes: int = field(default=65_536, metadata=row(
         "GRANTKEY_MAX_HEADER_BYTES", whole(minimum=1024),
         "Most bytes of header fields in one request."))
+    maps_idle_days: int = field(default=30, metadata=row(
+        "GRANTKEY_MAPS_IDLE_DAYS", whole(minimum=1),
+        "Days a Maps API layergroup is kept after its last use."))
+    tile_max_age: int = field(default=300, metadata=row(
+        "GRANTKEY_TILE_MAX_AGE", whole(),
+        "Seconds clients and caches may keep a tile (Cache-Control max-age)."))
     header_timeout: float = field(default=10.0, metadata=row(
         "GRANTKEY_HEADER_TIMEOUT", SECONDS,
         "Seconds a request's head (request line and headers) may take to arrive."))

@@ -1,6 +1,7 @@
 """Every error class carries its HTTP status and what a client may read of it, and each API
 family renders it in its own shape: the Auth API and datasets `{"errors", "errors_cause"}`
-(an Auth API 401 with no body, CARTO's), the SQL and Maps APIs `{"error": [...]}`; 503s
+(an Auth API 401 with no body, CARTO's), the SQL API `{"error": [...]}`, the Maps API
+`{"errors": [...], "errors_with_context": [...]}`; 503s
 say when to retry. A new error class without a row here fails the walk."""
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ CASES: dict[type[GrantkeyError], tuple[GrantkeyError, int, str]] = {
     errors.QueryInterrupted: (errors.QueryInterrupted(), 503, errors.QueryInterrupted.MESSAGE),
     errors.SetupError: (errors.SetupError("GRANTKEY_SECRET unreadable"), 500, "Internal error"),
     errors.LoginRefused: (errors.LoginRefused("role gk_x refused"), 500, "Internal error"),
+    errors.LayerFailed: (errors.LayerFailed(errors.SqlError(404, 'relation "t" does not exist'),
+                                            1, "pts"), 404, 'relation "t" does not exist'),
+    errors.LayergroupNotFound: (errors.LayergroupNotFound("0abc:1"), 404,
+                                "Invalid or nonexistent map configuration token '0abc:1'"),
 }
 
 
@@ -67,7 +72,8 @@ def test_every_error_class_of_every_module_has_its_row() -> None:
 
 
 @pytest.mark.parametrize("cls", list(CASES), ids=lambda c: c.__name__)
-@pytest.mark.parametrize("family", [Family.AUTH, Family.V4, Family.DATA], ids=lambda f: f.value)
+@pytest.mark.parametrize("family", [Family.AUTH, Family.V4, Family.DATA, Family.MAPS],
+                         ids=lambda f: f.value)
 def test_each_class_renders_its_status_and_the_family_shape(
     cls: type[GrantkeyError], family: Family,
 ) -> None:
@@ -84,6 +90,10 @@ def test_each_class_renders_its_status_and_the_family_shape(
     if family is Family.DATA:
         assert body["error"] == [message]
         assert set(body) <= {"error", "hint", "detail", "context"}
+    elif family is Family.MAPS:  # the Maps API says Forbidden where the SQL API does not
+        shown = "Forbidden" if cls is errors.BasicUserMismatch else message
+        assert body["errors"] == [shown]
+        assert [context["message"] for context in body["errors_with_context"]] == [shown]
     else:
         assert body == {"errors": message, "errors_cause": None}
 

@@ -1,4 +1,4 @@
-"""The fast path serves exactly the hot routes (the SQL API's), built from the routes the app
+"""The fast path serves exactly the hot routes (the SQL API's and the tiles'), built from the routes the app
 serves, and keeps CORS and the last-resort 500 that Starlette's middleware gives every
 other route."""
 
@@ -22,24 +22,31 @@ def concrete(path: str) -> str:
     return path.replace("{username}", "ana-1").replace("{id}", "x").replace("{name}", "t")
 
 
-def test_the_fast_path_matches_every_sql_route_and_no_other_route() -> None:
+def test_the_fast_path_matches_every_sql_and_tile_route_and_no_other_route() -> None:
     app = create_app(Settings(database_url="dbname=unused", secret="s" * 40))
-    sql_paths: list[str] = []
+    hot_paths: list[str] = []
     other_paths: list[str] = []
     for path, route in served_routes(app.routes):
         is_sql = path.rstrip("/").endswith("/sql")
-        assert isinstance(route, FastRoute) == is_sql  # the SQL routes are the hot ones
-        (sql_paths if is_sql else other_paths).append(concrete(path))
-    assert len(sql_paths) == 12  # v1 and v2, under /user/<u>, /u/<u> and none, with and without "/"
-    assert len(app.fast.entries) == 12
-    assert all(app.fast.match(method, path) for path in sql_paths for method in ("GET", "POST"))
+        is_tile = path.endswith("/{z}/{x}/{tile}")
+        assert isinstance(route, FastRoute) == (is_sql or is_tile)  # the hot ones
+        (hot_paths if is_sql or is_tile else other_paths).append(concrete(path))
+    # SQL: v1 and v2, under /user/<u>, /u/<u> and none, with and without "/"; tiles: with
+    # and without a layer filter, under the three prefixes
+    assert len(hot_paths) == 12 + 6
+    assert len(app.fast.entries) == 18
+    assert all(app.fast.match("GET", path) for path in hot_paths)
+    assert all(app.fast.match("POST", path) for path in hot_paths if path.endswith("sql")
+               or path.endswith("sql/"))
     assert not [path for path in other_paths
                 if app.fast.match("GET", path) or app.fast.match("POST", path)]
     for near_miss in ("/api/v3/sql", "/user/a/b/api/v2/sql", "/api/v2/sqlx", "/x/ana/api/v2/sql",
-                      "/user//api/v2/sql", "/api/v2/sql//"):
+                      "/user//api/v2/sql", "/api/v2/sql//", "/api/v1/map/a/1/2",
+                      "/api/v1/map/a/b/c/1/2/3.mvt"):
         assert app.fast.match("GET", near_miss) is None
     for method in ("HEAD", "OPTIONS", "PUT", "DELETE"):
         assert app.fast.match(method, "/api/v2/sql") is None
+    assert app.fast.match("POST", "/api/v1/map/0a:1/0/0/0.mvt") is None  # tiles: GET only
 
 
 async def tile(request: Request) -> Response:

@@ -6,13 +6,9 @@ import psycopg
 
 from grantkey.db.pg_wire import CopyRefused
 from grantkey.db.sql_exec import QueryTimedOut
-from grantkey.errors import SqlError
+from grantkey.errors import TIMEOUT_MESSAGE, SqlError
 
 INSUFFICIENT_PRIVILEGE = "42501"
-TIMEOUT_MESSAGE = (
-    "You are over platform's limits: SQL query timeout error. Refactor your query before "
-    "running again or contact your administrator for more details."
-)
 
 
 def translate(error: BaseException) -> SqlError:

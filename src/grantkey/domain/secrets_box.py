@@ -29,6 +29,7 @@ class SecretBox:
         self._encryption_key = hmac.new(secret, b"grantkey token encryption", "sha256").digest()
         self._password_key = hmac.new(secret, b"grantkey role password", "sha256").digest()
         self._aead = AESGCM(self._encryption_key)
+        self._tile_aead = AESGCM(hmac.new(secret, b"grantkey tile token", "sha256").digest())
 
     def encrypt_token(self, token: str, associated: bytes) -> bytes:
         """AES-256-GCM; `associated` binds the ciphertext to its key row."""
@@ -38,6 +39,18 @@ class SecretBox:
     def decrypt_token(self, sealed: bytes, associated: bytes) -> str:
         nonce, ciphertext = sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:]
         return self._aead.decrypt(nonce, ciphertext, associated).decode("utf-8")
+
+    def seal_tile_token(self, token: str, scope: bytes) -> bytes:
+        """A key's token sealed for one layergroup's tiles (`scope`: user and layergroup),
+        under a key of its own (not the stored tokens' key)."""
+        nonce = os.urandom(_NONCE_BYTES)
+        return nonce + self._tile_aead.encrypt(nonce, token.encode("utf-8"), scope)
+
+    def open_tile_token(self, sealed: bytes, scope: bytes) -> str:
+        """The key's token; `cryptography.exceptions.InvalidTag` for another scope or a
+        changed byte."""
+        nonce, ciphertext = sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:]
+        return self._tile_aead.decrypt(nonce, ciphertext, scope).decode("utf-8")
 
     def role_password(self, role: str, token: str) -> str:
         message = role.encode("utf-8") + b"\x00" + token.encode("utf-8")

@@ -16,7 +16,7 @@ from starlette.routing import Route
 
 from grantkey import __version__
 from grantkey.errors import DatabaseUnavailable, SetupError
-from grantkey.http import audit_api, auth_api, datasets_api, sql_api
+from grantkey.http import audit_api, auth_api, datasets_api, maps_api, sql_api
 from grantkey.http.collector import tune_collector
 from grantkey.http.context import services_of
 from grantkey.http.cors import CorsMiddleware
@@ -94,7 +94,8 @@ def create_app(settings: Settings | None = None) -> GrantkeyApp:
         tasks = [asyncio.create_task(services.cluster.watch_forever(), name="watch"),
                  asyncio.create_task(listen_for_revocations(services), name="listen"),
                  asyncio.create_task(services.pools.reap_forever(), name="reap"),
-                 asyncio.create_task(services.revoker.retry_forever(), name="retry")]
+                 asyncio.create_task(services.revoker.retry_forever(), name="retry"),
+                 asyncio.create_task(services.maps.expire_forever(), name="expire-maps")]
         try:
             yield
         finally:
@@ -106,7 +107,8 @@ def create_app(settings: Settings | None = None) -> GrantkeyApp:
                 Route("/health/live", live, methods=["GET"]),
                 Route("/openapi.json", openapi, methods=["GET"]),
                 *for_every_user([*auth_api.routes(), *audit_api.routes(),
-                                 *sql_api.routes(sql_api.handler()), *datasets_api.routes()])],
+                                 *sql_api.routes(sql_api.handler()), *datasets_api.routes(),
+                                 *maps_api.routes()])],
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error, ClientDisconnect: client_disconnected,
                             Exception: unexpected_error},

@@ -18,6 +18,7 @@ from grantkey.domain.tokens import DEFAULT_PUBLIC_TOKEN
 from grantkey.errors import BasicUserMismatch, Unauthorized
 from grantkey.http.params import Params, header
 from grantkey.services.container import Services
+from grantkey.services.tile_tokens import is_tile_token
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,11 @@ def extract_credential(
 
 
 async def resolve_principal(
-    request: Request, services: Services, user: User, params: Params, *, data_api: bool
+    request: Request, services: Services, user: User, params: Params, *, data_api: bool,
+    tiles_of: str | None = None,
 ) -> Principal:
+    """`tiles_of`: the layergroup whose tiles the request asks for; there (only) a tile
+    token stands for the key it was issued for (`services/tile_tokens.py`)."""
     credential = extract_credential(
         header(request, b"authorization"), params, user.username, data_api=data_api
     )
@@ -77,6 +81,8 @@ async def resolve_principal(
         if not data_api:
             raise Unauthorized("no credential")
         token = DEFAULT_PUBLIC_TOKEN
+    elif is_tile_token(token):
+        token = services.tile_tokens.open(user.id, tiles_of, token)
     # The Auth API always asks the database; data APIs may use the cache because
     # PostgreSQL itself refuses a revoked key's login.
     return await services.resolver.resolve(user, token, fresh=not data_api)

@@ -62,21 +62,23 @@ RequestHandler = Callable[[Request], Awaitable[Response]]
 
 
 def endpoint(
-    family: Family, handler: Handler, on_error: ErrorRenderer | None = None
+    family: Family, handler: Handler, on_error: ErrorRenderer | None = None,
+    tiles_of: Callable[[Request], str | None] | None = None,
 ) -> RequestHandler:
     """Wrap a handler: resolve who calls, and render any error in `family`'s shape (a bug
-    as its 500)."""
+    as its 500). `tiles_of`: for tile routes, the layergroup asked for (where its tile
+    tokens are credentials)."""
 
     async def run(request: Request) -> Response:
         services = services_of(request)
         try:
-            data_api = family is Family.DATA
+            data_api = family in (Family.DATA, Family.MAPS)
             # data APIs may trust the cache: PostgreSQL refuses a deleted user's key logins
             user = await services.users.get(target_username(request), cached=data_api)
             params = await read_params(request, services.settings.max_body_bytes)
             principal = await resolve_principal(
-                request, services, user, params, data_api=data_api
-            )
+                request, services, user, params, data_api=data_api,
+                tiles_of=None if tiles_of is None else tiles_of(request))
             return await handler(Call(request, services, user, params, principal))
         except GrantkeyError as error:
             if on_error is not None:

@@ -11,7 +11,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from grantkey.errors import (
+    TIMEOUT_MESSAGE,
+    BasicUserMismatch,
+    Forbidden,
     GrantkeyError,
+    LayerFailed,
     SqlError,
     Unauthorized,
 )
@@ -24,7 +28,8 @@ RETRY_AFTER = "1"  # seconds, on every 503
 class Family(Enum):
     AUTH = "auth"  # Auth API v3: {"errors": "...", "errors_cause": null}, 401 empty
     V4 = "v4"  # datasets: the Auth API's shape, 401 with a body
-    DATA = "data"  # SQL / Maps API: {"error": ["..."]}
+    DATA = "data"  # SQL API: {"error": ["..."]}
+    MAPS = "maps"  # Maps API: {"errors": ["..."], "errors_with_context": [{...}]}
     PLAIN = "plain"  # health, openapi
 
 
@@ -47,12 +52,50 @@ def render_error(family: Family, error: GrantkeyError) -> Response:
     headers = {"Retry-After": RETRY_AFTER} if status == 503 else None
     if family in (Family.AUTH, Family.V4):
         return json_response({"errors": message, "errors_cause": None}, status, headers)
+    if family is Family.MAPS:
+        return render_maps_error(error, headers)
     body: dict[str, object] = {"error": [message]}
     if isinstance(error, SqlError):
         for name in ("hint", "detail", "context"):
             if getattr(error, name):
                 body[name] = getattr(error, name)
     return json_response(body, status, headers)
+
+
+def _maps_status(error: GrantkeyError) -> int:
+    """CARTO's Maps API rule for a query's error: 403 when it says `permission denied`, 404
+    for `does not exist`, 429 for the time limit, else 400."""
+    if not isinstance(error, SqlError):
+        return error.status
+    if error.status == 429:
+        return 429
+    if "permission denied" in error.message:
+        return 403
+    if "does not exist" in error.message:
+        return 404
+    return 400 if error.status < 500 else error.status
+
+
+def _maps_context(error: GrantkeyError, message: str) -> dict[str, object]:
+    if isinstance(error, BasicUserMismatch):
+        return {"type": "auth", "subtype": "api-key-username-mismatch", "message": message}
+    if isinstance(error, Unauthorized):
+        return {"type": "auth", "subtype": "api-key-not-found", "message": message}
+    if isinstance(error, Forbidden) and message == "Forbidden":
+        return {"type": "auth", "subtype": "api-key-does-not-grant-access", "message": message}
+    if isinstance(error, SqlError) and message == TIMEOUT_MESSAGE:
+        return {"type": "limit", "subtype": "datasource", "message": message}
+    if isinstance(error, LayerFailed):
+        return {"type": "layer", "message": message,
+                "layer": {"id": error.layer_id, "index": error.index, "type": "mapnik"}}
+    return {"type": "unknown", "message": message}
+
+
+def render_maps_error(error: GrantkeyError, headers: dict[str, str] | None) -> Response:
+    """The Maps API's shape (`carto-compat.md` §8)."""
+    message = "Forbidden" if isinstance(error, BasicUserMismatch) else error.public_message()
+    body = {"errors": [message], "errors_with_context": [_maps_context(error, message)]}
+    return json_response(body, _maps_status(error), headers)
 
 
 async def http_error(request: Request, error: Exception) -> Response:

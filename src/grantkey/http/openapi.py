@@ -56,11 +56,33 @@ def _data_error(description: str) -> dict[str, Any]:
     return _json(_ref("DataError"), description)
 
 
+def _maps_error(description: str) -> dict[str, Any]:
+    return _json(_ref("MapsError"), description)
+
+
 EMPTY_401 = {"description": "Failed authentication (CARTO: empty body)."}
 SCHEMAS: dict[str, Any] = {
     "AuthError": {
         "type": "object", "required": ["errors", "errors_cause"],
         "properties": {"errors": {"type": "string"}, "errors_cause": {"type": "null"}},
+    },
+    "MapsError": {
+        "type": "object", "required": ["errors", "errors_with_context"],
+        "properties": {
+            "errors": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+            "errors_with_context": {"type": "array", "items": {
+                "type": "object", "required": ["type", "message"],
+                "properties": {"type": {"enum": ["layer", "limit", "auth", "tile", "unknown"]},
+                               "subtype": {"type": "string"}, "message": {"type": "string"},
+                               "layer": {"type": "object"}}}}},
+    },
+    "Layergroup": {
+        "type": "object", "required": ["layergroupid", "metadata", "last_updated"],
+        "properties": {"layergroupid": {"type": "string", "pattern": "^0[0-9a-f]{39}:[0-9]+$"},
+                       "metadata": {"type": "object",
+                                    "required": ["layers", "tilejson", "url", "dataviews",
+                                                 "analyses"]},
+                       "last_updated": {"type": "string", "format": "date-time"}},
     },
     "DataError": {
         "type": "object", "required": ["error"],
@@ -220,6 +242,33 @@ SQL_RESPONSES = {
     "503": _data_error("PostgreSQL is unavailable."),
 }
 
+MAPS_ERRORS = {
+    "400": _maps_error("Bad config or tile request, or PostgreSQL refused a layer's SQL."),
+    "401": _maps_error("Unknown token, or the key was revoked."),
+    "403": _maps_error("No `maps` grant (Forbidden), Basic user mismatch, or permission denied."),
+    "404": _maps_error("Unknown user or layergroup, or a relation that does not exist."),
+    "413": _maps_error("Request body too large."),
+    "429": _maps_error("Time limit reached, or no database connection became free."),
+    "503": _maps_error("PostgreSQL is unavailable."),
+}
+MAP_CREATED = {"200": {"description": "The layergroup (JSONP with `callback`).",
+                       "headers": {"X-Layergroup-Id": {"schema": {"type": "string"}}},
+                       "content": {JSON: {"schema": _ref("Layergroup")},
+                                   "text/javascript": {"schema": {"type": "string"}}}},
+               **MAPS_ERRORS}
+TILE_ANSWERS = {"200": {"description": "A Mapbox vector tile.",
+                        "content": {"application/x-protobuf": {"schema": {"type": "string",
+                                                                          "format": "binary"}}}},
+                "204": {"description": "An empty tile (no feature): no body."}, **MAPS_ERRORS}
+TILE_PARAMETERS = [
+    {"name": "lgid", "in": "path", "required": True, "schema": {"type": "string"},
+     "description": "The layergroup id (`<hash>:<cache buster>`)."},
+    {"name": "z", "in": "path", "required": True, "schema": {"type": "string"}},
+    {"name": "x", "in": "path", "required": True, "schema": {"type": "string"}},
+    {"name": "tile", "in": "path", "required": True, "schema": {"type": "string"},
+     "description": "`<y>.mvt`."},
+    API_KEY, _query("map_key", {"type": "string"})]
+
 # (path, method, operation); every path is served under each user prefix (see ALIASES).
 OPERATIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("/api/v3/api_keys", "get", {
@@ -287,6 +336,27 @@ OPERATIONS: list[tuple[str, str, dict[str, Any]]] = [
             "application/x-www-form-urlencoded": {"schema": _ref("SqlParameters")},
             JSON: {"schema": _ref("SqlParameters")}}},
         "responses": SQL_RESPONSES}),
+    ("/api/v1/map", "get", {
+        "summary": "Make a layergroup from `config` (a MapConfig as JSON), as the key's role.",
+        "parameters": [_query("config", {"type": "string"}, "The MapConfig, URL-encoded JSON."),
+                       _query("callback", {"type": "string"}, "JSONP: errors answered 200."),
+                       API_KEY, _query("map_key", {"type": "string"})],
+        "responses": MAP_CREATED}),
+    ("/api/v1/map", "post", {
+        "summary": "Make a layergroup from the MapConfig in the body, as the key's role.",
+        "parameters": [_query("callback", {"type": "string"}, "JSONP: errors answered 200."),
+                       API_KEY, _query("map_key", {"type": "string"})],
+        "requestBody": {"required": True, "content": {JSON: {"schema": {"type": "object"}}}},
+        "responses": MAP_CREATED}),
+    ("/api/v1/map/{lgid}/{z}/{x}/{tile}", "get", {
+        "summary": "A vector tile of every layer, drawn as the requesting key's role.",
+        "parameters": TILE_PARAMETERS, "responses": TILE_ANSWERS}),
+    ("/api/v1/map/{lgid}/{layers}/{z}/{x}/{tile}", "get", {
+        "summary": "A vector tile of some layers (`all`, `mapnik`, indexes or ids, commas).",
+        "parameters": [*TILE_PARAMETERS[:1],
+                       {"name": "layers", "in": "path", "required": True,
+                        "schema": {"type": "string"}}, *TILE_PARAMETERS[1:]],
+        "responses": TILE_ANSWERS}),
     ("/api/v4/datasets", "get", {
         "summary": "List datasets (master, or keys created with table_metadata).",
         "parameters": [API_KEY, _query("page", {"type": "integer", "minimum": 1}),

@@ -10,11 +10,13 @@ from grantkey.services.datasets import DatasetService
 from grantkey.services.events import Events, KeyCreated, KeyRevoked, UserDeleted
 from grantkey.services.keyed_locks import KeyedLocks
 from grantkey.services.keys import KeyService
+from grantkey.services.maps import MapsService
 from grantkey.services.repair import RoleRepair
 from grantkey.services.resolver import KeyResolver
 from grantkey.services.revocation import KeyCache, Revoker
 from grantkey.services.runtime import load_secret
 from grantkey.services.sql import SqlService
+from grantkey.services.tile_tokens import TileTokens
 from grantkey.services.users import UserService
 from grantkey.settings import DEFAULT_SQL_MAX_CONNECTIONS, Settings
 
@@ -48,6 +50,9 @@ class Services:
                               master_time_limit=settings.sql_master_timeout,
                               target_cache_size=settings.key_cache_size)
         self.revoker.forget_role = self.sql.forget_role
+        self.maps = MapsService(self.cluster, self.sql, idle_days=settings.maps_idle_days,
+                                cache_size=settings.key_cache_size)
+        self.tile_tokens = TileTokens(box)
         self.datasets = DatasetService(self.cluster, self.events)
         self.repair = RoleRepair(self.cluster, box, key_queue)
         self.sql.repair = self.repair
@@ -69,6 +74,7 @@ class Services:
         self.users.forget(event.user.username)
         self.cache.clear()  # rare: simpler than finding that user's keys
         self.sql.forget_all()
+        self.maps.forget_user(event.user.id)
 
     async def open(self, *, migrate: bool = True) -> None:
         if migrate:

@@ -1,0 +1,119 @@
+"""The SQL of the Maps API, composed with psycopg.sql: the layers' SQL is the client's,
+wrapped (each on lines of its own), never edited; it runs as the requesting key's role.
+
+A tile is one statement: each drawn layer's `ST_AsMVT` over `ST_TileEnvelope($1, $2, $3)`,
+concatenated. With bind parameters a statement is one statement: a layer's SQL cannot
+smuggle a second one (PostgreSQL's extended protocol refuses it before anything runs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from psycopg import sql
+
+from grantkey.domain.mapconfig import DEFAULT_GEOM_COLUMN, MapLayer
+
+WEB_MERCATOR = 3857
+WGS84 = 4326
+GEOM = "__grantkey_geom"
+PROPS = "__grantkey_props"
+EARTH_CIRCUMFERENCE = 40075016.68
+GEOMETRY_TYPES = ("geometry", "geography")
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What the creation probe learnt of a layer's result: the SRID of its geometry
+    column and every geometry column (never a tile property)."""
+
+    srid: int
+    geometry_columns: tuple[str, ...]
+
+
+def typmod_srid(type_modifier: int) -> int | None:
+    """The SRID a `geometry(Point, 4326)` column declares (PostGIS's type modifier layout);
+    None when the column declares none."""
+    if type_modifier < 0:
+        return None
+    srid = ((type_modifier & 0x0FFFFF00) - (type_modifier & 0x08000000)) >> 8
+    return srid if srid > 0 else None
+
+
+def default_srid(geom_column: str) -> int:
+    return WEB_MERCATOR if geom_column == DEFAULT_GEOM_COLUMN else WGS84
+
+
+def _client(query: str) -> sql.Composable:
+    return sql.SQL("(\n{}\n) AS cdbq").format(sql.SQL(query))
+
+
+def columns_probe(layer: MapLayer) -> str:
+    """The layer's columns and their types, no row read (`$1` = 0: one statement)."""
+    return sql.SQL("SELECT * FROM {} LIMIT $1").format(_client(layer.sql)).as_string(None)
+
+
+def relations_probe(layer: MapLayer) -> str:
+    """The plan of the layer's SQL (as JSON): the relations it reads. Nothing runs."""
+    return sql.SQL("EXPLAIN (VERBOSE, FORMAT JSON) SELECT * FROM {} LIMIT $1").format(
+        _client(layer.sql)).as_string(None)
+
+
+def _geometry(layer: MapLayer, shape: LayerShape) -> sql.Composable:
+    column = sql.SQL("cdbq.{}").format(sql.Identifier(layer.geom_column))
+    geometry: sql.Composable = column if shape.srid == WEB_MERCATOR else sql.SQL(
+        "ST_Transform({}, {})").format(column, sql.Literal(WEB_MERCATOR))
+    if layer.simplify_extent is not None and layer.simplify_extent < layer.extent:
+        tolerance = sql.SQL("{} / pg_catalog.power(2, $1::integer) / {}").format(
+            sql.Literal(EARTH_CIRCUMFERENCE), sql.Literal(layer.simplify_extent))
+        geometry = sql.SQL("ST_Simplify(ST_RemoveRepeatedPoints({g}, {t}), {t}, true)").format(
+            g=geometry, t=tolerance)
+    return geometry
+
+
+def _bbox(layer: MapLayer, shape: LayerShape) -> sql.Composable:
+    envelope = sql.SQL("ST_TileEnvelope($1::integer, $2::integer, $3::integer, margin => {})"
+                       ).format(sql.Literal(layer.buffer / layer.extent))
+    if shape.srid == WEB_MERCATOR:
+        return envelope
+    return sql.SQL("ST_Transform({}, {})").format(envelope, sql.Literal(shape.srid))
+
+
+def _properties(layer: MapLayer, shape: LayerShape) -> sql.Composable:
+    """Every other column as a jsonb object (ST_AsMVT writes its keys as attributes):
+    dates as ISO 8601 text, json and arrays as their JSON text, NULLs left out."""
+    hidden = sorted({layer.geom_column, "the_geom", "the_geom_webmercator",
+                     *shape.geometry_columns})
+    return sql.SQL(
+        "(SELECT pg_catalog.jsonb_object_agg(e.key, CASE WHEN pg_catalog.jsonb_typeof(e.value) "
+        "OPERATOR(pg_catalog.=) ANY ('{{object,array}}'::text[]) "
+        "THEN pg_catalog.to_jsonb(e.value OPERATOR(pg_catalog.#>>) '{{}}'::text[]) "
+        "ELSE e.value END) "
+        "FROM pg_catalog.jsonb_each(pg_catalog.to_jsonb(cdbq) OPERATOR(pg_catalog.-) {}::text[]) AS e "
+        "WHERE pg_catalog.jsonb_typeof(e.value) OPERATOR(pg_catalog.<>) 'null')"
+    ).format(sql.Literal(hidden))
+
+
+def _layer_tile(layer: MapLayer, shape: LayerShape) -> sql.Composable:
+    return sql.SQL(
+        "COALESCE((SELECT ST_AsMVT(t.*, {name}, {extent}, {geom_name}) FROM (\n"
+        "SELECT ST_AsMVTGeom({geom}, {envelope}, {extent}, {buffer}, true) AS {geom_id},\n"
+        "{props} AS {props_id}\nFROM {client}\nWHERE cdbq.{column} && {bbox}\n"
+        ") AS t WHERE t.{geom_id} IS NOT NULL), ''::bytea)"
+    ).format(
+        name=sql.Literal(layer.name), extent=sql.Literal(layer.extent),
+        geom_name=sql.Literal(GEOM), geom=_geometry(layer, shape),
+        envelope=sql.SQL("ST_TileEnvelope($1::integer, $2::integer, $3::integer)"),
+        buffer=sql.Literal(layer.buffer), geom_id=sql.Identifier(GEOM),
+        props=_properties(layer, shape), props_id=sql.Identifier(PROPS),
+        client=_client(layer.sql), column=sql.Identifier(layer.geom_column),
+        bbox=_bbox(layer, shape),
+    )
+
+
+def tile_query(layers: Sequence[tuple[MapLayer, LayerShape]]) -> str:
+    """One statement, one `bytea`: the layers' MVT layers in order (`$1, $2, $3` = z, x, y)."""
+    parts = [_layer_tile(layer, shape) for layer, shape in layers]
+    return sql.SQL("SELECT {} AS mvt").format(
+        sql.SQL("\nOPERATOR(pg_catalog.||)\n").join(parts)).as_string(None)

@@ -1,0 +1,204 @@
+"""Maps API use cases: make a layergroup, draw its tiles.
+
+Everything that touches a layer's SQL runs logged in as the requesting key's role, through
+`SqlService.start` (its pools, fair shares, time limit and revocation handling): the probes
+at creation (columns, relations read) and every tile. The admin connections read only the
+catalog and the table statistics (the cache buster) and keep the layergroups.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+import orjson
+
+from grantkey.db import layergroups
+from grantkey.db.cluster import Cluster
+from grantkey.db.tiles import (
+    GEOMETRY_TYPES,
+    LayerShape,
+    columns_probe,
+    default_srid,
+    relations_probe,
+    tile_query,
+    typmod_srid,
+)
+from grantkey.domain.keys import Principal, User
+from grantkey.domain.mapconfig import MapConfig, MapLayer, from_canonical
+from grantkey.domain.tiles import TileCoord
+from grantkey.errors import LayerFailed, LayergroupNotFound, SqlError
+from grantkey.services.lru import Lru
+from grantkey.services.sql import SqlService
+
+log = logging.getLogger("grantkey.maps")
+TOUCH_EVERY = 3600.0  # seconds between two marks of a layergroup's use, per process
+EXPIRE_EVERY = 3600.0
+NO_POSTGIS = "The Maps API needs PostGIS"
+
+
+@dataclass(frozen=True)
+class Layergroup:
+    user_id: str
+    hash: str
+    config: MapConfig
+    shapes: tuple[LayerShape, ...]
+    changed_at: datetime
+
+    @property
+    def buster(self) -> int:
+        return int(self.changed_at.timestamp() * 1000)
+
+    @property
+    def id(self) -> str:
+        return f"{self.hash}:{self.buster}"
+
+    def layers(self) -> list[tuple[MapLayer, LayerShape]]:
+        return list(zip(self.config.layers, self.shapes, strict=True))
+
+
+def _relations(plan: object) -> set[tuple[str, str]]:
+    """The (schema, relation) pairs a JSON plan scans, at any depth."""
+    found: set[tuple[str, str]] = set()
+    stack = [plan]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("Relation Name"), str) and isinstance(node.get("Schema"), str):
+                found.add((node["Schema"], node["Relation Name"]))
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return found
+
+
+class MapsService:
+    def __init__(self, cluster: Cluster, sql: SqlService, *, idle_days: int,
+                 cache_size: int = 10_000) -> None:
+        self.cluster = cluster
+        self.sql = sql
+        self.idle_days = idle_days
+        # a hash always names the same config: a cached one is never stale (with when this
+        # process last marked it used)
+        self._layergroups: Lru[tuple[str, str], tuple[Layergroup, float]] = Lru(cache_size)
+        self._queries: Lru[tuple[str, str, tuple[int, ...]], str] = Lru(cache_size)
+
+    async def create(self, principal: Principal, config: MapConfig) -> Layergroup:
+        """Probe each layer as the key (a failure names the layer), then keep the map."""
+        await self.sql.require_postgis(principal.user, NO_POSTGIS)
+        shapes, relations = [], set()
+        for layer in config.layers:
+            try:
+                shapes.append(await self._shape(principal, layer))
+                relations |= await self._read_relations(principal, layer)
+            except SqlError as error:
+                raise LayerFailed(error, layer.index, layer.id) from None
+        user = principal.user
+        lg_hash = config.layergroup_hash(user.database, principal.key.role)
+        async with self.cluster.user_database(user.database) as conn:
+            tables = await layergroups.relation_oids(conn, sorted(relations))
+            stamp = await layergroups.fingerprint(conn, tables)
+        async with self.cluster.metadata() as conn:
+            changed = await layergroups.save(
+                conn, user_id=user.id, hash=lg_hash, config=orjson.loads(config.canonical()),
+                shapes=[{"srid": s.srid, "geometry_columns": list(s.geometry_columns)}
+                        for s in shapes],
+                tables=tables, fingerprint=stamp)
+        layergroup = Layergroup(user.id, lg_hash, config, tuple(shapes), changed)
+        self._layergroups.put((user.id, lg_hash), (layergroup, time.monotonic()))
+        return layergroup
+
+    async def _shape(self, principal: Principal, layer: MapLayer) -> LayerShape:
+        async with await self.sql.start(principal, columns_probe(layer), params=[0]) as running:
+            columns = {c.name: (running.type_name(c), c.type_modifier) for c in running.columns}
+        geometry = tuple(sorted(name for name, (kind, _) in columns.items()
+                                if kind in GEOMETRY_TYPES))
+        if layer.geom_column not in columns:
+            raise SqlError(400, f"column \"{layer.geom_column[:63]}\" does not exist in the "
+                                f"layer's result (geom_column)")
+        kind, modifier = columns[layer.geom_column]
+        if kind != "geometry":
+            raise SqlError(400, f"geom_column \"{layer.geom_column[:63]}\" is {kind}, not "
+                                "geometry")
+        return LayerShape(typmod_srid(modifier) or default_srid(layer.geom_column), geometry)
+
+    async def _read_relations(self, principal: Principal,
+                              layer: MapLayer) -> set[tuple[str, str]]:
+        async with await self.sql.start(principal, relations_probe(layer),
+                                        params=[1]) as running:
+            rows = [row async for row in running.rows()]
+        plan = rows[0][0] if rows else None
+        return _relations(orjson.loads(plan) if isinstance(plan, str) else plan)
+
+    async def layergroup(self, user: User, token: str, lg_hash: str) -> Layergroup:
+        """A stored layergroup (cached: a hash always names the same config); 404 if none.
+        Its use is marked at most once an hour per process."""
+        cache_key = (user.id, lg_hash)
+        cached = self._layergroups.get(cache_key)
+        now = time.monotonic()
+        if cached is not None:
+            found, touched = cached
+            if now - touched < TOUCH_EVERY:
+                return found
+            async with self.cluster.metadata() as conn:
+                if await layergroups.touch(conn, user.id, lg_hash):
+                    self._layergroups.put(cache_key, (found, now))
+                    return found
+            self._layergroups.pop(cache_key)
+            raise LayergroupNotFound(token)
+        async with self.cluster.metadata() as conn:
+            row = await layergroups.get(conn, user.id, lg_hash)
+            if row is not None:
+                await layergroups.touch(conn, user.id, lg_hash)
+        if row is None:
+            raise LayergroupNotFound(token)
+        layergroup = Layergroup(
+            user.id, lg_hash, from_canonical(row["config"]),
+            tuple(LayerShape(int(s["srid"]), tuple(s["geometry_columns"]))
+                  for s in row["shapes"]), row["changed_at"])
+        self._layergroups.put(cache_key, (layergroup, now))
+        return layergroup
+
+    async def tile(self, principal: Principal, layergroup: Layergroup,
+                   layers: tuple[MapLayer, ...], coord: TileCoord) -> bytes:
+        """The tile's MVT bytes (empty: no feature), drawn as the key."""
+        drawn = tuple(layer.index for layer in layers if layer.draws_at(coord.z))
+        if not drawn:
+            return b""
+        query_key = (layergroup.user_id, layergroup.hash, drawn)
+        query = self._queries.get(query_key)
+        if query is None:
+            everything = layergroup.layers()
+            query = tile_query([everything[index] for index in drawn])
+            self._queries.put(query_key, query)
+        async with await self.sql.start(principal, query,
+                                        params=[coord.z, coord.x, coord.y]) as running:
+            rows = [row async for row in running.rows()]
+        data = rows[0][0] if rows else None
+        return bytes(data) if data else b""
+
+    def forget_user(self, user_id: str) -> None:
+        self._layergroups.pop_where(lambda key: key[0] == user_id)
+        self._queries.pop_where(lambda key: key[0] == user_id)
+
+    async def expire(self) -> int:
+        """Delete the layergroups unused for `idle_days` (a process that still caches one
+        marks its use within the hour: one in use is never that idle)."""
+        async with self.cluster.metadata() as conn:
+            gone = await layergroups.expire(conn, self.idle_days)
+        if gone:
+            log.info("%d layergroups unused for %d days deleted", gone, self.idle_days)
+        return gone
+
+    async def expire_forever(self) -> None:
+        """`expire`, now and every hour."""
+        while True:
+            try:
+                await self.expire()
+            except Exception as error:  # the database may be restarting: next time
+                log.warning("expiring layergroups failed: %s", type(error).__name__)
+            await asyncio.sleep(EXPIRE_EVERY)
+
