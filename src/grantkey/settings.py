@@ -244,6 +244,10 @@ class Settings:
     tile_max_age: int = field(default=300, metadata=row(
         "GRANTKEY_TILE_MAX_AGE", whole(),
         "Seconds clients and caches may keep a tile (Cache-Control max-age)."))
+    maplibre_url: str = field(default="https://unpkg.com/maplibre-gl@4.7.1/dist", metadata=row(
+        "GRANTKEY_MAPLIBRE_URL", TEXT,
+        "Where a layergroup's preview page loads MapLibre GL JS from (a folder holding "
+        "maplibre-gl.js and maplibre-gl.css)."))
     header_timeout: float = field(default=10.0, metadata=row(
         "GRANTKEY_HEADER_TIMEOUT", SECONDS,
         "Seconds a request's head (request line and headers) may take to arrive."))

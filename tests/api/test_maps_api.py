@@ -496,3 +496,37 @@ def test_options_on_maps_paths_is_200_with_cors(http: httpx.Client, geo: Account
         response = http.options(maps_url(geo) + path)
         assert response.status_code == 200
         assert response.headers["access-control-allow-origin"] == "*"
+
+
+# -- the preview page (the browser test: tests/api/test_maps_preview.py) ------------------
+
+def test_preview_page_carries_a_tile_token_escapes_layer_ids_and_sets_a_csp(
+        http: httpx.Client, geo: Account, make_key: Callable[..., KeyHandle]) -> None:
+    key = make_key(geo, "viewer", table_grants([("public", "places", ["select"])], ("maps",)))
+    hostile = "</script><script>alert(1)</script>"
+    config = {"layers": [{"type": "mapnik", "id": hostile,
+                          "options": {"sql": "SELECT * FROM places"}}]}
+    lgid = made(http, geo, config, key.token)
+    response = http.get(f"{maps_url(geo)}/{lgid}/preview", params={"api_key": key.token})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/html; charset=utf-8"
+    page = response.text
+    assert key.token not in page and "?api_key=gkt" in page
+    assert hostile not in page and "\\u003c/script\\u003e" in page
+    csp = response.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "script-src 'nonce-" in csp
+    assert "https://unpkg.com" in csp and "connect-src 'self'" in csp
+    assert response.headers["cache-control"] == "no-store"
+
+
+def test_preview_page_refused_says_why_in_the_page(
+        http: httpx.Client, geo: Account, make_key: Callable[..., KeyHandle]) -> None:
+    sql_only = make_key(geo, "sql-only", apis_only("sql"))
+    lgid = made(http, geo, ALL_PLACES)
+    refused = http.get(f"{maps_url(geo)}/{lgid}/preview", params={"api_key": sql_only.token})
+    assert refused.status_code == 403 and "cannot be shown (403): Forbidden" in refused.text
+    unknown = http.get(f"{maps_url(geo)}/0{'b' * 39}:1/preview")
+    assert unknown.status_code == 404
+    assert "Invalid or nonexistent map configuration token" in unknown.text
+    public = http.get(f"{maps_url(geo)}/{lgid}/preview")
+    assert public.status_code == 200 and "api_key" not in public.text

@@ -13,7 +13,8 @@ from starlette.routing import Route
 from grantkey.domain.mapconfig import parse_mapconfig
 from grantkey.domain.tiles import parse_layergroup_id, parse_tile, select_layers
 from grantkey.errors import BadInput, Forbidden, GrantkeyError, LayergroupNotFound
-from grantkey.http.context import Call, RequestHandler, endpoint
+from grantkey.http import maps_preview
+from grantkey.http.context import Call, RequestHandler, endpoint, services_of
 from grantkey.http.errors import JSON_TYPE, Family, render_error
 from grantkey.http.routing import FastRoute
 from grantkey.http.sql_api import CALLBACK
@@ -25,7 +26,7 @@ EXPOSED = "X-Layergroup-Id, Carto-Rate-Limit-Limit, Carto-Rate-Limit-Remaining, 
           "Carto-Rate-Limit-Reset, Retry-After"
 
 
-def _require_maps(call: Call) -> None:
+def require_maps(call: Call) -> None:
     if not call.principal.allows_api("maps"):
         raise Forbidden("Forbidden")
 
@@ -62,10 +63,14 @@ def _base_url(call: Call) -> str:
 def _credential_query(call: Call, layergroup: Layergroup) -> str:
     """What tile URLs carry for the key that made the map: nothing for the default public
     key, else a tile token of this layergroup (never the key itself)."""
+    token = _tile_token(call, layergroup)
+    return "" if token is None else "?api_key=" + quote(token, safe="")
+
+
+def _tile_token(call: Call, layergroup: Layergroup) -> str | None:
     if call.principal.key.type == "default":
-        return ""
-    token = call.services.tile_tokens.issue(call.user.id, layergroup.hash, call.principal.token)
-    return "?api_key=" + quote(token, safe="")
+        return None
+    return call.services.tile_tokens.issue(call.user.id, layergroup.hash, call.principal.token)
 
 
 def layergroup_answer(call: Call, layergroup: Layergroup) -> dict[str, object]:
@@ -89,7 +94,7 @@ def layergroup_answer(call: Call, layergroup: Layergroup) -> dict[str, object]:
 
 
 async def create_map(call: Call) -> Response:
-    _require_maps(call)
+    require_maps(call)
     config = parse_mapconfig(_config_of(call),
                              max_sql_bytes=call.services.settings.max_query_bytes)
     layergroup = await call.services.maps.create(call.principal, config)
@@ -102,15 +107,19 @@ async def create_map(call: Call) -> Response:
     return Response(body, media_type=JSON_TYPE, headers=headers)
 
 
-async def get_tile(call: Call) -> Response:
-    _require_maps(call)
-    params = call.request.path_params
-    token = str(params["lgid"])
+async def _layergroup(call: Call) -> Layergroup:
+    token = str(call.request.path_params["lgid"])
     parsed = parse_layergroup_id(token)
     if parsed is None:
         raise LayergroupNotFound(token)
+    return await call.services.maps.layergroup(call.user, token, parsed[0])
+
+
+async def get_tile(call: Call) -> Response:
+    require_maps(call)
+    params = call.request.path_params
     coord = parse_tile(str(params["z"]), str(params["x"]), str(params["tile"]))
-    layergroup = await call.services.maps.layergroup(call.user, token, parsed[0])
+    layergroup = await _layergroup(call)
     layers = select_layers(layergroup.config.layers, params.get("layers"))
     data = await call.services.maps.tile(call.principal, layergroup, layers, coord)
     keyed = call.principal.key.type != "default"
@@ -128,6 +137,28 @@ async def get_tile(call: Call) -> Response:
 
 def _http_date(layergroup: Layergroup) -> str:
     return layergroup.changed_at.astimezone(UTC).strftime("%a, %d %b %Y %H:%M:%S GMT")
+
+
+async def preview(call: Call) -> Response:
+    """The layergroup drawn by MapLibre GL JS (`maps_preview.py`), its tiles fetched with a
+    tile token."""
+    require_maps(call)
+    layergroup = await _layergroup(call)
+    tiles = f"{_base_url(call)}/{layergroup.id}/{{z}}/{{x}}/{{y}}.mvt"
+    tiles += _credential_query(call, layergroup)
+    return maps_preview.page(call.services.settings.maplibre_url, tiles=tiles,
+                             layers=[layer.name for layer in layergroup.config.layers],
+                             error=None)
+
+
+def preview_errors(request: Request, error: GrantkeyError) -> Response:
+    """A refused preview is a page too, saying why (the Maps API's status and message)."""
+    rendered = render_error(Family.MAPS, error)
+    message = orjson.loads(rendered.body)["errors"][0]
+    return maps_preview.page(services_of(request).settings.maplibre_url, tiles=None,
+                             layers=[], status=rendered.status_code,
+                             error=f"This map cannot be shown ({rendered.status_code}): "
+                                   f"{message}")
 
 
 def _layergroup_asked(request: Request) -> str | None:
@@ -150,8 +181,11 @@ def routes() -> list[Route]:
     create: RequestHandler = endpoint(Family.MAPS, create_map, on_error=maps_errors)
     tile: RequestHandler = endpoint(Family.MAPS, get_tile, on_error=maps_errors,
                                     tiles_of=_layergroup_asked)
+    shown: RequestHandler = endpoint(Family.MAPS, preview, on_error=preview_errors,
+                                     tiles_of=_layergroup_asked)
     return [
         Route("/api/v1/map", create, methods=["GET", "POST"]),
+        Route("/api/v1/map/{lgid}/preview", shown, methods=["GET"]),
         FastRoute("/api/v1/map/{lgid}/{z}/{x}/{tile}", tile, methods=["GET"]),
         FastRoute("/api/v1/map/{lgid}/{layers}/{z}/{x}/{tile}", tile, methods=["GET"]),
     ]

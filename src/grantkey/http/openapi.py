@@ -348,6 +348,13 @@ OPERATIONS: list[tuple[str, str, dict[str, Any]]] = [
                        API_KEY, _query("map_key", {"type": "string"})],
         "requestBody": {"required": True, "content": {JSON: {"schema": {"type": "object"}}}},
         "responses": MAP_CREATED}),
+    ("/api/v1/map/{lgid}/preview", "get", {
+        "summary": "An HTML page drawing the layergroup with MapLibre GL JS (tile tokens).",
+        "parameters": [TILE_PARAMETERS[0], *TILE_PARAMETERS[-2:]],
+        "responses": {code: {"description": answer["description"],
+                             "content": {"text/html": {"schema": {"type": "string"}}}}
+                      for code, answer in {"200": {"description": "The page."},
+                                           **MAPS_ERRORS}.items()}}),
     ("/api/v1/map/{lgid}/{z}/{x}/{tile}", "get", {
         "summary": "A vector tile of every layer, drawn as the requesting key's role.",
         "parameters": TILE_PARAMETERS, "responses": TILE_ANSWERS}),
