@@ -262,6 +262,40 @@ def test_tile_geometry_positions_and_layer_names(http: httpx.Client, geo: Accoun
         assert all(f["geometry"]["type"] == "Point" for f in decoded[name]["features"])
 
 
+def test_geometry_columns_of_any_srid_are_drawn_where_they_are(
+        http: httpx.Client, geo: Account, owner_sql: Callable[[Account, str], None]) -> None:
+    """The SRID a column declares is read from its type (PostGIS's type modifier): 4326,
+    and 900913, above the 20-bit sign boundary of the modifier's SRID field."""
+    owner_sql(geo, "CREATE TABLE google (id int, geom geometry(Point, 900913));"
+                   "INSERT INTO google VALUES (1, ST_SetSRID(ST_MakePoint(10018754.17, 0), "
+                   "900913))")
+    lgid = made(http, geo, {"layers": [layer("SELECT * FROM google", geom_column="geom")]},
+                geo.master_token)
+    (point,) = decode(tile(http, geo, lgid, "0/0/0.mvt", geo.master_token))["layer0"]["features"]
+    assert point["geometry"]["coordinates"] == [3072, 2048]
+
+
+def test_a_column_named_like_the_wrapping_is_a_property(http: httpx.Client, geo: Account) -> None:
+    lgid = made(http, geo, {"layers": [layer("SELECT id, name AS cdbq, the_geom_webmercator "
+                                             "FROM places WHERE id = 1")]})
+    (feature,) = decode(tile(http, geo, lgid, "0/0/0.mvt"))["layer0"]["features"]
+    assert feature["properties"] == {"id": 1, "cdbq": "centre"}
+
+
+@pytest.mark.parametrize(("layers", "message"), [
+    ([{"id": "1", "options": {"sql": "SELECT 1"}}], "Invalid id for layer 0"),
+    ([{"id": "all", "options": {"sql": "SELECT 1"}}], "Invalid id for layer 0"),
+    ([{"id": "layer1", "options": {"sql": "SELECT 1"}}, {"options": {"sql": "SELECT 1"}}],
+     "Layer ids must be unique"),
+    ([{"options": {"sql": "SELECT 1 -- " + "x" * 200_000}},
+      {"options": {"sql": "SELECT 1 -- " + "x" * 100_000}}], "The layers' sql is too long"),
+])
+def test_layer_ids_that_a_filter_could_not_tell_apart_and_too_much_sql_are_400(
+        http: httpx.Client, geo: Account, layers: list[dict[str, Any]], message: str) -> None:
+    body = error_of(create(http, geo, {"layers": layers}), 400)
+    assert body["errors"][0].startswith(message)
+
+
 def test_tile_properties_types(http: httpx.Client, geo: Account) -> None:
     decoded = decode(tile(http, geo, made(http, geo, ALL_PLACES), "0/0/0.mvt"))
     by_id = {f["properties"]["id"]: f["properties"] for f in decoded["layer0"]["features"]}

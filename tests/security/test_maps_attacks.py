@@ -146,3 +146,28 @@ def test_no_layer_sql_of_a_key_runs_as_the_owner_or_an_admin(
     finally:
         with psycopg.connect(admin_url, autocommit=True) as conn:
             conn.execute(sql.SQL("ALTER DATABASE {} RESET log_statement").format(database))
+
+
+@pytest.mark.parametrize("planted", [
+    # better matches than PostGIS's own for the tile statement's calls, if a key could plant
+    "CREATE FUNCTION public.st_asmvtgeom(geometry, geometry, integer, integer, boolean) "
+    "RETURNS geometry LANGUAGE sql AS 'SELECT $1'",
+    "CREATE FUNCTION public.st_tileenvelope(integer, integer, integer, margin numeric) "
+    "RETURNS geometry LANGUAGE sql AS 'SELECT NULL::geometry'",
+    "CREATE FUNCTION public.to_jsonb(record) RETURNS jsonb LANGUAGE sql AS 'SELECT NULL::jsonb'",
+])
+def test_a_key_that_creates_tables_cannot_plant_functions_tiles_would_call(
+        http: httpx.Client, attack: tuple[Account, Account, KeyHandle],
+        make_key: Callable[..., KeyHandle], planted: str) -> None:
+    """Tiles call PostGIS by name in the user's search path: a key may create tables in
+    `public` but never code (the guard), so it cannot put a better match there."""
+    account, _, _ = attack
+    builder = make_key(account, "builder", table_grants(
+        [("public", "places", ["select"])], ("sql", "maps"), create_schemas=("public",)))
+    assert account.sql(http, "CREATE TABLE mine (id int)", builder.token).status_code == 200
+    refused = account.sql(http, planted, builder.token)
+    assert refused.status_code in (400, 403), refused.text
+    made = http.post(maps_url(account), json={"layers": [layer("SELECT * FROM places")]},
+                     params={"api_key": builder.token})
+    url = f"{maps_url(account)}/{made.json()['layergroupid']}/0/0/0.mvt"
+    assert http.get(url, params={"api_key": builder.token}).status_code == 200

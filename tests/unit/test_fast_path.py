@@ -31,10 +31,10 @@ def test_the_fast_path_matches_every_sql_and_tile_route_and_no_other_route() -> 
         is_tile = path.endswith("/{z}/{x}/{tile}")
         assert isinstance(route, FastRoute) == (is_sql or is_tile)  # the hot ones
         (hot_paths if is_sql or is_tile else other_paths).append(concrete(path))
-    # SQL: v1 and v2, under /user/<u>, /u/<u> and none, with and without "/"; tiles: with
-    # and without a layer filter, under the three prefixes
-    assert len(hot_paths) == 12 + 6
-    assert len(app.fast.entries) == 18
+    # SQL: v1 and v2, under /user/<u>, /u/<u> and none, with and without "/"; tiles (of
+    # layergroups and of named maps): with and without a layer filter, under the three
+    assert len(hot_paths) == 12 + 6 + 6
+    assert len(app.fast.entries) == 24
     assert all(app.fast.match("GET", path) for path in hot_paths)
     assert all(app.fast.match("POST", path) for path in hot_paths if path.endswith("sql")
                or path.endswith("sql/"))

@@ -31,8 +31,9 @@ CREATE INDEX IF NOT EXISTS layergroups_last_used ON public.layergroups (last_use
 """
 
 _SAVE = """
-INSERT INTO public.layergroups AS l (user_id, hash, config, shapes, tables, fingerprint, changed_at)
-VALUES (%(user)s, %(hash)s, %(config)s, %(shapes)s, %(tables)s::oid[], %(fingerprint)s,
+INSERT INTO public.layergroups AS l (user_id, hash, config, shapes, tables, fingerprint, template,
+                                    changed_at)
+VALUES (%(user)s, %(hash)s, %(config)s, %(shapes)s, %(tables)s::oid[], %(fingerprint)s, %(template)s,
         CASE WHEN pg_catalog.cardinality(%(tables)s::oid[]) OPERATOR(pg_catalog.=) 0
              THEN 'epoch'::timestamptz ELSE pg_catalog.now() END)
 ON CONFLICT (user_id, hash) DO UPDATE SET
@@ -85,11 +86,13 @@ async def fingerprint(conn: AdminConnection, tables: list[int]) -> str:
 
 
 async def save(conn: AdminConnection, *, user_id: str, hash: str, config: dict[str, Any],
-               shapes: list[dict[str, Any]], tables: list[int], fingerprint: str) -> datetime:
-    """Store (or refresh) a layergroup; its `changed_at` (moved if the fingerprint did)."""
+               shapes: list[dict[str, Any]], tables: list[int], fingerprint: str,
+               template: str | None) -> datetime:
+    """Store (or refresh) a layergroup; its `changed_at` (moved if the fingerprint did).
+    `template`: the named map it instantiates, if any."""
     cur = await conn.execute(_SAVE, {"user": user_id, "hash": hash, "config": Jsonb(config),
                                      "shapes": Jsonb(shapes), "tables": tables,
-                                     "fingerprint": fingerprint})
+                                     "fingerprint": fingerprint, "template": template})
     row = await cur.fetchone()
     assert row is not None
     changed: datetime = row["changed_at"]
@@ -98,7 +101,7 @@ async def save(conn: AdminConnection, *, user_id: str, hash: str, config: dict[s
 
 async def get(conn: AdminConnection, user_id: str, hash: str) -> dict[str, Any] | None:
     cur = await conn.execute(
-        "SELECT config, shapes, changed_at FROM public.layergroups "
+        "SELECT config, shapes, changed_at, template FROM public.layergroups "
         "WHERE user_id OPERATOR(pg_catalog.=) %s AND hash OPERATOR(pg_catalog.=) %s",
         [user_id, hash])
     return await cur.fetchone()

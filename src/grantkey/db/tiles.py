@@ -37,7 +37,7 @@ def typmod_srid(type_modifier: int) -> int | None:
     None when the column declares none."""
     if type_modifier < 0:
         return None
-    srid = ((type_modifier & 0x0FFFFF00) - (type_modifier & 0x08000000)) >> 8
+    srid = ((type_modifier & 0x1FFFFF00) - (type_modifier & 0x10000000)) >> 8
     return srid if srid > 0 else None
 
 
@@ -90,7 +90,7 @@ def _properties(layer: MapLayer, shape: LayerShape) -> sql.Composable:
         "OPERATOR(pg_catalog.=) ANY ('{{object,array}}'::text[]) "
         "THEN pg_catalog.to_jsonb(e.value OPERATOR(pg_catalog.#>>) '{{}}'::text[]) "
         "ELSE e.value END) "
-        "FROM pg_catalog.jsonb_each(pg_catalog.to_jsonb(cdbq) OPERATOR(pg_catalog.-) {}::text[]) AS e "
+        "FROM pg_catalog.jsonb_each(pg_catalog.to_jsonb(cdbq.*) OPERATOR(pg_catalog.-) {}::text[]) AS e "
         "WHERE pg_catalog.jsonb_typeof(e.value) OPERATOR(pg_catalog.<>) 'null')"
     ).format(sql.Literal(hidden))
 
@@ -112,8 +112,36 @@ def _layer_tile(layer: MapLayer, shape: LayerShape) -> sql.Composable:
     )
 
 
-def tile_query(layers: Sequence[tuple[MapLayer, LayerShape]]) -> str:
+def layer_tile(layer: MapLayer, shape: LayerShape) -> str:
+    """One layer's part of a tile statement (`join_tile` puts the parts together)."""
+    return _layer_tile(layer, shape).as_string(None)
+
+
+def join_tile(parts: Sequence[str]) -> str:
     """One statement, one `bytea`: the layers' MVT layers in order (`$1, $2, $3` = z, x, y)."""
-    parts = [_layer_tile(layer, shape) for layer, shape in layers]
-    return sql.SQL("SELECT {} AS mvt").format(
-        sql.SQL("\nOPERATOR(pg_catalog.||)\n").join(parts)).as_string(None)
+    return "SELECT " + "\nOPERATOR(pg_catalog.||)\n".join(parts) + " AS mvt"
+
+
+def tile_query(layers: Sequence[tuple[MapLayer, LayerShape]]) -> str:
+    return join_tile([layer_tile(layer, shape) for layer, shape in layers])
+
+
+PROBE_VIEW = "__grantkey_reads"
+
+
+def reads_probe(layer_sql: str) -> str:
+    """As the master: a temporary view of the layer's SQL, and the relations PostgreSQL
+    recorded it depends on (views stay views). The view goes with the session's reset."""
+    return sql.SQL(
+        "CREATE TEMPORARY VIEW {view} AS SELECT * FROM (\n{client}\n) AS cdbq; "
+        "SELECT DISTINCT n.nspname::text AS schema_name, c.relname::text AS relation_name "
+        "FROM pg_catalog.pg_depend d "
+        "JOIN pg_catalog.pg_rewrite r ON r.oid OPERATOR(pg_catalog.=) d.objid "
+        "JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) d.refobjid "
+        "JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace "
+        "WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_rewrite'::pg_catalog.regclass "
+        "AND r.ev_class OPERATOR(pg_catalog.=) {qualified}::pg_catalog.regclass "
+        "AND c.oid OPERATOR(pg_catalog.<>) r.ev_class "
+        "AND c.relkind OPERATOR(pg_catalog.=) ANY ('{{r,v,m,p,f}}'::\"char\"[])"
+    ).format(view=sql.Identifier(PROBE_VIEW), client=sql.SQL(layer_sql),
+             qualified=sql.Literal(f"pg_temp.{PROBE_VIEW}")).as_string(None)

@@ -60,10 +60,12 @@ class MapConfig:
                              "layers": [asdict(layer) for layer in self.layers]},
                             option=orjson.OPT_SORT_KEYS)
 
-    def layergroup_hash(self, database: str, role: str) -> str:
-        """The same map made by the same role is the same layergroup; another role's is
-        another. Starts with a digit: `<hash>:<n>` must not read as a URL scheme."""
+    def layergroup_hash(self, database: str, role: str, template: str | None = None) -> str:
+        """The same map made by the same role is the same layergroup; another role's (or a
+        named map's) is another. Starts with a digit: `<hash>:<n>` must not read as a URL
+        scheme."""
         digest = hashlib.sha256(database.encode() + b"\0" + role.encode() + b"\0"
+                                + (template or "").encode() + b"\0"
                                 + self.canonical()).hexdigest()
         return "0" + digest[:39]
 
@@ -157,9 +159,11 @@ def _layer(raw: object, index: int, buffer_px: int, sources: dict[str, str],
     layer_id = raw.get("id")
     if layer_id is not None and (not isinstance(layer_id, str) or not layer_id
                                  or len(layer_id) > MAX_LAYER_ID or "," in layer_id
-                                 or not layer_id.isprintable()):
+                                 or not layer_id.isprintable() or layer_id.isdigit()
+                                 or layer_id in ("all", "mapnik")):
+        # a layer filter names layers by index or id: an id must not read as either
         raise BadInput(f"Invalid id for layer {index}: up to {MAX_LAYER_ID} printable "
-                       "characters, no comma")
+                       "characters, no comma, not only digits, not 'all' or 'mapnik'")
     extent = _integer(options, "vector_extent", DEFAULT_EXTENT, 256, 65536, index)
     minzoom = _integer(options, "minzoom", 0, 0, MAX_ZOOM, index)
     maxzoom = _integer(options, "maxzoom", MAX_ZOOM, 0, MAX_ZOOM, index)
@@ -200,7 +204,12 @@ def parse_mapconfig(raw: object, *, max_sql_bytes: int) -> MapConfig:
     sources = _analyses(raw)
     parsed = tuple(_layer(layer, index, buffer_px, sources, max_sql_bytes)
                    for index, layer in enumerate(layers))
-    ids = [layer.id for layer in parsed if layer.id is not None]
-    if len(ids) != len(set(ids)):
-        raise BadInput("Layer ids must be unique in a layergroup config")
+    names = [layer.name for layer in parsed]  # an MVT tile's layers have distinct names
+    if len(names) != len(set(names)):
+        raise BadInput("Layer ids must be unique in a layergroup config (a layer without an "
+                       "id is named layer<N>)")
+    total = sum(len(layer.sql.encode("utf-8", "surrogatepass")) for layer in parsed)
+    if total > max_sql_bytes:
+        raise BadInput(f"The layers' sql is too long: the limit is {max_sql_bytes} bytes for "
+                       "all layers together")
     return MapConfig(version, parsed)

@@ -63,14 +63,13 @@ def render_error(family: Family, error: GrantkeyError) -> Response:
 
 
 def _maps_status(error: GrantkeyError) -> int:
-    """CARTO's Maps API rule for a query's error: 403 when it says `permission denied`, 404
-    for `does not exist`, 429 for the time limit, else 400."""
+    """CARTO's Maps API rule for a query's error: 403 when it says `permission denied` (read
+    from the SQLSTATE too, as the SQL API does: not from words inside a value), 404 for
+    `does not exist`, 429 for the time limit, else 400."""
     if not isinstance(error, SqlError):
         return error.status
-    if error.status == 429:
-        return 429
-    if "permission denied" in error.message:
-        return 403
+    if error.status in (403, 429):  # 403: SQLSTATE 42501 saying so (db/sql_errors.py)
+        return error.status
     if "does not exist" in error.message:
         return 404
     return 400 if error.status < 500 else error.status

@@ -10,8 +10,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from grantkey.domain.keys import Principal
 from grantkey.domain.mapconfig import parse_mapconfig
-from grantkey.domain.tiles import parse_layergroup_id, parse_tile, select_layers
+from grantkey.domain.tiles import TileCoord, parse_layergroup_id, parse_tile, select_layers
 from grantkey.errors import BadInput, Forbidden, GrantkeyError, LayergroupNotFound
 from grantkey.http import maps_preview
 from grantkey.http.context import Call, RequestHandler, endpoint, services_of
@@ -36,6 +37,15 @@ def _callback(request: Request) -> str | None:
     return callback if callback is not None and CALLBACK.fullmatch(callback) else None
 
 
+def json_body(call: Call) -> object:
+    media = call.request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise BadInput("POST data must be of type application/json")
+    if call.params.json_body is None:
+        raise BadInput("The request body is not valid JSON")
+    return call.params.json_body
+
+
 def _config_of(call: Call) -> object:
     if call.request.method == "GET":
         raw = call.params.query.get("config")
@@ -45,12 +55,7 @@ def _config_of(call: Call) -> object:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:
             raise BadInput("The config parameter is not valid JSON") from None
-    media = call.request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media != "application/json":
-        raise BadInput("POST data must be of type application/json")
-    if call.params.json_body is None:
-        raise BadInput("The request body is not valid JSON")
-    return call.params.json_body
+    return json_body(call)
 
 
 def _base_url(call: Call) -> str:
@@ -60,22 +65,27 @@ def _base_url(call: Call) -> str:
     return str(call.request.base_url).rstrip("/") + prefix + "/api/v1/map"
 
 
-def _credential_query(call: Call, layergroup: Layergroup) -> str:
+def _credential_query(call: Call, layergroup: Layergroup, principal: Principal) -> str:
     """What tile URLs carry for the key that made the map: nothing for the default public
     key, else a tile token of this layergroup (never the key itself)."""
-    token = _tile_token(call, layergroup)
+    token = _tile_token(call, layergroup, principal)
     return "" if token is None else "?api_key=" + quote(token, safe="")
 
 
-def _tile_token(call: Call, layergroup: Layergroup) -> str | None:
-    if call.principal.key.type == "default":
+def _tile_token(call: Call, layergroup: Layergroup, principal: Principal) -> str | None:
+    if principal.key.type == "default":
         return None
-    return call.services.tile_tokens.issue(call.user.id, layergroup.hash, call.principal.token)
+    return call.services.tile_tokens.issue(call.user.id, layergroup.hash, principal.token)
 
 
-def layergroup_answer(call: Call, layergroup: Layergroup) -> dict[str, object]:
+def layergroup_answer(call: Call, layergroup: Layergroup, principal: Principal | None = None,
+                      auth_token: str | None = None) -> dict[str, object]:
+    """The 200 of a new layergroup; its tile URLs carry a tile token of `principal` (the
+    requesting key; a named map's publishing key), and a token template's `auth_token`."""
     base = f"{_base_url(call)}/{layergroup.id}"
-    query = _credential_query(call, layergroup)
+    query = _credential_query(call, layergroup, principal or call.principal)
+    if auth_token is not None:
+        query += ("&" if query else "?") + "auth_token=" + quote(auth_token, safe="")
     layers = [{"type": "mapnik", "id": layer.name, "meta": {},
                "tilejson": {"vector": {"tilejson": TILEJSON_VERSION,
                                        "tiles": [f"{base}/{layer.index}/{{z}}/{{x}}/{{y}}.mvt"
@@ -98,7 +108,12 @@ async def create_map(call: Call) -> Response:
     config = parse_mapconfig(_config_of(call),
                              max_sql_bytes=call.services.settings.max_query_bytes)
     layergroup = await call.services.maps.create(call.principal, config)
-    body = orjson.dumps(layergroup_answer(call, layergroup))
+    return created(call, layergroup_answer(call, layergroup), layergroup)
+
+
+def created(call: Call, answer: dict[str, object], layergroup: Layergroup) -> Response:
+    """A layergroup's 200 (JSONP with a callback), with `X-Layergroup-Id`."""
+    body = orjson.dumps(answer)
     headers = {"X-Layergroup-Id": layergroup.id, "Access-Control-Expose-Headers": EXPOSED}
     callback = _callback(call.request)
     if callback is not None:
@@ -120,9 +135,17 @@ async def get_tile(call: Call) -> Response:
     params = call.request.path_params
     coord = parse_tile(str(params["z"]), str(params["x"]), str(params["tile"]))
     layergroup = await _layergroup(call)
-    layers = select_layers(layergroup.config.layers, params.get("layers"))
-    data = await call.services.maps.tile(call.principal, layergroup, layers, coord)
-    keyed = call.principal.key.type != "default"
+    if layergroup.template is not None:  # a named map's: still there, and its token
+        await call.services.named_maps.check_tile(call.user, layergroup.template,
+                                                  call.params.query.get("auth_token"))
+    return await tile_answer(call, call.principal, layergroup, params.get("layers"), coord)
+
+
+async def tile_answer(call: Call, principal: Principal, layergroup: Layergroup,
+                      selector: str | None, coord: TileCoord) -> Response:
+    layers = select_layers(layergroup.config.layers, selector)
+    data = await call.services.maps.tile(principal, layergroup, layers, coord)
+    keyed = principal.key.type != "default"
     max_age = call.services.settings.tile_max_age
     headers = {
         "Cache-Control": f"{'private' if keyed else 'public'},max-age={max_age}",
@@ -145,7 +168,7 @@ async def preview(call: Call) -> Response:
     require_maps(call)
     layergroup = await _layergroup(call)
     tiles = f"{_base_url(call)}/{layergroup.id}/{{z}}/{{x}}/{{y}}.mvt"
-    tiles += _credential_query(call, layergroup)
+    tiles += _credential_query(call, layergroup, call.principal)
     return maps_preview.page(call.services.settings.maplibre_url, tiles=tiles,
                              layers=[layer.name for layer in layergroup.config.layers],
                              error=None)

@@ -269,6 +269,9 @@ TILE_PARAMETERS = [
      "description": "`<y>.mvt`."},
     API_KEY, _query("map_key", {"type": "string"})]
 
+TEMPLATE_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+                 "description": "The template's name."}
+
 # (path, method, operation); every path is served under each user prefix (see ALIASES).
 OPERATIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("/api/v3/api_keys", "get", {
@@ -348,6 +351,47 @@ OPERATIONS: list[tuple[str, str, dict[str, Any]]] = [
                        API_KEY, _query("map_key", {"type": "string"})],
         "requestBody": {"required": True, "content": {JSON: {"schema": {"type": "object"}}}},
         "responses": MAP_CREATED}),
+    ("/api/v1/map/named", "get", {
+        "summary": "The template names the key manages (master: all; a maps key: its own).",
+        "parameters": [API_KEY],
+        "responses": {"200": _json({"type": "object", "required": ["template_ids"]},
+                                   "{\"template_ids\": [...]}"), **MAPS_ERRORS}}),
+    ("/api/v1/map/named", "post", {
+        "summary": "Save a template (master, or a regular key with maps: its publisher).",
+        "parameters": [API_KEY],
+        "requestBody": {"required": True, "content": {JSON: {"schema": {"type": "object"}}}},
+        "responses": {"200": _json({"type": "object", "required": ["template_id"]},
+                                   "{\"template_id\": name}"), **MAPS_ERRORS}}),
+    ("/api/v1/map/named/{name}", "get", {
+        "summary": "A template as saved.", "parameters": [TEMPLATE_NAME, API_KEY],
+        "responses": {"200": _json({"type": "object", "required": ["template"]},
+                                   "{\"template\": {...}}"), **MAPS_ERRORS}}),
+    ("/api/v1/map/named/{name}", "put", {
+        "summary": "Replace a template (same name).", "parameters": [TEMPLATE_NAME, API_KEY],
+        "requestBody": {"required": True, "content": {JSON: {"schema": {"type": "object"}}}},
+        "responses": {"200": _json({"type": "object", "required": ["template_id"]},
+                                   "{\"template_id\": name}"), **MAPS_ERRORS}}),
+    ("/api/v1/map/named/{name}", "delete", {
+        "summary": "Delete a template: its tiles end at once.",
+        "parameters": [TEMPLATE_NAME, API_KEY],
+        "responses": {"204": {"description": "Deleted; empty body."}, **MAPS_ERRORS}}),
+    ("/api/v1/map/named/{name}", "post", {
+        "summary": "Instantiate a template (params in the body): a layergroup drawn as its "
+                   "publishing key.",
+        "parameters": [TEMPLATE_NAME, _query("auth_token", {"type": "string"}), API_KEY],
+        "requestBody": {"content": {JSON: {"schema": {"type": "object"}}}},
+        "responses": MAP_CREATED}),
+    ("/api/v1/map/named/{name}/{z}/{x}/{tile}", "get", {
+        "summary": "A tile of a template with its defaults, drawn as its publishing key.",
+        "parameters": [TEMPLATE_NAME, *TILE_PARAMETERS[1:4],
+                       _query("auth_token", {"type": "string"}), *TILE_PARAMETERS[-2:]],
+        "responses": TILE_ANSWERS}),
+    ("/api/v1/map/named/{name}/{layers}/{z}/{x}/{tile}", "get", {
+        "summary": "A tile of some layers of a template with its defaults.",
+        "parameters": [TEMPLATE_NAME, {"name": "layers", "in": "path", "required": True,
+                                       "schema": {"type": "string"}}, *TILE_PARAMETERS[1:4],
+                       _query("auth_token", {"type": "string"}), *TILE_PARAMETERS[-2:]],
+        "responses": TILE_ANSWERS}),
     ("/api/v1/map/{lgid}/preview", "get", {
         "summary": "An HTML page drawing the layergroup with MapLibre GL JS (tile tokens).",
         "parameters": [TILE_PARAMETERS[0], *TILE_PARAMETERS[-2:]],

@@ -11,6 +11,7 @@ from grantkey.services.events import Events, KeyCreated, KeyRevoked, UserDeleted
 from grantkey.services.keyed_locks import KeyedLocks
 from grantkey.services.keys import KeyService
 from grantkey.services.maps import MapsService
+from grantkey.services.named_maps import NamedMaps
 from grantkey.services.repair import RoleRepair
 from grantkey.services.resolver import KeyResolver
 from grantkey.services.revocation import KeyCache, Revoker
@@ -53,6 +54,9 @@ class Services:
         self.maps = MapsService(self.cluster, self.sql, idle_days=settings.maps_idle_days,
                                 cache_size=settings.key_cache_size)
         self.tile_tokens = TileTokens(box)
+        self.named_maps = NamedMaps(self.cluster, self.keys, self.maps, self.resolver, box,
+                                    self.sql, max_sql_bytes=settings.max_query_bytes,
+                                    cache_size=settings.key_cache_size)
         self.datasets = DatasetService(self.cluster, self.events)
         self.repair = RoleRepair(self.cluster, box, key_queue)
         self.sql.repair = self.repair

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import orjson
@@ -23,8 +23,9 @@ from grantkey.db.tiles import (
     LayerShape,
     columns_probe,
     default_srid,
+    join_tile,
+    layer_tile,
     relations_probe,
-    tile_query,
     typmod_srid,
 )
 from grantkey.domain.keys import Principal, User
@@ -37,6 +38,7 @@ from grantkey.services.sql import SqlService
 log = logging.getLogger("grantkey.maps")
 TOUCH_EVERY = 3600.0  # seconds between two marks of a layergroup's use, per process
 EXPIRE_EVERY = 3600.0
+MAX_CACHED = 1000  # layergroups a process keeps: up to a few hundred KiB of SQL each
 NO_POSTGIS = "The Maps API needs PostGIS"
 
 
@@ -47,6 +49,17 @@ class Layergroup:
     config: MapConfig
     shapes: tuple[LayerShape, ...]
     changed_at: datetime
+    template: str | None = None  # the named map it instantiates
+    # each layer's part of the tile statement, composed once (tile_query's join)
+    parts: tuple[str, ...] = field(default=(), compare=False, repr=False)
+
+    @classmethod
+    def made(cls, user_id: str, lg_hash: str, config: MapConfig,
+             shapes: tuple[LayerShape, ...], changed_at: datetime,
+             template: str | None) -> Layergroup:
+        parts = tuple(layer_tile(layer, shape)
+                      for layer, shape in zip(config.layers, shapes, strict=True))
+        return cls(user_id, lg_hash, config, shapes, changed_at, template, parts)
 
     @property
     def buster(self) -> int:
@@ -83,11 +96,13 @@ class MapsService:
         self.idle_days = idle_days
         # a hash always names the same config: a cached one is never stale (with when this
         # process last marked it used)
-        self._layergroups: Lru[tuple[str, str], tuple[Layergroup, float]] = Lru(cache_size)
-        self._queries: Lru[tuple[str, str, tuple[int, ...]], str] = Lru(cache_size)
+        self._layergroups: Lru[tuple[str, str], tuple[Layergroup, float]] = Lru(
+            min(cache_size, MAX_CACHED))
 
-    async def create(self, principal: Principal, config: MapConfig) -> Layergroup:
-        """Probe each layer as the key (a failure names the layer), then keep the map."""
+    async def create(self, principal: Principal, config: MapConfig,
+                     template: str | None = None) -> Layergroup:
+        """Probe each layer as the key (a failure names the layer), then keep the map.
+        `template`: the named map this instantiates (its tiles check it still exists)."""
         await self.sql.require_postgis(principal.user, NO_POSTGIS)
         shapes, relations = [], set()
         for layer in config.layers:
@@ -97,7 +112,7 @@ class MapsService:
             except SqlError as error:
                 raise LayerFailed(error, layer.index, layer.id) from None
         user = principal.user
-        lg_hash = config.layergroup_hash(user.database, principal.key.role)
+        lg_hash = config.layergroup_hash(user.database, principal.key.role, template)
         async with self.cluster.user_database(user.database) as conn:
             tables = await layergroups.relation_oids(conn, sorted(relations))
             stamp = await layergroups.fingerprint(conn, tables)
@@ -106,8 +121,8 @@ class MapsService:
                 conn, user_id=user.id, hash=lg_hash, config=orjson.loads(config.canonical()),
                 shapes=[{"srid": s.srid, "geometry_columns": list(s.geometry_columns)}
                         for s in shapes],
-                tables=tables, fingerprint=stamp)
-        layergroup = Layergroup(user.id, lg_hash, config, tuple(shapes), changed)
+                tables=tables, fingerprint=stamp, template=template)
+        layergroup = Layergroup.made(user.id, lg_hash, config, tuple(shapes), changed, template)
         self._layergroups.put((user.id, lg_hash), (layergroup, time.monotonic()))
         return layergroup
 
@@ -135,30 +150,24 @@ class MapsService:
 
     async def layergroup(self, user: User, token: str, lg_hash: str) -> Layergroup:
         """A stored layergroup (cached: a hash always names the same config); 404 if none.
-        Its use is marked at most once an hour per process."""
+        Once an hour per process it is read again (what a new creation refreshed: shapes,
+        cache buster) and its use is marked."""
         cache_key = (user.id, lg_hash)
         cached = self._layergroups.get(cache_key)
         now = time.monotonic()
-        if cached is not None:
-            found, touched = cached
-            if now - touched < TOUCH_EVERY:
-                return found
-            async with self.cluster.metadata() as conn:
-                if await layergroups.touch(conn, user.id, lg_hash):
-                    self._layergroups.put(cache_key, (found, now))
-                    return found
-            self._layergroups.pop(cache_key)
-            raise LayergroupNotFound(token)
+        if cached is not None and now - cached[1] < TOUCH_EVERY:
+            return cached[0]
+        self._layergroups.pop(cache_key)
         async with self.cluster.metadata() as conn:
             row = await layergroups.get(conn, user.id, lg_hash)
             if row is not None:
                 await layergroups.touch(conn, user.id, lg_hash)
         if row is None:
             raise LayergroupNotFound(token)
-        layergroup = Layergroup(
+        layergroup = Layergroup.made(
             user.id, lg_hash, from_canonical(row["config"]),
             tuple(LayerShape(int(s["srid"]), tuple(s["geometry_columns"]))
-                  for s in row["shapes"]), row["changed_at"])
+                  for s in row["shapes"]), row["changed_at"], row["template"])
         self._layergroups.put(cache_key, (layergroup, now))
         return layergroup
 
@@ -168,12 +177,7 @@ class MapsService:
         drawn = tuple(layer.index for layer in layers if layer.draws_at(coord.z))
         if not drawn:
             return b""
-        query_key = (layergroup.user_id, layergroup.hash, drawn)
-        query = self._queries.get(query_key)
-        if query is None:
-            everything = layergroup.layers()
-            query = tile_query([everything[index] for index in drawn])
-            self._queries.put(query_key, query)
+        query = join_tile([layergroup.parts[index] for index in drawn])
         async with await self.sql.start(principal, query,
                                         params=[coord.z, coord.x, coord.y]) as running:
             rows = [row async for row in running.rows()]
@@ -182,7 +186,6 @@ class MapsService:
 
     def forget_user(self, user_id: str) -> None:
         self._layergroups.pop_where(lambda key: key[0] == user_id)
-        self._queries.pop_where(lambda key: key[0] == user_id)
 
     async def expire(self) -> int:
         """Delete the layergroups unused for `idle_days` (a process that still caches one
