@@ -116,7 +116,8 @@ def setup(server: BenchServer, points: int) -> dict[str, object]:
     secret = (server.data_dir / "secret").read_text().strip().encode()
     password = SecretBox(secret).role_password(owner, master)
     parsed = parse_mapconfig(config, max_sql_bytes=10_000)
-    statement = tile_query([(parsed.layers[0], LayerShape(3857, ("the_geom_webmercator",)))])
+    shape = LayerShape(3857, ("the_geom_webmercator",), (("id", "plain"),))
+    statement = tile_query([(parsed.layers[0], shape)])
     return {"template": template, "statement": statement,
             "floor": (f"host={embedded.socket_dir} port=5432 dbname={database} user={owner} "
                       f"password={password}")}

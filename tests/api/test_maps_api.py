@@ -296,6 +296,16 @@ def test_layer_ids_that_a_filter_could_not_tell_apart_and_too_much_sql_are_400(
     assert body["errors"][0].startswith(message)
 
 
+def test_a_layer_with_two_columns_of_one_name_is_400_naming_it(http: httpx.Client,
+                                                                geo: Account) -> None:
+    body = error_of(create(http, geo, {"layers": [layer(
+        "SELECT p.id, q.id, p.the_geom_webmercator FROM places p JOIN places q USING (name)")]}),
+        400)
+    assert body["errors"] == ["the layer's columns must have distinct names, none of them "
+                              "__grantkey_geom (found twice: id)"]
+    assert body["errors_with_context"][0]["layer"]["index"] == 0
+
+
 def test_tile_properties_types(http: httpx.Client, geo: Account) -> None:
     decoded = decode(tile(http, geo, made(http, geo, ALL_PLACES), "0/0/0.mvt"))
     by_id = {f["properties"]["id"]: f["properties"] for f in decoded["layer0"]["features"]}

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import mapbox_vector_tile  # type: ignore[import-untyped]
+import psycopg
 import pytest
 
 from tests.api.test_maps_api import SETUP, maps_url
@@ -164,7 +165,7 @@ def test_direct_named_tiles(http: httpx.Client, geo: Account) -> None:
 
 
 def test_a_master_template_renders_as_a_key_that_reads_exactly_its_relations(
-        http: httpx.Client, geo: Account) -> None:
+        http: httpx.Client, geo: Account, admin_url: str) -> None:
     """Saved by the master, a template gets a key of its own: `maps` and SELECT on what its
     layers read (a view stays a view), nothing of the owner's power: an injected relation
     through a placeholder is refused."""
@@ -176,6 +177,15 @@ def test_a_master_template_renders_as_a_key_that_reads_exactly_its_relations(
     tables = {(t["schema"], t["name"]) for t in made_for["grants"][1]["tables"]}
     assert tables == {("public", "east")}  # the view, not the table behind it
     assert names_in(http.get(f"{named(geo)}/pick/0/0/0.mvt")) == {"east"}
+    # nothing else: not even a public table (it is not a member of the reader role)
+    assert http.patch(f"{geo.base_url}/user/{geo.username}/api/v4/datasets/places",
+                      params=geo.master(), json={"privacy": "public"}).status_code == 200
+    with psycopg.connect(admin_url, dbname=geo.user.database) as conn:
+        member_of = conn.execute(
+            "SELECT r.rolname FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.roleid "
+            "JOIN pg_roles k ON k.oid = m.member JOIN grantkey_meta.api_keys a "
+            "ON a.role = k.rolname WHERE a.name = 'named map pick'").fetchall()
+    assert not [r for (r,) in member_of if r.endswith("_reader")], member_of
     for other in ("places", "secrets", 'east" UNION SELECT * FROM "secrets'):
         response = http.post(f"{named(geo)}/pick", json={"t": other})
         assert response.status_code in (403, 404), response.text

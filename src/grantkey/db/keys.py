@@ -117,30 +117,36 @@ async def update_token(
 
 
 async def create_key_role(
-    conn: AdminConnection, role: str, password: str, reader_role: str, owner_role: str,
+    conn: AdminConnection, role: str, password: str, reader_role: str | None, owner_role: str,
     managers: Managers | None = None,
 ) -> None:
     """A key's LOGIN role, a member of the reader role, with the owner role a member of it.
     With `managers` (see `db.managers`): made by the maker, the owner's membership in the
-    same statement, then given the reader role by the granter."""
+    same statement, then given the reader role by the granter. Without a reader role (a
+    named map's publishing key: only its own grants), CONNECT on the database instead."""
     verifier = sql.Literal(scram_verifier(password))
     if managers is not None:
         await acting_as(conn, managers.maker)
         await conn.execute(sql.SQL("CREATE ROLE {} {} PASSWORD {} ROLE {}").format(
             sql.Identifier(role), LOGIN_ROLE_OPTIONS, verifier, sql.Identifier(owner_role)))
-        await acting_as(conn, managers.granter)
-        await conn.execute(sql.SQL("GRANT {} TO {}").format(
-            sql.Identifier(reader_role), sql.Identifier(role)))
+        if reader_role is not None:
+            await acting_as(conn, managers.granter)
+            await conn.execute(sql.SQL("GRANT {} TO {}").format(
+                sql.Identifier(reader_role), sql.Identifier(role)))
         await as_admin(conn)
-        return
-    await conn.execute(
-        sql.SQL("CREATE ROLE {} {} PASSWORD {} IN ROLE {}").format(
-            sql.Identifier(role), LOGIN_ROLE_OPTIONS, verifier, sql.Identifier(reader_role),
-        )
-    )
-    await conn.execute(
-        sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), sql.Identifier(owner_role))
-    )
+    else:
+        member_of = sql.SQL("") if reader_role is None else sql.SQL(" IN ROLE {}").format(
+            sql.Identifier(reader_role))
+        await conn.execute(sql.SQL("CREATE ROLE {} {} PASSWORD {}{}").format(
+            sql.Identifier(role), LOGIN_ROLE_OPTIONS, verifier, member_of))
+        await conn.execute(
+            sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), sql.Identifier(owner_role)))
+    if reader_role is None:
+        cur = await conn.execute("SELECT pg_catalog.current_database()::text AS db")
+        row = await cur.fetchone()
+        assert row is not None
+        await conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
+            sql.Identifier(row["db"]), sql.Identifier(role)))
 
 
 async def set_role_password(conn: AdminConnection, role: str, password: str) -> None:

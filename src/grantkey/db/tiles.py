@@ -18,18 +18,34 @@ from grantkey.domain.mapconfig import DEFAULT_GEOM_COLUMN, MapLayer
 WEB_MERCATOR = 3857
 WGS84 = 4326
 GEOM = "__grantkey_geom"
-PROPS = "__grantkey_props"
 EARTH_CIRCUMFERENCE = 40075016.68
 GEOMETRY_TYPES = ("geometry", "geography")
+HIDDEN = ("the_geom", "the_geom_webmercator")  # never properties, whatever their type
+# how a column becomes a tile property: as it is (ST_AsMVT's own types), a double, ISO 8601
+# text (to_jsonb's), JSON text (arrays) or its text (json, jsonb and the rest)
+NATIVE = {"int2", "int4", "int8", "float4", "float8", "bool", "text", "varchar", "bpchar",
+          "name"}
+KINDS = {"numeric": "float", "date": "iso", "timestamp": "iso", "timestamptz": "iso",
+         "time": "iso", "timetz": "iso"}
+
+
+def property_kind(type_name: str) -> str:
+    if type_name in NATIVE:
+        return "plain"
+    if type_name.startswith("_"):
+        return "json"
+    return KINDS.get(type_name, "text")
 
 
 @dataclass(frozen=True)
 class LayerShape:
     """What the creation probe learnt of a layer's result: the SRID of its geometry
-    column and every geometry column (never a tile property)."""
+    column, every geometry column, and the other columns with how each becomes a
+    property."""
 
     srid: int
     geometry_columns: tuple[str, ...]
+    properties: tuple[tuple[str, str], ...] = ()  # (column, kind)
 
 
 def typmod_srid(type_modifier: int) -> int | None:
@@ -80,33 +96,40 @@ def _bbox(layer: MapLayer, shape: LayerShape) -> sql.Composable:
     return sql.SQL("ST_Transform({}, {})").format(envelope, sql.Literal(shape.srid))
 
 
-def _properties(layer: MapLayer, shape: LayerShape) -> sql.Composable:
-    """Every other column as a jsonb object (ST_AsMVT writes its keys as attributes):
-    dates as ISO 8601 text, json and arrays as their JSON text, NULLs left out."""
-    hidden = sorted({layer.geom_column, "the_geom", "the_geom_webmercator",
-                     *shape.geometry_columns})
-    return sql.SQL(
-        "(SELECT pg_catalog.jsonb_object_agg(e.key, CASE WHEN pg_catalog.jsonb_typeof(e.value) "
-        "OPERATOR(pg_catalog.=) ANY ('{{object,array}}'::text[]) "
-        "THEN pg_catalog.to_jsonb(e.value OPERATOR(pg_catalog.#>>) '{{}}'::text[]) "
-        "ELSE e.value END) "
-        "FROM pg_catalog.jsonb_each(pg_catalog.to_jsonb(cdbq.*) OPERATOR(pg_catalog.-) {}::text[]) AS e "
-        "WHERE pg_catalog.jsonb_typeof(e.value) OPERATOR(pg_catalog.<>) 'null')"
-    ).format(sql.Literal(hidden))
+def _property(column: str, kind: str) -> sql.Composable:
+    value = sql.SQL("cdbq.{}").format(sql.Identifier(column))
+    if kind == "float":
+        value = sql.SQL("{}::pg_catalog.float8").format(value)
+    elif kind == "iso":
+        value = sql.SQL("pg_catalog.to_jsonb({}) OPERATOR(pg_catalog.#>>) '{{}}'::text[]").format(
+            value)
+    elif kind == "json":
+        value = sql.SQL("pg_catalog.to_jsonb({})::text").format(value)
+    elif kind == "text":
+        value = sql.SQL("{}::text").format(value)
+    return sql.SQL("{} AS {}").format(value, sql.Identifier(column))
+
+
+def _properties(shape: LayerShape) -> sql.Composable:
+    """Every other column, typed for ST_AsMVT (which leaves NULLs out): numbers and
+    booleans as such, dates as ISO 8601 text, arrays as JSON text, json and the rest as
+    their text."""
+    return sql.SQL("").join(sql.SQL(",\n{}").format(_property(column, kind))
+                            for column, kind in shape.properties)
 
 
 def _layer_tile(layer: MapLayer, shape: LayerShape) -> sql.Composable:
     return sql.SQL(
         "COALESCE((SELECT ST_AsMVT(t.*, {name}, {extent}, {geom_name}) FROM (\n"
-        "SELECT ST_AsMVTGeom({geom}, {envelope}, {extent}, {buffer}, true) AS {geom_id},\n"
-        "{props} AS {props_id}\nFROM {client}\nWHERE cdbq.{column} && {bbox}\n"
+        "SELECT ST_AsMVTGeom({geom}, {envelope}, {extent}, {buffer}, true) AS {geom_id}"
+        "{props}\nFROM {client}\nWHERE cdbq.{column} && {bbox}\n"
         ") AS t WHERE t.{geom_id} IS NOT NULL), ''::bytea)"
     ).format(
         name=sql.Literal(layer.name), extent=sql.Literal(layer.extent),
         geom_name=sql.Literal(GEOM), geom=_geometry(layer, shape),
         envelope=sql.SQL("ST_TileEnvelope($1::integer, $2::integer, $3::integer)"),
         buffer=sql.Literal(layer.buffer), geom_id=sql.Identifier(GEOM),
-        props=_properties(layer, shape), props_id=sql.Identifier(PROPS),
+        props=_properties(shape),
         client=_client(layer.sql), column=sql.Identifier(layer.geom_column),
         bbox=_bbox(layer, shape),
     )

@@ -149,17 +149,13 @@ async def tile_answer(call: Call, principal: Principal, layergroup: Layergroup,
     max_age = call.services.settings.tile_max_age
     headers = {
         "Cache-Control": f"{'private' if keyed else 'public'},max-age={max_age}",
-        "Last-Modified": _http_date(layergroup),
+        "Last-Modified": layergroup.last_modified,
         "Vary": "Authorization",
         "Access-Control-Expose-Headers": EXPOSED,
     }
     if not data:
         return Response(status_code=204, headers=headers)
     return Response(data, media_type=MVT_TYPE, headers=headers)
-
-
-def _http_date(layergroup: Layergroup) -> str:
-    return layergroup.changed_at.astimezone(UTC).strftime("%a, %d %b %Y %H:%M:%S GMT")
 
 
 async def preview(call: Call) -> Response:

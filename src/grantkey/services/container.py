@@ -53,7 +53,7 @@ class Services:
         self.revoker.forget_role = self.sql.forget_role
         self.maps = MapsService(self.cluster, self.sql, idle_days=settings.maps_idle_days,
                                 cache_size=settings.key_cache_size)
-        self.tile_tokens = TileTokens(box)
+        self.tile_tokens = TileTokens(box, settings.key_cache_size)
         self.named_maps = NamedMaps(self.cluster, self.keys, self.maps, self.resolver, box,
                                     self.sql, max_sql_bytes=settings.max_query_bytes,
                                     cache_size=settings.key_cache_size)
@@ -68,8 +68,12 @@ class Services:
         fails is logged and the next runs."""
         self.events.subscribe(KeyRevoked, self.revoker.forget_revoked)
         self.events.subscribe(KeyRevoked, self.revoker.end_revoked_sessions)
+        self.events.subscribe(KeyRevoked, self._forget_tile_tokens)
         self.events.subscribe(KeyCreated, self._drop_orphan_privilege_roles)
         self.events.subscribe(UserDeleted, self._forget_deleted_user)
+
+    async def _forget_tile_tokens(self, event: KeyRevoked) -> None:
+        self.tile_tokens.forget_all()
 
     async def _drop_orphan_privilege_roles(self, event: KeyCreated) -> None:
         await self.revoker.drop_orphan_privilege_roles(event.user.id, event.user.database)

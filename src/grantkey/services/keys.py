@@ -145,11 +145,12 @@ class KeyService:
         return (await self._views(principal.user, [record]))[0]
 
     async def create(self, principal: Principal, name: Any, grants: Any, *,
-                     client: str = CLI) -> KeyView:
+                     client: str = CLI, reads_public: bool = True) -> KeyView:
         """One transaction: key row, LOGIN role, memberships and grants, or nothing. Its
         event is written in the metadata transaction that holds the key lock, which
         commits right after the user database's (a failure before either commit leaves
-        neither the key nor its event)."""
+        neither the key nor its event). `reads_public=False` (a named map's publishing key):
+        not a member of the reader role, so it reads only what `grants` give."""
         _require_master(principal)
         user = principal.user
         name_problems = key_name_messages(name)
@@ -172,7 +173,8 @@ class KeyService:
             checkpoint("key.validated")
             managers = await manager_store.managers_for(conn, user.id, user.owner_role)
             await key_store.create_key_role(
-                conn, role, self.box.role_password(role, token), names.reader_role(user.id),
+                conn, role, self.box.role_password(role, token),
+                names.reader_role(user.id) if reads_public else None,
                 user.owner_role, managers
             )
             checkpoint("key.role_created")

@@ -12,19 +12,22 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 import orjson
 
 from grantkey.db import layergroups
 from grantkey.db.cluster import Cluster
 from grantkey.db.tiles import (
+    GEOM,
     GEOMETRY_TYPES,
+    HIDDEN,
     LayerShape,
     columns_probe,
     default_srid,
     join_tile,
     layer_tile,
+    property_kind,
     relations_probe,
     typmod_srid,
 )
@@ -60,6 +63,10 @@ class Layergroup:
         parts = tuple(layer_tile(layer, shape)
                       for layer, shape in zip(config.layers, shapes, strict=True))
         return cls(user_id, lg_hash, config, shapes, changed_at, template, parts)
+
+    @property
+    def last_modified(self) -> str:
+        return self.changed_at.astimezone(UTC).strftime("%a, %d %b %Y %H:%M:%S GMT")
 
     @property
     def buster(self) -> int:
@@ -119,8 +126,8 @@ class MapsService:
         async with self.cluster.metadata() as conn:
             changed = await layergroups.save(
                 conn, user_id=user.id, hash=lg_hash, config=orjson.loads(config.canonical()),
-                shapes=[{"srid": s.srid, "geometry_columns": list(s.geometry_columns)}
-                        for s in shapes],
+                shapes=[{"srid": s.srid, "geometry_columns": list(s.geometry_columns),
+                         "properties": [list(p) for p in s.properties]} for s in shapes],
                 tables=tables, fingerprint=stamp, template=template)
         layergroup = Layergroup.made(user.id, lg_hash, config, tuple(shapes), changed, template)
         self._layergroups.put((user.id, lg_hash), (layergroup, time.monotonic()))
@@ -128,7 +135,12 @@ class MapsService:
 
     async def _shape(self, principal: Principal, layer: MapLayer) -> LayerShape:
         async with await self.sql.start(principal, columns_probe(layer), params=[0]) as running:
-            columns = {c.name: (running.type_name(c), c.type_modifier) for c in running.columns}
+            listed = [(c.name, running.type_name(c), c.type_modifier) for c in running.columns]
+        columns = {name: (kind, modifier) for name, kind, modifier in listed}
+        if len(columns) != len(listed) or GEOM in columns:
+            twice = sorted({n for n, _, _ in listed if [m for m, _, _ in listed].count(n) > 1})
+            raise SqlError(400, "the layer's columns must have distinct names, none of them "
+                                f"{GEOM} (found twice: {', '.join(twice)[:200]})")
         geometry = tuple(sorted(name for name, (kind, _) in columns.items()
                                 if kind in GEOMETRY_TYPES))
         if layer.geom_column not in columns:
@@ -138,7 +150,11 @@ class MapsService:
         if kind != "geometry":
             raise SqlError(400, f"geom_column \"{layer.geom_column[:63]}\" is {kind}, not "
                                 "geometry")
-        return LayerShape(typmod_srid(modifier) or default_srid(layer.geom_column), geometry)
+        properties = tuple((name, property_kind(kind)) for name, kind, _ in listed
+                           if name not in geometry and name not in HIDDEN
+                           and name != layer.geom_column)
+        return LayerShape(typmod_srid(modifier) or default_srid(layer.geom_column), geometry,
+                          properties)
 
     async def _read_relations(self, principal: Principal,
                               layer: MapLayer) -> set[tuple[str, str]]:
@@ -166,7 +182,8 @@ class MapsService:
             raise LayergroupNotFound(token)
         layergroup = Layergroup.made(
             user.id, lg_hash, from_canonical(row["config"]),
-            tuple(LayerShape(int(s["srid"]), tuple(s["geometry_columns"]))
+            tuple(LayerShape(int(s["srid"]), tuple(s["geometry_columns"]),
+                             tuple((str(c), str(k)) for c, k in s.get("properties", [])))
                   for s in row["shapes"]), row["changed_at"], row["template"])
         self._layergroups.put(cache_key, (layergroup, now))
         return layergroup

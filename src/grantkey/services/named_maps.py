@@ -6,8 +6,9 @@ template): deleting or regenerating the key ends its tiles. A template the maste
 renders as a key made for it (`named map <name>`, visible in the key list, audited like any
 key): `maps` and SELECT on exactly the relations its layers read, as PostgreSQL reports them
 when it is saved (the dependencies of a temporary view of each layer, made as the master
-and gone with its session); saving it again makes a new key and deletes the old one, and
-deleting the template deletes its key (a revocation).
+and gone with its session), and nothing else (not a member of the reader role: the user's
+public tables it does not read are not its); saving it again makes a new key and deletes
+the old one, and deleting the template deletes its key (a revocation).
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ class NamedMaps:
             grants.append({"type": "database", "tables": [
                 {"schema": s, "name": n, "permissions": ["select"]}
                 for s, n in sorted(relations)]})
-        view = await self.keys.create(principal, KEY_PREFIX + template.name, grants)
+        view = await self.keys.create(principal, KEY_PREFIX + template.name, grants,
+                                      reads_public=False)
         assert view.token is not None
         return view.record.id, view.record.name, view.token, True
 

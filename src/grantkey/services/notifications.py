@@ -37,6 +37,7 @@ def _forget_everything(services: Services) -> None:
     services.cache.clear()
     services.sql.forget_all()
     services.users.forget()
+    services.tile_tokens.forget_all()
 
 
 async def _apply(services: Services, payload: str) -> None:
@@ -49,6 +50,7 @@ async def _apply(services: Services, payload: str) -> None:
     services.cache.evict_payload(payload)
     target = payload_role(payload)
     if target is not None:
+        services.tile_tokens.forget_all()
         database, role, oid, recorded_at = target
         services.sql.forget_role(database, role)
         await services.pools.discard_role(database, role)

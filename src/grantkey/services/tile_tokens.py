@@ -15,6 +15,7 @@ from cryptography.exceptions import InvalidTag
 
 from grantkey.domain.secrets_box import SecretBox
 from grantkey.errors import Unauthorized
+from grantkey.services.lru import Lru
 
 PREFIX = "gkt"  # not a key token's shape (`gk` + m|r + 38 base62 characters)
 MAX_LENGTH = 200
@@ -33,8 +34,12 @@ def _text(sealed: bytes) -> str:
 
 
 class TileTokens:
-    def __init__(self, box: SecretBox) -> None:
+    def __init__(self, box: SecretBox, cache_size: int = 10_000) -> None:
         self.box = box
+        # opened tokens (a tile map asks for many tiles with one): what opens is still
+        # resolved and logged in with as the key on every request, so a revoked key's
+        # entry opens to a refused token
+        self._opened: Lru[tuple[str, str, str], str] = Lru(cache_size)
 
     def issue(self, user_id: str, layergroup: str, token: str) -> str:
         return PREFIX + _text(self.box.seal_tile_token(token, _scope(user_id, layergroup)))
@@ -44,6 +49,19 @@ class TileTokens:
         other (another layergroup or user, a changed character, no layergroup: not a tile)."""
         if layergroup is None or len(credential) > MAX_LENGTH:
             raise Unauthorized("a tile token outside its layergroup's tiles")
+        cache_key = (user_id, layergroup, credential)
+        opened = self._opened.get(cache_key)
+        if opened is None:
+            opened = self._open(user_id, layergroup, credential)
+            self._opened.put(cache_key, opened)
+        return opened
+
+    def forget_all(self) -> None:
+        """After a revocation: no revoked key's token stays in this process's memory here
+        (hygiene: it would open to a refused token anyway). Revocations are rare."""
+        self._opened.clear()
+
+    def _open(self, user_id: str, layergroup: str, credential: str) -> str:
         body = credential[len(PREFIX):]
         try:
             sealed = base64.b64decode(body + "=" * (-len(body) % 4), altchars=b"-_",
