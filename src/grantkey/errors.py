@@ -87,6 +87,12 @@ class QuotaReached(Forbidden):
     pass
 
 
+class LimitReached(_Stated):
+    """A per-user limit on things a client makes (CARTO's 409 for named maps)."""
+
+    status = 409
+
+
 class NotFound(_Stated):
     status = 404
 

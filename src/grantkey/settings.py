@@ -244,6 +244,9 @@ class Settings:
     tile_max_age: int = field(default=300, metadata=row(
         "GRANTKEY_TILE_MAX_AGE", whole(),
         "Seconds clients and caches may keep a tile (Cache-Control max-age)."))
+    max_templates_per_user: int = field(default=1000, metadata=row(
+        "GRANTKEY_MAX_TEMPLATES_PER_USER", whole(),
+        "Named maps (templates) per user, 0 for no limit."))
     maplibre_url: str = field(default="https://unpkg.com/maplibre-gl@4.7.1/dist", metadata=row(
         "GRANTKEY_MAPLIBRE_URL", TEXT,
         "Where a layergroup's preview page loads MapLibre GL JS from (a folder holding "

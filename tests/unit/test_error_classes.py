@@ -48,6 +48,9 @@ CASES: dict[type[GrantkeyError], tuple[GrantkeyError, int, str]] = {
     errors.LoginRefused: (errors.LoginRefused("role gk_x refused"), 500, "Internal error"),
     errors.LayerFailed: (errors.LayerFailed(errors.SqlError(404, 'relation "t" does not exist'),
                                             1, "pts"), 404, 'relation "t" does not exist'),
+    errors.LimitReached: (errors.LimitReached("User 'ana' reached limit on number of "
+                                              "templates (1/1)"), 409,
+                          "User 'ana' reached limit on number of templates (1/1)"),
     errors.LayergroupNotFound: (errors.LayergroupNotFound("0abc:1"), 404,
                                 "Invalid or nonexistent map configuration token '0abc:1'"),
 }

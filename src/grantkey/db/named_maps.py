@@ -45,6 +45,7 @@ async def replace(conn: AdminConnection, user_id: str, name: str, template: dict
         "sealed_token = %s, own_key = %s, updated_at = pg_catalog.clock_timestamp() "
         "WHERE user_id OPERATOR(pg_catalog.=) %s AND name OPERATOR(pg_catalog.=) %s",
         [Jsonb(template), key_id, key_name, sealed, own_key, user_id, name])
+    await delete_layergroups(conn, user_id, name)
 
 
 async def get(conn: AdminConnection, user_id: str, name: str) -> dict[str, Any] | None:
@@ -64,12 +65,25 @@ async def names(conn: AdminConnection, user_id: str, key_id: str | None) -> list
     return [str(row["name"]) for row in await cur.fetchall()]
 
 
+async def count(conn: AdminConnection, user_id: str) -> int:
+    cur = await conn.execute(
+        "SELECT pg_catalog.count(*) AS n FROM public.named_maps "
+        "WHERE user_id OPERATOR(pg_catalog.=) %s", [user_id])
+    row = await cur.fetchone()
+    return 0 if row is None else int(row["n"])
+
+
+async def delete_layergroups(conn: AdminConnection, user_id: str, name: str) -> None:
+    """The layergroups of every version of a template (`template` is `<name>/<version>`)."""
+    await conn.execute(
+        "DELETE FROM public.layergroups WHERE user_id OPERATOR(pg_catalog.=) %s "
+        "AND pg_catalog.split_part(template, '/', 1) OPERATOR(pg_catalog.=) %s",
+        [user_id, name])
+
+
 async def delete(conn: AdminConnection, user_id: str, name: str) -> None:
     await conn.execute(
         "DELETE FROM public.named_maps "
         "WHERE user_id OPERATOR(pg_catalog.=) %s AND name OPERATOR(pg_catalog.=) %s",
         [user_id, name])
-    await conn.execute(
-        "DELETE FROM public.layergroups "
-        "WHERE user_id OPERATOR(pg_catalog.=) %s AND template OPERATOR(pg_catalog.=) %s",
-        [user_id, name])
+    await delete_layergroups(conn, user_id, name)

@@ -21,3 +21,13 @@ async def installed(conn: AdminConnection) -> bool:
     cur = await conn.execute(
         "SELECT FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'postgis'")
     return await cur.fetchone() is not None
+
+
+async def schema(conn: AdminConnection) -> str | None:
+    """The schema PostGIS is installed in, if it is."""
+    cur = await conn.execute(
+        "SELECT n.nspname::text AS name FROM pg_catalog.pg_extension e "
+        "JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace "
+        "WHERE e.extname OPERATOR(pg_catalog.=) 'postgis'")
+    row = await cur.fetchone()
+    return None if row is None else str(row["name"])

@@ -7,7 +7,7 @@ NOLOGIN privilege role named from the object's OID; keys join those roles.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,8 +117,16 @@ def _schema_wanted(user_id: str, schema: str, schema_oid: int, privilege: str) -
     return _Wanted(role, "pg_namespace", schema_oid, privilege.upper(), grant)
 
 
-async def _wanted_roles(conn: AdminConnection, user_id: str, plan: GrantsPlan) -> list[_Wanted]:
+async def _wanted_roles(conn: AdminConnection, user_id: str, plan: GrantsPlan,
+                        usage_schemas: Sequence[str] = ()) -> list[_Wanted]:
     wanted: dict[str, _Wanted] = {}
+    if usage_schemas:
+        cur = await conn.execute(
+            "SELECT oid::int8 AS oid, nspname::text AS name FROM pg_catalog.pg_namespace "
+            "WHERE nspname OPERATOR(pg_catalog.=) ANY (%s::text[])", [list(usage_schemas)])
+        for found in await cur.fetchall():
+            usage = _schema_wanted(user_id, found["name"], found["oid"], "usage")
+            wanted[usage.role] = usage
     resolved = await _resolve_tables(conn, plan) if plan.tables else []
     for table, found in zip(plan.tables, resolved, strict=True):
         for privilege in sorted(table.permissions):
@@ -146,9 +154,10 @@ async def _wanted_roles(conn: AdminConnection, user_id: str, plan: GrantsPlan) -
 
 async def apply_grants(
     conn: AdminConnection, user_id: str, key_role: str, plan: GrantsPlan,
-    managers: Managers | None = None,
+    managers: Managers | None = None, usage_schemas: Sequence[str] = (),
 ) -> None:
-    """Give `key_role` what `plan` asks for. Raises MissingObject for unknown objects.
+    """Give `key_role` what `plan` asks for (and USAGE on `usage_schemas`: a named map's key,
+    outside the reader role, needs PostGIS's). Raises MissingObject for unknown objects.
     With `managers`, the granter makes, drops and grants the privilege roles; the admin
     grants them the objects (as the owner role's heir).
 
@@ -156,7 +165,7 @@ async def apply_grants(
     was dropped and the OID reused) is dropped, removing its stale members, and made anew:
     it must never hand a new object to keys that joined it for an old one.
     """
-    wanted = await _wanted_roles(conn, user_id, plan)
+    wanted = await _wanted_roles(conn, user_id, plan, usage_schemas)
     if not wanted:
         return
     if any(w.catalog == "pg_namespace" for w in wanted):

@@ -165,6 +165,8 @@ def reads_probe(layer_sql: str) -> str:
         "WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_rewrite'::pg_catalog.regclass "
         "AND r.ev_class OPERATOR(pg_catalog.=) {qualified}::pg_catalog.regclass "
         "AND c.oid OPERATOR(pg_catalog.<>) r.ev_class "
-        "AND c.relkind OPERATOR(pg_catalog.=) ANY ('{{r,v,m,p,f}}'::\"char\"[])"
+        "AND c.relkind OPERATOR(pg_catalog.=) ANY ('{{r,v,m,p,f}}'::\"char\"[]) "
+        # what every role may read already (information_schema) needs no grant
+        "AND NOT pg_catalog.has_table_privilege('public', c.oid, 'SELECT')"
     ).format(view=sql.Identifier(PROBE_VIEW), client=sql.SQL(layer_sql),
              qualified=sql.Literal(f"pg_temp.{PROBE_VIEW}")).as_string(None)

@@ -12,11 +12,14 @@ from typing import Any
 from grantkey.errors import BadInput, Forbidden
 
 VERSION = "0.0.1"
-TEMPLATE_NAME = re.compile(r"[a-z0-9][0-9a-z_-]*", re.IGNORECASE)
-PLACEHOLDER_NAME = re.compile(r"[a-z][0-9a-z_]*", re.IGNORECASE)
-PLACEHOLDER = re.compile(r"<%=\s*([A-Za-z][0-9A-Za-z_]*)\s*%>")
-NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-CSS_COLOR = re.compile(r"#[0-9a-fA-F]{3}(?:[0-9a-fA-F]{3})?|[a-zA-Z]{1,40}")
+# ASCII only: no look-alike letters (the Kelvin sign, long s, dotless i) nor other digits
+TEMPLATE_NAME = re.compile(r"[a-z0-9][0-9a-z_-]*", re.IGNORECASE | re.ASCII)
+PLACEHOLDER_NAME = re.compile(r"[a-z][0-9a-z_]*", re.IGNORECASE | re.ASCII)
+PLACEHOLDER = re.compile(r"<%=\s*([A-Za-z][0-9A-Za-z_]*)\s*%>", re.ASCII)
+NUMBER = re.compile(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?", re.ASCII)
+CSS_COLOR = re.compile(r"#[0-9a-fA-F]{3}(?:[0-9a-fA-F]{3})?|[a-zA-Z]{1,40}", re.ASCII)
+MAX_VALUE = 10_000  # characters of one parameter's value
+MAX_DEPTH = 32  # nesting of a template's layergroup
 TYPES = ("sql_literal", "sql_ident", "number", "css_color")
 MAX_NAME = 128
 MAX_PLACEHOLDERS = 64
@@ -32,6 +35,21 @@ class Template:
     placeholders: dict[str, tuple[str, Any]]  # name -> (type, default)
     layergroup: dict[str, Any]
     document: dict[str, Any]  # as the client sent it (what GET answers)
+
+
+def is_template_name(name: str) -> bool:
+    return len(name) <= MAX_NAME and TEMPLATE_NAME.fullmatch(name) is not None
+
+
+def _depth(value: object, limit: int = MAX_DEPTH) -> None:
+    if limit < 0:
+        raise BadInput(f"The template's layergroup is nested too deep (at most {MAX_DEPTH})")
+    if isinstance(value, dict):
+        for item in value.values():
+            _depth(item, limit - 1)
+    elif isinstance(value, list):
+        for item in value:
+            _depth(item, limit - 1)
 
 
 def _auth(raw: object) -> tuple[str, tuple[str, ...]]:
@@ -83,12 +101,13 @@ def parse_template(raw: object) -> Template:
     name = raw.get("name")
     if not isinstance(name, str) or not name:
         raise BadInput("Missing template name")
-    if not TEMPLATE_NAME.fullmatch(name) or len(name) > MAX_NAME:
+    if not is_template_name(name):
         raise BadInput(f"Invalid characters in template name '{name[:MAX_NAME]}'")
     layergroup = raw.get("layergroup")
     if (not isinstance(layergroup, dict) or not isinstance(layergroup.get("layers"), list)
             or not layergroup["layers"]):
         raise BadInput("Missing or empty layers array from layergroup config")
+    _depth(layergroup)
     method, tokens = _auth(raw.get("auth"))
     # as saved, with CARTO's defaults filled in (the SDK reads every field back)
     document = {"version": VERSION, "name": name,
@@ -107,10 +126,14 @@ def escape(kind: str, name: str, value: object) -> str:
         if not isinstance(text, str) or not NUMBER.fullmatch(text):
             raise BadInput(f"Invalid number value for template parameter '{name}': "
                            f"{str(value)[:60]}")
-        return text
+        # a sign could join the text before it (`10-<%= n %>` with -1 makes a comment)
+        return f"({text})" if text[0] in "+-" else text
     if not isinstance(value, str | int | float) or isinstance(value, bool):
         raise BadInput(f"Invalid {kind} value for template parameter '{name}': a string")
     text = str(value)
+    if len(text) > MAX_VALUE:
+        raise BadInput(f"The value of template parameter '{name}' is too long: at most "
+                       f"{MAX_VALUE} characters")
     if kind == "sql_literal":
         return text.replace("'", "''")
     if kind == "sql_ident":
@@ -130,12 +153,28 @@ def _substitute(value: Any, values: dict[str, str]) -> Any:
     return value
 
 
-def instantiate(template: Template, params: object) -> dict[str, Any]:
+def _size(value: Any, values: dict[str, str]) -> int:
+    """The characters of the strings of `value` once substituted (computed, not built)."""
+    if isinstance(value, str):
+        return len(value) + sum(len(values.get(m.group(1), m.group(0))) - len(m.group(0))
+                                for m in PLACEHOLDER.finditer(value))
+    if isinstance(value, list):
+        return sum(_size(item, values) for item in value)
+    if isinstance(value, dict):
+        return sum(_size(item, values) for item in value.values())
+    return 0
+
+
+def instantiate(template: Template, params: object, *, max_bytes: int) -> dict[str, Any]:
     """The layergroup config with the placeholders replaced (a parameter not given takes its
-    default; keys that are not placeholders, like the SDK's `api_key`, are ignored)."""
+    default; keys that are not placeholders, like the SDK's `api_key`, are ignored). Its
+    size is known before it is built: more than `max_bytes` characters is 400."""
     given = params if isinstance(params, dict) else {}
     values = {name: escape(kind, name, given.get(name, default))
               for name, (kind, default) in template.placeholders.items()}
+    if _size(template.layergroup, values) > max_bytes:
+        raise BadInput(f"The template's layergroup with these parameters is too large: at "
+                       f"most {max_bytes} characters")
     return _substitute(copy.deepcopy(template.layergroup), values)  # type: ignore[no-any-return]
 
 

@@ -56,6 +56,7 @@ class Services:
         self.tile_tokens = TileTokens(box, settings.key_cache_size)
         self.named_maps = NamedMaps(self.cluster, self.keys, self.maps, self.resolver, box,
                                     self.sql, max_sql_bytes=settings.max_query_bytes,
+                                    max_templates=settings.max_templates_per_user,
                                     cache_size=settings.key_cache_size)
         self.datasets = DatasetService(self.cluster, self.events)
         self.repair = RoleRepair(self.cluster, box, key_queue)

@@ -10,7 +10,7 @@ from typing import Any
 
 from grantkey.db import keys as key_store
 from grantkey.db import managers as manager_store
-from grantkey.db import migrations, privileges
+from grantkey.db import migrations, postgis, privileges
 from grantkey.db import revocations as revocation_store
 from grantkey.db.cluster import AdminConnection, Cluster
 from grantkey.domain import names
@@ -178,8 +178,11 @@ class KeyService:
                 user.owner_role, managers
             )
             checkpoint("key.role_created")
+            # a key outside the reader role: PostGIS's schema (functions, types) of its own
+            usage = () if reads_public else tuple(filter(None, [await postgis.schema(conn)]))
             try:
-                await privileges.apply_grants(conn, user.id, role, plan, managers)
+                await privileges.apply_grants(conn, user.id, role, plan, managers,
+                                              usage_schemas=usage)
             except privileges.MissingObject as missing:
                 raise ValidationFailed(
                     [f"Grants can only grant {missing.kind} permissions you have"]

@@ -19,11 +19,28 @@ from typing import Any
 from grantkey.db import named_maps as store
 from grantkey.db.cluster import Cluster
 from grantkey.db.tiles import reads_probe
+from grantkey.domain import names
 from grantkey.domain.keys import KeyType, Principal, User
-from grantkey.domain.mapconfig import parse_mapconfig
+from grantkey.domain.mapconfig import MapConfig, parse_mapconfig
 from grantkey.domain.secrets_box import SecretBox
-from grantkey.domain.templates import Template, check_token, instantiate, parse_template
-from grantkey.errors import BadInput, Forbidden, NotFound, Unauthorized
+from grantkey.domain.templates import (
+    Template,
+    check_token,
+    instantiate,
+    is_template_name,
+    parse_template,
+)
+from grantkey.errors import (
+    BadInput,
+    Forbidden,
+    LayerFailed,
+    LimitReached,
+    NotFound,
+    QuotaReached,
+    SqlError,
+    Unauthorized,
+    ValidationFailed,
+)
 from grantkey.services.keys import KeyService
 from grantkey.services.lru import Lru
 from grantkey.services.maps import Layergroup, MapsService
@@ -35,10 +52,16 @@ PUBLISHER_GONE = ("permission denied: the key that published this template was d
                   "regenerated; save the template again")
 
 
+def _generation(row: dict[str, Any]) -> str:
+    """Which version of a template a layergroup instantiates (its layergroups' `template`
+    is `<name>/<generation>`)."""
+    return str(row["updated_at"].timestamp())
+
+
 class NamedMaps:
     def __init__(self, cluster: Cluster, keys: KeyService, maps: MapsService,
                  resolver: KeyResolver, box: SecretBox, sql_service: SqlService, *,
-                 max_sql_bytes: int, cache_size: int = 10_000) -> None:
+                 max_sql_bytes: int, max_templates: int = 0, cache_size: int = 10_000) -> None:
         self.cluster = cluster
         self.keys = keys
         self.maps = maps
@@ -46,6 +69,7 @@ class NamedMaps:
         self.box = box
         self.sql = sql_service
         self.max_sql_bytes = max_sql_bytes
+        self.max_templates = max_templates
         # (user, template, saved at) -> the layergroup its defaults make (direct tiles)
         self._defaults: Lru[tuple[str, str, str], Layergroup] = Lru(cache_size)
 
@@ -68,8 +92,7 @@ class NamedMaps:
 
     async def _row(self, principal: Principal, name: str) -> dict[str, Any]:
         owner = self._manager(principal)
-        async with self.cluster.metadata() as conn:
-            row = await store.get(conn, principal.user.id, name)
+        row = await self._stored(principal.user, name)
         if row is None or (owner is not None and row["key_id"] != owner):
             raise NotFound(f"Template '{name[:128]}' of user '{principal.user.username}' "
                            "does not exist")
@@ -80,36 +103,53 @@ class NamedMaps:
         """(key id, key name, token, made for it) of the key the template renders as."""
         if not principal.is_master:
             return principal.key.id, principal.key.name, principal.token, False
-        config = parse_mapconfig(instantiate(template, {}), max_sql_bytes=self.max_sql_bytes)
+        config = self._config(template, {})
         relations: set[tuple[str, str]] = set()
         for layer in config.layers:
-            async with await self.sql.start(principal, reads_probe(layer.sql)) as running:
-                relations |= {(str(s), str(n)) async for s, n in running.rows()}
+            try:
+                async with await self.sql.start(principal, reads_probe(layer.sql)) as running:
+                    relations |= {(str(s), str(n)) async for s, n in running.rows()}
+            except SqlError as error:
+                raise LayerFailed(error, layer.index, layer.id) from None
         grants: list[dict[str, Any]] = [{"type": "apis", "apis": ["maps"]}]
         if relations:
             grants.append({"type": "database", "tables": [
                 {"schema": s, "name": n, "permissions": ["select"]}
                 for s, n in sorted(relations)]})
-        view = await self.keys.create(principal, KEY_PREFIX + template.name, grants,
-                                      reads_public=False)
+        # a name of its own (a user's key can never be taken for it)
+        key_name = f"{KEY_PREFIX}{template.name} ({names.new_id()[:8]})"
+        try:
+            view = await self.keys.create(principal, key_name, grants, reads_public=False)
+        except (ValidationFailed, QuotaReached) as error:
+            raise BadInput("The key this template renders as could not be made: "
+                           f"{error.public_message()}") from None
         assert view.token is not None
         return view.record.id, view.record.name, view.token, True
+
+    def _config(self, template: Template, params: object) -> MapConfig:
+        return parse_mapconfig(instantiate(template, params, max_bytes=2 * self.max_sql_bytes),
+                               max_sql_bytes=self.max_sql_bytes)
 
     async def create(self, principal: Principal, raw: object) -> str:
         self._manager(principal)
         template = parse_template(raw)
+        self._config(template, {})  # the layergroup is checked when saved, by any publisher
         user = principal.user
         async with self.cluster.metadata() as conn:
             if await store.get(conn, user.id, template.name) is not None:
                 raise BadInput(f"Template '{template.name}' of user '{user.username}' "
                                "already exists")
+            count = await store.count(conn, user.id)
+            if self.max_templates and count >= self.max_templates:
+                raise LimitReached(f"User '{user.username}' reached limit on number of "
+                                   f"templates ({count}/{self.max_templates})")
         key_id, key_name, token, own = await self._publisher(principal, template)
         async with self.cluster.metadata() as conn:
             stored = await store.insert(conn, user.id, template.name, template.document,
                                         key_id, key_name,
                                         self._seal(user, template.name, key_id, token), own)
         if not stored:
-            await self._drop_key(principal.user, key_name, own)
+            await self._drop_key(principal.user, key_id, key_name, own)
             raise BadInput(f"Template '{template.name}' of user '{user.username}' "
                            "already exists")
         return template.name
@@ -129,13 +169,15 @@ class NamedMaps:
             raise BadInput(f"Cannot update name of a map template ('{name}' != "
                            f"'{str(raw['name'])[:128]}')")
         template = parse_template({**raw, "name": name} if isinstance(raw, dict) else raw)
-        if row["own_key"]:  # the key made for it: made anew for what the layers read now
-            await self._drop_key(principal.user, row["key_name"], True)
+        self._config(template, {})
+        # the new publishing key first (a failure leaves the template as it was), then the
+        # row, then the old key made for it; its old layergroups go with the old version
         key_id, key_name, token, own = await self._publisher(principal, template)
         async with self.cluster.metadata() as conn:
             await store.replace(conn, principal.user.id, name, template.document, key_id,
                                 key_name, self._seal(principal.user, name, key_id, token), own)
         self._defaults.pop_where(lambda key: key[:2] == (principal.user.id, name))
+        await self._drop_key(principal.user, row["key_id"], row["key_name"], row["own_key"])
         return name
 
     async def delete(self, principal: Principal, name: str) -> None:
@@ -143,24 +185,37 @@ class NamedMaps:
         async with self.cluster.metadata() as conn:
             await store.delete(conn, principal.user.id, name)
         self._defaults.pop_where(lambda key: key[:2] == (principal.user.id, name))
-        await self._drop_key(principal.user, row["key_name"], row["own_key"])
+        await self._drop_key(principal.user, row["key_id"], row["key_name"], row["own_key"])
 
-    async def _drop_key(self, user: User, key_name: str, own: bool) -> None:
-        if own:
-            master = await self.keys.master_principal(user)
-            with contextlib.suppress(NotFound):  # deleted by hand already
+    async def _drop_key(self, user: User, key_id: str, key_name: str, own: bool) -> None:
+        """The key made for a template, if it is still that key (by its id)."""
+        if not own:
+            return
+        master = await self.keys.master_principal(user)
+        with contextlib.suppress(NotFound):  # deleted by hand already
+            if (await self.keys.show(master, key_name)).record.id == key_id:
                 await self.keys.delete(master, key_name)
 
-    async def _template(self, user: User, name: str) -> tuple[Template, dict[str, Any]]:
+    async def _stored(self, user: User, name: str) -> dict[str, Any] | None:
+        if not is_template_name(name):
+            return None
         async with self.cluster.metadata() as conn:
-            row = await store.get(conn, user.id, name)
+            return await store.get(conn, user.id, name)
+
+    async def _template(self, user: User, name: str) -> tuple[Template, dict[str, Any]]:
+        row = await self._stored(user, name)
         if row is None:
             raise NotFound(f"Template '{name[:128]}' of user '{user.username}' does not exist")
         return parse_template(row["template"]), row
 
-    async def check_tile(self, user: User, name: str, auth_token: str | None) -> None:
-        """A named map's tile: its template still exists, and its token, if it has one."""
-        template, _ = await self._template(user, name)
+    async def check_tile(self, user: User, instance: str, auth_token: str | None) -> None:
+        """A named map's tile: its template still exists as it was when the layergroup was
+        made (not edited, deleted or made anew since), and its token, if it has one."""
+        name, _, generation = instance.partition("/")
+        template, row = await self._template(user, name)
+        if _generation(row) != generation:
+            raise NotFound(f"Template '{name}' of user '{user.username}' changed since this "
+                           "map was made: instantiate it again")
         check_token(template, auth_token)
 
     async def publisher(self, user: User, row: dict[str, Any]) -> Principal:
@@ -177,8 +232,9 @@ class NamedMaps:
         template, row = await self._template(user, name)
         check_token(template, auth_token)
         publisher = await self.publisher(user, row)
-        config = parse_mapconfig(instantiate(template, params), max_sql_bytes=self.max_sql_bytes)
-        layergroup = await self.maps.create(publisher, config, template=name)
+        config = self._config(template, params)
+        layergroup = await self.maps.create(publisher, config,
+                                            template=f"{name}/{_generation(row)}")
         if not params:
             self._defaults.put((user.id, name, str(row["updated_at"])), layergroup)
         return layergroup, publisher
