@@ -56,6 +56,14 @@ TILE_SQL = os.environ.get("BENCH_TILE_SQL", "")
 async def floor_tile(request: Request) -> Response:
     """The tile statement grantkey runs (bench/tiles.py), bound to z, x, y: the tile's
     floor."""
+    return await tile_from(request, pool)
+
+
+async def floor_tile_unprepared(request: Request) -> Response:
+    return await tile_from(request, unprepared_pool)
+
+
+async def tile_from(request: Request, pool: AsyncConnectionPool) -> Response:
     params = request.path_params
     async with pool.connection() as conn, AsyncRawCursor(conn) as cur:  # $1, $2, $3
         await cur.execute(TILE_SQL.encode(), [params["z"], params["x"], params["y"]])
@@ -76,5 +84,6 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
 
 
 app = Starlette(routes=[Route("/floor", floor), Route("/floor-unprepared", floor_unprepared),
-                        Route("/tile/{z:int}/{x:int}/{y:int}", floor_tile)],
+                        Route("/tile/{z:int}/{x:int}/{y:int}", floor_tile),
+                        Route("/tile-unprepared/{z:int}/{x:int}/{y:int}", floor_tile_unprepared)],
                 lifespan=lifespan)

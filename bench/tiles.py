@@ -8,7 +8,9 @@ on the_geom_webmercator), one layergroup made with a regular key (`maps`, SELECT
 table), and its tiles fetched at zooms 0, 8 and 14 through the URL the layergroup's answer
 gives (with its tile token). The floor: the very statement grantkey runs for those tiles
 (`db/tiles.tile_query`), on one pooled connection per worker logged in as the owner, served
-by uvicorn with as many workers (floor_app.py's /tile). Zoom 14 cycles over the 16 tiles
+by uvicorn with as many workers (floor_app.py's /tile; /tile-unprepared, the same without
+psycopg's prepared statements, which grantkey cannot keep across its sessions' resets, is
+shown for context). Zoom 14 cycles over the 16 tiles
 around the centre with 64 connections (the target: at least 0.8 of the floor; a warm tile's
 p50 at most 20 ms); zooms 0 and 8 draw hundreds of thousands of points per tile and run
 with fewer connections (see the report). Rounds alternate floor and grantkey; each ratio is
@@ -41,8 +43,9 @@ from grantkey.domain.secrets_box import SecretBox
 HERE = Path(__file__).parent
 CENTRE = (2.35, 48.85)  # lon, lat
 LAYER_SQL = "SELECT id, the_geom_webmercator FROM pts"
-# zoom -> (wrk connections, how many tiles around the centre per side)
-ZOOMS = {0: (2, 1), 8: (8, 2), 14: (64, 4)}
+# (zoom, wrk connections, how many tiles around the centre per side); zoom 14 with one
+# connection too: a warm tile's own latency, no queue
+ZOOMS = [(0, 2, 1), (8, 8, 2), (14, 64, 4), (14, 1, 4)]
 LOAD = """
 CREATE TABLE pts AS
 SELECT g AS id, ST_Transform(ST_SetSRID(ST_MakePoint(
@@ -70,8 +73,8 @@ def tiles_around(zoom: int, side: int) -> list[tuple[int, int, int]]:
 
 
 def wrk(url: str, duration: int, connections: int, script: str) -> dict[str, float]:
-    command = ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", "--timeout",
-               "60s", "-s", script, url]
+    command = ["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{duration}s",
+               "--latency", "--timeout", "60s", "-s", script, url]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
@@ -155,19 +158,22 @@ def main() -> None:
         try:
             template = str(ready["template"])
             base, _, query = template.partition("?")
-            for zoom, (connections, side) in ZOOMS.items():
+            for zoom, connections, side in ZOOMS:
                 tiles = tiles_around(zoom, side)
                 ours = cycle_script([
                     "/" + base.split("/", 3)[3].replace("{z}", str(z)).replace(
                         "{x}", str(x)).replace("{y}", str(y)) + "?" + query
                     for z, x, y in tiles])
                 floors = cycle_script([f"/tile/{z}/{x}/{y}" for z, x, y in tiles])
+                unprepared = cycle_script([f"/tile-unprepared/{z}/{x}/{y}" for z, x, y in tiles])
                 sizes = [len(httpx.get(f"{floor_url}/tile/{z}/{x}/{y}", timeout=120).content)
                          for z, x, y in tiles]
-                runs: dict[str, list[dict[str, float]]] = {"floor": [], "grantkey": []}
+                runs: dict[str, list[dict[str, float]]] = {"floor": [], "unprepared": [],
+                                                           "grantkey": []}
                 stolen = 0.0
                 for number in range(args.runs):
-                    order = [("floor", floor_url, floors), ("grantkey", server.url, ours)]
+                    order = [("floor", floor_url, floors), ("unprepared", floor_url, unprepared),
+                             ("grantkey", server.url, ours)]
                     for name, url, script in order if number % 2 == 0 else order[::-1]:
                         before = stolen_seconds()
                         runs[name].append(wrk(url, args.duration, connections, script))
@@ -175,7 +181,7 @@ def main() -> None:
                         print(zoom, name, runs[name][-1], flush=True)
                 rows.append((zoom, connections, len(tiles), statistics.median(sizes), runs,
                              100 * stolen / ((os.cpu_count() or 1) * args.duration
-                                             * args.runs * 2)))
+                                             * args.runs * 3)))
         finally:
             floor.terminate()
             floor.wait(30)
@@ -194,8 +200,8 @@ def report(rows: list[tuple[int, int, int, float, dict[str, list[dict[str, float
              "each round's ratio to that round's floor", "",
              "| zoom | connections | tiles cycled | median tile bytes | floor tiles/s | "
              "grantkey tiles/s | ratio | floor p50 ms | grantkey p50 ms | floor p99 ms | "
-             "grantkey p99 ms | non-2xx | steal |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "grantkey p99 ms | non-2xx | unprepared floor tiles/s (context) | steal |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for zoom, connections, count, size, runs, steal in rows:
         floor, ours = runs["floor"], runs["grantkey"]
 
@@ -208,7 +214,7 @@ def report(rows: list[tuple[int, int, int, float, dict[str, list[dict[str, float
             f"{median(ours, 'rps'):,.1f} | {ratio:.2f} | {median(floor, 'p50_ms'):.1f} | "
             f"{median(ours, 'p50_ms'):.1f} | {median(floor, 'p99_ms'):.1f} | "
             f"{median(ours, 'p99_ms'):.1f} | {sum(r['non2xx'] for r in ours):.0f} | "
-            f"{steal:.0f}% |")
+            f"{median(runs['unprepared'], 'rps'):,.1f} | {steal:.0f}% |")
     write_result("tiles", lines)
 
 
