@@ -3,7 +3,12 @@ where the server has it."""
 
 from __future__ import annotations
 
-from grantkey.db.cluster import AdminConnection
+import secrets
+
+import psycopg
+from psycopg import sql
+
+from grantkey.db.cluster import AdminConnection, Cluster
 
 
 async def install(su: AdminConnection) -> None:
@@ -31,3 +36,47 @@ async def schema(conn: AdminConnection) -> str | None:
         "WHERE e.extname OPERATOR(pg_catalog.=) 'postgis'")
     row = await cur.fetchone()
     return None if row is None else str(row["name"])
+
+
+TEMPLATE = "grantkey_postgis"  # a database with PostGIS only, that user databases are cloned from
+
+
+async def template_ready(conn: AdminConnection) -> bool:
+    cur = await conn.execute(
+        "SELECT FROM pg_catalog.pg_database WHERE datname OPERATOR(pg_catalog.=) %s "
+        "AND datistemplate", [TEMPLATE])
+    return await cur.fetchone() is not None
+
+
+async def make_template(cluster: Cluster) -> bool:
+    """The template user databases are cloned from, so that each does not run PostGIS's
+    install script (about 0.2 s of the server's CPU): made under another name, given PostGIS
+    by the superuser, then renamed, marked a template and closed to connections. False where
+    there is no PostGIS or no superuser (user databases then start from template0)."""
+    partial_name = f"{TEMPLATE}_{secrets.token_hex(4)}"
+    async with cluster.autocommit() as conn:
+        await conn.execute(sql.SQL("CREATE DATABASE {} ENCODING 'UTF8' TEMPLATE template0").format(
+            sql.Identifier(partial_name)))
+        await conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(
+            sql.Identifier(partial_name)))
+    made = False
+    try:
+        async with cluster.superuser_session(partial_name) as su:
+            await install(su)
+            made = await installed(su)
+        if made:
+            async with cluster.autocommit() as conn:
+                await conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                    sql.Identifier(partial_name), sql.Identifier(TEMPLATE)))
+                partial_name = TEMPLATE
+                await conn.execute(sql.SQL(
+                    "ALTER DATABASE {} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false").format(
+                    sql.Identifier(TEMPLATE)))
+    except psycopg.errors.DuplicateDatabase:
+        made = True  # another process made it first
+    finally:
+        if partial_name != TEMPLATE:
+            async with cluster.autocommit() as conn:
+                await conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(
+                    sql.Identifier(partial_name)))
+    return made

@@ -121,11 +121,14 @@ async def inherit_from(conn: AdminConnection, role: str, *, set_role: bool = Fal
         await conn.execute(sql.SQL("GRANT {} TO CURRENT_USER").format(target))
 
 
-async def create_database(conn: AdminConnection, user: User) -> None:
-    """Runs outside a transaction (PostgreSQL's rule for CREATE DATABASE)."""
+async def create_database(conn: AdminConnection, user: User,
+                          template: str = "template0") -> None:
+    """Runs outside a transaction (PostgreSQL's rule for CREATE DATABASE). `template`:
+    template0, or grantkey's with PostGIS (`db.postgis.TEMPLATE`)."""
     await conn.execute(
-        sql.SQL("CREATE DATABASE {} OWNER {} ENCODING 'UTF8' TEMPLATE template0").format(
-            sql.Identifier(user.database), sql.Identifier(user.owner_role)
+        sql.SQL("CREATE DATABASE {} OWNER {} ENCODING 'UTF8' TEMPLATE {}").format(
+            sql.Identifier(user.database), sql.Identifier(user.owner_role),
+            sql.Identifier(template)
         )
     )
 

@@ -41,6 +41,7 @@ class UserService:
         self.box = box
         self.store_tokens = store_tokens
         self._known: Lru[str, User] = Lru(cache_size)
+        self._postgis_template: str | None = None
 
     async def get(self, username: str, *, cached: bool = False) -> User:
         """A ready user. `cached` may answer from this process's memory: a deletion
@@ -102,8 +103,9 @@ class UserService:
                 self.box.role_password(user.public_role, DEFAULT_PUBLIC_TOKEN),
             )
         checkpoint("user.roles_created")
+        template = await self._template()
         async with self.cluster.autocommit() as conn:
-            await user_store.create_database(conn, user)
+            await user_store.create_database(conn, user, template)
         checkpoint("user.database_created")
         async with self.cluster.user_database(user.database) as conn:
             await user_store.harden_database(conn, user)
@@ -125,6 +127,21 @@ class UserService:
             await user_store.mark_ready(conn, user.id, version)
             await user_store.record_storage_quota(conn, user.id, quota)
             await self.events.record(conn, created)
+
+    async def _template(self) -> str:
+        """grantkey's PostGIS template where the server can have one (made once), else
+        template0; asked once per process."""
+        if self._postgis_template is None:
+            try:
+                async with self.cluster.autocommit() as conn:
+                    ready = await postgis.template_ready(conn)
+                if not ready and await self.cluster.postgis_available():
+                    ready = await postgis.make_template(self.cluster)
+            except CLEANUP_ERRORS as error:  # a user made from template0 is as good, slower
+                log.warning("the PostGIS template database could not be made: %s", error)
+                ready = False
+            self._postgis_template = postgis.TEMPLATE if ready else "template0"
+        return self._postgis_template
 
     def _builtin_keys(self, user: User, master_token: str) -> list[KeyRecord]:
         now = datetime.now(UTC)
