@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
+import psycopg.rows
 import pytest
 
 from grantkey.services.container import Services
@@ -55,3 +56,21 @@ def test_user_databases_are_cloned_from_a_postgis_template(
     with psycopg.connect(admin_url, dbname=account.user.database) as conn:
         assert conn.execute("SELECT count(*) FROM pg_extension WHERE extname = 'postgis'"
                             ).fetchone() == (1,)
+
+
+def test_a_postgis_template_another_role_owns_is_never_cloned(
+        postgis: None, account: Account, admin_url: str, routine_url: str,
+        run: Callable[[Awaitable[Any]], Any]) -> None:
+    """On a shared server another role could make a database of the template's name (and
+    mark it a template): only one grantkey's own login owns counts."""
+    from grantkey.db import postgis as postgis_db
+
+    async def ready(url: str) -> bool:
+        conn = await psycopg.AsyncConnection.connect(url, autocommit=True,
+                                                     row_factory=psycopg.rows.dict_row)
+        async with conn:
+            return await postgis_db.template_ready(conn)
+
+    assert run(ready(routine_url)) is True  # grantkey's admin made it
+    if admin_url != routine_url:  # (an external server: one login for both)
+        assert run(ready(admin_url)) is False  # the superuser is another role: not its

@@ -42,9 +42,14 @@ TEMPLATE = "grantkey_postgis"  # a database with PostGIS only, that user databas
 
 
 async def template_ready(conn: AdminConnection) -> bool:
+    """Is there a PostGIS template made by grantkey's admin (the login of `conn`)? On a
+    shared server another role may have made a database of that name: never clone it (what
+    it holds would be in every user's database)."""
     cur = await conn.execute(
-        "SELECT FROM pg_catalog.pg_database WHERE datname OPERATOR(pg_catalog.=) %s "
-        "AND datistemplate", [TEMPLATE])
+        "SELECT FROM pg_catalog.pg_database d WHERE d.datname OPERATOR(pg_catalog.=) %s "
+        "AND d.datistemplate AND d.datdba OPERATOR(pg_catalog.=) (SELECT r.oid FROM "
+        "pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) "
+        "current_user)", [TEMPLATE])
     return await cur.fetchone() is not None
 
 
@@ -73,7 +78,7 @@ async def make_template(cluster: Cluster) -> bool:
                     "ALTER DATABASE {} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false").format(
                     sql.Identifier(TEMPLATE)))
     except psycopg.errors.DuplicateDatabase:
-        made = True  # another process made it first
+        made = False  # another process made it first (or another role: see template_ready)
     finally:
         if partial_name != TEMPLATE:
             async with cluster.autocommit() as conn:

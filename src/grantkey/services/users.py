@@ -136,7 +136,9 @@ class UserService:
                 async with self.cluster.autocommit() as conn:
                     ready = await postgis.template_ready(conn)
                 if not ready and await self.cluster.postgis_available():
-                    ready = await postgis.make_template(self.cluster)
+                    await postgis.make_template(self.cluster)
+                    async with self.cluster.autocommit() as conn:
+                        ready = await postgis.template_ready(conn)
             except CLEANUP_ERRORS as error:  # a user made from template0 is as good, slower
                 log.warning("the PostGIS template database could not be made: %s", error)
                 ready = False
