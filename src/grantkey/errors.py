@@ -151,6 +151,12 @@ class SetupError(GrantkeyError):
     """The server cannot start: bad settings, unusable data directory, no PostgreSQL."""
 
 
+class TenantCodeInTheWay(SetupError):
+    """PostGIS was not installed into a database whose `public` holds functions or
+    operators its tenant made: its install script, run as the superuser, could call them
+    (logged by the start-up upgrade, which retries at the next start)."""
+
+
 class SqlError(_Stated):
     """A client query failed: CARTO's `{"error": [...]}` plus hint, detail, context."""
 

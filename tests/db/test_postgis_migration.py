@@ -74,3 +74,36 @@ def test_a_postgis_template_another_role_owns_is_never_cloned(
     assert run(ready(routine_url)) is True  # grantkey's admin made it
     if admin_url != routine_url:  # (an external server: one login for both)
         assert run(ready(admin_url)) is False  # the superuser is another role: not its
+
+
+def test_postgis_is_not_installed_over_code_the_master_planted_in_public(
+        postgis: None, account: Account, admin_url: str, services: Services,
+        run: Callable[[Awaitable[Any]], Any],
+        owner_sql: Callable[[Account, str], None]) -> None:
+    """PostGIS's install script runs as the superuser with `public` first in its search
+    path: in a database made before PostGIS was on the server, its master had time to plant
+    a function or an operator there that the script could call. The start-up migration then
+    installs nothing, logs why and retries at the next start; the upgrade goes on."""
+    database = account.user.database
+    with psycopg.connect(admin_url, dbname=database, autocommit=True) as conn:
+        conn.execute("DROP EXTENSION postgis")
+        conn.execute("DELETE FROM grantkey_meta.schema_migrations WHERE version = 9")
+    with psycopg.connect(admin_url, dbname="grantkey", autocommit=True) as conn:
+        conn.execute("UPDATE users SET schema_version = 8 WHERE id = %s", [account.user.id])
+    for planted in ("CREATE FUNCTION public.lower(text) RETURNS text LANGUAGE sql "
+                    "AS 'SELECT ''planted''::text'",
+                    "CREATE FUNCTION public.f(int, int) RETURNS int LANGUAGE sql "
+                    "AS 'SELECT 1'; CREATE OPERATOR public.+ (FUNCTION = public.f, "
+                    "LEFTARG = int, RIGHTARG = int)"):
+        owner_sql(account, planted)
+        upgraded = run(upgrade_user_databases(services.cluster))
+        assert account.username not in upgraded  # logged, retried at the next start
+        with psycopg.connect(admin_url, dbname=database) as conn:
+            assert conn.execute("SELECT FROM pg_extension WHERE extname = 'postgis'"
+                                ).fetchone() is None
+        owner_sql(account, "DROP FUNCTION public.lower(text) CASCADE" if "lower" in planted
+                  else "DROP FUNCTION public.f(int, int) CASCADE")
+    assert run(upgrade_user_databases(services.cluster)).get(account.username) == 9
+    with psycopg.connect(admin_url, dbname=database) as conn:
+        assert conn.execute("SELECT FROM pg_extension WHERE extname = 'postgis'"
+                            ).fetchone() is not None

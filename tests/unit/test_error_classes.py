@@ -45,6 +45,8 @@ CASES: dict[type[GrantkeyError], tuple[GrantkeyError, int, str]] = {
                                  "The database is unavailable; try again shortly."),
     errors.QueryInterrupted: (errors.QueryInterrupted(), 503, errors.QueryInterrupted.MESSAGE),
     errors.SetupError: (errors.SetupError("GRANTKEY_SECRET unreadable"), 500, "Internal error"),
+    errors.TenantCodeInTheWay: (errors.TenantCodeInTheWay("public holds f()"), 500,
+                                "Internal error"),
     errors.LoginRefused: (errors.LoginRefused("role gk_x refused"), 500, "Internal error"),
     errors.LayerFailed: (errors.LayerFailed(errors.SqlError(404, 'relation "t" does not exist'),
                                             1, "pts"), 404, 'relation "t" does not exist'),

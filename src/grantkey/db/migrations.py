@@ -197,7 +197,8 @@ async def _withheld_tables(conn: AdminConnection) -> None:
 async def _postgis(su: AdminConnection) -> None:
     """A superuser's CREATE EXTENSION, after the guard and the quota (which leave a
     superuser's DDL alone); on a server without PostGIS, nothing (a server that gains it
-    later gives it to new users; `docs/maps.md` says how to add it to older ones)."""
+    later gives it to new users). Refused, and retried at the next start, while `public`
+    holds code the tenant made (`postgis.install`)."""
     await postgis.install(su)
 
 

@@ -9,17 +9,46 @@ import psycopg
 from psycopg import sql
 
 from grantkey.db.cluster import AdminConnection, Cluster
+from grantkey.errors import TenantCodeInTheWay
+
+# code in `public` that no extension brought: made by the database's owner (the master) or
+# a key; PostGIS's install script runs as the superuser with `public` first in its path
+_TENANT_CODE = """
+SELECT EXISTS (
+  SELECT FROM pg_catalog.pg_proc p WHERE p.pronamespace OPERATOR(pg_catalog.=) n.oid
+    AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
+                    WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass
+                      AND d.objid OPERATOR(pg_catalog.=) p.oid
+                      AND d.deptype OPERATOR(pg_catalog.=) 'e')
+  UNION ALL
+  SELECT FROM pg_catalog.pg_operator o WHERE o.oprnamespace OPERATOR(pg_catalog.=) n.oid
+    AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
+                    WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_operator'::pg_catalog.regclass
+                      AND d.objid OPERATOR(pg_catalog.=) o.oid
+                      AND d.deptype OPERATOR(pg_catalog.=) 'e')) AS planted
+FROM pg_catalog.pg_namespace n WHERE n.nspname OPERATOR(pg_catalog.=) 'public'
+"""
 
 
 async def install(su: AdminConnection) -> None:
-    """CREATE EXTENSION postgis, if the server has it and `su` is a superuser."""
+    """CREATE EXTENSION postgis, if the server has it and `su` is a superuser, and only
+    into a `public` that holds no code a tenant made (a database made before PostGIS was
+    on the server: its master had time to plant some; TenantCodeInTheWay then)."""
     cur = await su.execute(
         "SELECT pg_catalog.current_setting('is_superuser') OPERATOR(pg_catalog.=) 'on' AS su, "
         "EXISTS (SELECT FROM pg_catalog.pg_available_extensions "
         "        WHERE name OPERATOR(pg_catalog.=) 'postgis') AS available")
     row = await cur.fetchone()
-    if row is not None and row["su"] and row["available"]:
-        await su.execute("CREATE EXTENSION IF NOT EXISTS postgis SCHEMA public")
+    if row is None or not row["su"] or not row["available"] or await installed(su):
+        return
+    cur = await su.execute(_TENANT_CODE)
+    planted = await cur.fetchone()
+    if planted is not None and planted["planted"]:
+        raise TenantCodeInTheWay(
+            "PostGIS not installed: schema public holds functions or operators the database's "
+            "owner made, which PostGIS's install script (run as the superuser) could call; "
+            "drop them (or install PostGIS by hand after checking them), then restart")
+    await su.execute("CREATE EXTENSION IF NOT EXISTS postgis SCHEMA public")
 
 
 async def installed(conn: AdminConnection) -> bool:
