@@ -194,6 +194,12 @@ class Settings:
         "Largest request body accepted, in bytes."))
     max_query_bytes: int = field(default=262_144, metadata=row(
         "GRANTKEY_MAX_QUERY_BYTES", whole(minimum=1024), "Longest SQL API q (in bytes)."))
+    copy_max_bytes: int = field(default=2 * 1024**3, metadata=row(
+        "GRANTKEY_COPY_MAX_BYTES", whole(minimum=1024),
+        "Largest COPY FROM upload, in bytes as received (compressed bytes for gzip)."))
+    copy_timeout: float = field(default=18_000.0, metadata=row(
+        "GRANTKEY_COPY_TIMEOUT", SECONDS,
+        "Seconds a COPY (copyfrom or copyto) may run, for any key."))
     log_level: str = field(default="info", metadata=row(
         "GRANTKEY_LOG_LEVEL", TEXT, "uvicorn's log level."))
     sql_timeout: float = field(default=25.0, metadata=row(

@@ -22,7 +22,8 @@ from tests.support import ServerProcess
 COMMANDS = [[], ["serve"], ["users"], ["users", "create"], ["users", "list"],
             ["users", "delete"], ["users", "repair"], ["keys"], ["keys", "list"], ["keys", "create"],
             ["keys", "delete"], ["keys", "regenerate"], ["datasets"],
-            ["datasets", "privacy"], ["datasets", "list"], ["audit"]]
+            ["datasets", "privacy"], ["datasets", "list"], ["audit"], ["data"], ["data", "load"],
+            ["data", "export"]]
 
 
 def cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:

@@ -6,6 +6,7 @@ import click
 
 from grantkey import __version__
 from grantkey.cli.audit import audit
+from grantkey.cli.data import data
 from grantkey.cli.datasets import datasets
 from grantkey.cli.keys import keys
 from grantkey.cli.serve import serve
@@ -27,3 +28,4 @@ main.add_command(users)
 main.add_command(keys)
 main.add_command(datasets)
 main.add_command(audit)
+main.add_command(data)

@@ -28,6 +28,11 @@ from grantkey.db.pg_wire import finish_reset, send_reset, send_reset_at_once, st
 from grantkey.errors import DatabaseUnavailable, LoginRefused, PoolExhausted
 
 RoleConnection = psycopg.AsyncConnection[tuple[object, ...]]
+
+
+def left_busy(conn: RoleConnection) -> bool:
+    """Closed, or still in the middle of a command (a COPY cut short): not fit for reuse."""
+    return conn.closed or conn.info.transaction_status == TransactionStatus.ACTIVE
 # libpq's messages when PostgreSQL refuses a key role's login: a changed password, a
 # dropped role, a role that lost LOGIN (a revocation in progress).
 LOGIN_REFUSALS = ("password authentication failed", "does not exist",

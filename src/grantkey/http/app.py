@@ -16,7 +16,15 @@ from starlette.routing import Route
 
 from grantkey import __version__
 from grantkey.errors import DatabaseUnavailable, SetupError
-from grantkey.http import audit_api, auth_api, datasets_api, maps_api, named_maps_api, sql_api
+from grantkey.http import (
+    audit_api,
+    auth_api,
+    copy_api,
+    datasets_api,
+    maps_api,
+    named_maps_api,
+    sql_api,
+)
 from grantkey.http.collector import tune_collector
 from grantkey.http.context import services_of
 from grantkey.http.cors import CorsMiddleware
@@ -107,7 +115,8 @@ def create_app(settings: Settings | None = None) -> GrantkeyApp:
                 Route("/health/live", live, methods=["GET"]),
                 Route("/openapi.json", openapi, methods=["GET"]),
                 *for_every_user([*auth_api.routes(), *audit_api.routes(),
-                                 *sql_api.routes(sql_api.handler()), *datasets_api.routes(),
+                                 *sql_api.routes(sql_api.handler()), *copy_api.routes(),
+                                 *datasets_api.routes(),
                                  *named_maps_api.routes(), *maps_api.routes()])],
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error, ClientDisconnect: client_disconnected,

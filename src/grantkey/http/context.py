@@ -63,11 +63,12 @@ RequestHandler = Callable[[Request], Awaitable[Response]]
 
 def endpoint(
     family: Family, handler: Handler, on_error: ErrorRenderer | None = None,
-    tiles_of: Callable[[Request], str | None] | None = None,
+    tiles_of: Callable[[Request], str | None] | None = None, read_body: bool = True,
 ) -> RequestHandler:
     """Wrap a handler: resolve who calls, and render any error in `family`'s shape (a bug
     as its 500). `tiles_of`: for tile routes, the layergroup asked for (where its tile
-    tokens are credentials)."""
+    tokens are credentials). `read_body=False`: the body is the handler's to stream
+    (an upload), parameters come from the query string only."""
 
     async def run(request: Request) -> Response:
         services = services_of(request)
@@ -75,7 +76,8 @@ def endpoint(
             data_api = family in (Family.DATA, Family.MAPS)
             # data APIs may trust the cache: PostgreSQL refuses a deleted user's key logins
             user = await services.users.get(target_username(request), cached=data_api)
-            params = await read_params(request, services.settings.max_body_bytes)
+            params = await read_params(request, services.settings.max_body_bytes,
+                                       read_body=read_body)
             principal = await resolve_principal(
                 request, services, user, params, data_api=data_api,
                 tiles_of=None if tiles_of is None else tiles_of(request))

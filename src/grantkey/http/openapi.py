@@ -168,6 +168,15 @@ SCHEMAS: dict[str, Any] = {
                        "time": {"type": "number"}, "fields": {"type": "object"},
                        "total_rows": {"type": "integer", "minimum": 0}},
     },
+    "CopyResult": {
+        "type": "object", "required": ["time", "total_rows"],
+        "properties": {"time": {"type": "number"}, "total_rows": {"type": "integer", "minimum": 0}},
+    },
+    "CopyParameters": {
+        "type": "object",
+        "properties": {"q": {"type": "string"}, "filename": {"type": "string"},
+                       "api_key": {"type": "string"}},
+    },
     "SqlParameters": {
         "type": "object",
         "properties": {"q": {"type": "string"}, "format": {"type": "string"},
@@ -241,6 +250,43 @@ SQL_RESPONSES = {
     "429": _data_error("Time limit reached, or no database connection became free."),
     "503": _data_error("PostgreSQL is unavailable."),
 }
+
+COPY_Q = _query("q", {"type": "string"}, "The COPY statement; it must start with `COPY `.")
+COPY_ERRORS = {key: value for key, value in SQL_RESPONSES.items() if key != "200"}
+COPY_FROM = {
+    "summary": "COPY … FROM STDIN as the key's role, fed with the body as it arrives "
+               "(gzip with Content-Encoding: gzip); all rows or none.",
+    "parameters": [COPY_Q, API_KEY, _query("map_key", {"type": "string"})],
+    "requestBody": {"content": {"application/octet-stream": {
+        "schema": {"type": "string", "format": "binary"}}}},
+    "responses": {"200": _json(_ref("CopyResult"), "Rows written and seconds taken."),
+                  **{key: value for key, value in COPY_ERRORS.items() if key != "413"}},
+}
+COPY_TO_ANSWERS = {
+    "200": {"description": "COPY … TO STDOUT's output, streamed (cut short on a later error).",
+            "headers": {"Content-Disposition": {"schema": {"type": "string"}}},
+            "content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                "format": "binary"}}}},
+    **COPY_ERRORS}
+COPY_TO_PARAMETERS = [COPY_Q, _query("filename", {"type": "string"},
+                                     "Download name (default carto-sql-copyto.dmp)."),
+                      API_KEY, _query("map_key", {"type": "string"})]
+COPY_TO_BODY = {"content": {"application/x-www-form-urlencoded": {"schema": _ref("CopyParameters")},
+                            JSON: {"schema": _ref("CopyParameters")}}}
+
+
+def _copy_operations(version: str) -> list[tuple[str, str, dict[str, Any]]]:
+    path = f"/api/{version}/sql"
+    return [(f"{path}/copyfrom", "post", COPY_FROM),
+            (f"{path}/copyto", "get", {"summary": "COPY … TO STDOUT as the key's role, streamed.",
+                                       "parameters": COPY_TO_PARAMETERS,
+                                       "responses": COPY_TO_ANSWERS}),
+            (f"{path}/copyto", "post", {"summary": "COPY … TO STDOUT (parameters in the body "
+                                                   "win).",
+                                        "parameters": COPY_TO_PARAMETERS,
+                                        "requestBody": COPY_TO_BODY,
+                                        "responses": COPY_TO_ANSWERS})]
+
 
 MAPS_ERRORS = {
     "400": _maps_error("Bad config or tile request, or PostgreSQL refused a layer's SQL."),
@@ -339,6 +385,8 @@ OPERATIONS: list[tuple[str, str, dict[str, Any]]] = [
             "application/x-www-form-urlencoded": {"schema": _ref("SqlParameters")},
             JSON: {"schema": _ref("SqlParameters")}}},
         "responses": SQL_RESPONSES}),
+    *_copy_operations("v2"),
+    *_copy_operations("v1"),
     ("/api/v1/map", "get", {
         "summary": "Make a layergroup from `config` (a MapConfig as JSON), as the key's role.",
         "parameters": [_query("config", {"type": "string"}, "The MapConfig, URL-encoded JSON."),

@@ -52,11 +52,11 @@ def header(request: Request, name: bytes) -> str | None:
     return None
 
 
-async def read_params(request: Request, body_limit: int) -> Params:
+async def read_params(request: Request, body_limit: int, *, read_body: bool = True) -> Params:
     # what Starlette's QueryParams holds, as a plain dict (the last of repeated names wins)
     query = request.scope["query_string"].decode("latin-1")
     params = Params(query=dict(parse_qsl(query, keep_blank_values=True)))
-    if request.method in ("GET", "HEAD", "OPTIONS", "DELETE"):
+    if request.method in ("GET", "HEAD", "OPTIONS", "DELETE") or not read_body:
         return params
     raw = await _read_body(request, body_limit)
     if not raw:

@@ -1,15 +1,17 @@
 """uvicorn's httptools protocol with bounds on a request's size and on the time its parts
 take to arrive (uvicorn with httptools bounds neither).
 
-- The URL may hold at most 65,000 bytes (414; httptools itself refuses 64 KiB with a bare
-  400), the header fields at most GRANTKEY_MAX_HEADER_BYTES (431); either way the
-  connection is then closed. Longer SQL queries go in a POST body.
+- The URL may hold three times GRANTKEY_MAX_QUERY_BYTES and 8 KiB more (414; the SDK sends
+  COPY statements in the URL, however long; httptools' own URL parser fails at 64 KiB, so a
+  longer query string is split off here), the header fields at most
+  GRANTKEY_MAX_HEADER_BYTES (431); either way the connection is then closed.
 - From a connection's first byte (or the end of the previous answer) the whole head must
   arrive within GRANTKEY_HEADER_TIMEOUT seconds, else 408 and the connection is closed (a
   slow-loris client cannot hold a connection by trickling bytes).
 - The body must arrive within GRANTKEY_BODY_TIMEOUT seconds of the head's end, else 408
   (or, if the answer already began, the connection is dropped). Its size is the handlers'
-  business (GRANTKEY_MAX_BODY_BYTES).
+  business (GRANTKEY_MAX_BODY_BYTES). An upload (copyfrom) has no such deadline: its
+  handler ends one whose bytes stop coming for GRANTKEY_BODY_TIMEOUT seconds.
 
 A response's head is held until its body's first bytes (or the end of the event loop's
 turn) and leaves with them in one send: uvicorn writes them apart, two system calls (and two
@@ -28,12 +30,16 @@ import logging
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from grantkey.http.routing import is_upload
 from grantkey.settings import Settings
 
 log = logging.getLogger("grantkey.http")
 ABORT_EXTENSION = "grantkey.abort"
 _REASONS = {408: b"Request Timeout", 414: b"URI Too Long",
             431: b"Request Header Fields Too Large"}
+
+
+PARSED_URL_BYTES = 60_000  # httptools.parse_url takes less than 65,536
 
 
 class HeadTooLarge(Exception):
@@ -50,9 +56,9 @@ def _limits() -> tuple[int, int, float, float]:
 
 
 def url_limit(settings: Settings) -> int:
-    """httptools refuses a request line of 64 KiB or more with a bare 400: ours comes first,
-    with a message saying what to do (longer SQL goes in a POST body)."""
-    return 65_000
+    """Room for the longest `q` percent-encoded (three bytes for each of its bytes) and the
+    rest of a URL: the SDK sends COPY statements in the URL, however long."""
+    return 3 * settings.max_query_bytes + 8192
 
 
 class _HeadHeldTransport:
@@ -119,8 +125,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def on_url(self, url: bytes) -> None:
         self._url_bytes += len(url)
         if self._url_bytes > _limits()[0]:
-            self._refuse(414, "The request URL is longer than 65,000 bytes: send long SQL "
-                              "queries in a POST body")
+            self._refuse(414, f"The request URL is longer than {_limits()[0]:,} bytes: send "
+                              "long SQL queries in a POST body")
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -132,18 +138,35 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._disarm_head_timer()
+        # httptools' URL parser counts in 16 bits: it fails on 64 KiB. A long origin-form
+        # URL's query string (the SDK's COPY statements) is split off here instead
+        long_query = None
+        if len(self.url) > PARSED_URL_BYTES and self.url.startswith(b"/") and b"?" in self.url:
+            self.url, _, rest = self.url.partition(b"?")
+            long_query = rest.partition(b"#")[0]
         super().on_headers_complete()
+        if long_query is not None:
+            self.scope["query_string"] = long_query
         if self.cycle is not None:  # its task has not run yet
             self.cycle.transport = _HeadHeldTransport(self.transport, self.loop)  # type: ignore[assignment]
-        # the body (if any) has its own deadline; on_message_complete disarms it
-        self._body_timer = self.loop.call_later(_limits()[3], self._body_too_slow)
+        # the body (if any) has its own deadline; on_message_complete disarms it. An upload
+        # (copyfrom) streams for as long as it takes: its handler stops one that stalls
+        if not is_upload(self.scope["path"]):
+            self._body_timer = self.loop.call_later(_limits()[3], self._body_too_slow)
 
     def on_message_complete(self) -> None:
         self._disarm_body_timer()
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
+        upload_goes_on = (self.cycle is not None and self.cycle.more_body
+                          and is_upload(self.scope["path"]))
         super().on_response_complete()
+        if upload_goes_on and not self.transport.is_closing():
+            # answered before the upload's end (an error): its rest is read and dropped for
+            # at most GRANTKEY_BODY_TIMEOUT seconds more (time for the client to read the
+            # answer), then the connection is dropped; on_message_complete disarms this
+            self._body_timer = self.loop.call_later(_limits()[3], self._abort)
         self._url_bytes = 0  # bytes before the next head (a stray CRLF) do not count as one
         if not self.transport.is_closing():  # the next request's head has its own deadline
             self._arm_head_timer()

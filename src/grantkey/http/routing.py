@@ -18,6 +18,9 @@ from starlette.types import Scope
 USER_PREFIXES = ("/user/{username}", "/u/{username}")
 CANONICAL_PREFIX = USER_PREFIXES[0]
 HOST_FORM = ""  # no prefix: the user comes from the Host header
+# routes whose request body streams for as long as it takes (copyfrom): the protocol gives
+# their body no whole-body deadline
+UPLOAD_PATHS = tuple(f"/api/{version}/sql/copyfrom" for version in ("v2", "v1"))
 
 
 class FastRoute(Route):
@@ -25,6 +28,11 @@ class FastRoute(Route):
     and router (`fast_path.FastTable`, built from the served routes), so its handler must
     render its own errors (`context.endpoint`). Starlette serves it as any route otherwise
     (HEAD, OPTIONS…)."""
+
+
+def is_upload(path: str) -> bool:
+    """Is this request path (under any user prefix, or none) an upload route's?"""
+    return path.rstrip("/").endswith(UPLOAD_PATHS)
 
 
 def slash_variants(path: str) -> list[str]:

@@ -7,7 +7,7 @@ import logging
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -57,16 +57,21 @@ def _integer(raw: object, name: str, minimum: int, maximum: int) -> int | None:
     return value
 
 
-def parse_sql_params(call: Call) -> SqlParams:
-    params = call.params
-    query = _text(params.get("q"))
-    if not query or not query.strip():
-        raise BadInput("You must indicate a sql query")
+def check_query_text(call: Call, query: str) -> None:
+    """No NUL (PostgreSQL takes none), at most GRANTKEY_MAX_QUERY_BYTES."""
     if "\x00" in query:
         raise BadInput("The sql query contains a NUL character")
     limit = call.services.settings.max_query_bytes
     if len(query.encode("utf-8", "surrogatepass")) > limit:
         raise BadInput(f"The sql query is too long: the limit is {limit} bytes")
+
+
+def parse_sql_params(call: Call) -> SqlParams:
+    params = call.params
+    query = _text(params.get("q"))
+    if not query or not query.strip():
+        raise BadInput("You must indicate a sql query")
+    check_query_text(call, query)
     if starts_a_copy(query):
         raise BadInput(COPY_REFUSED)
     raw_format = _text(params.get("format"))
@@ -112,14 +117,20 @@ class AnswerCutShort(Exception):
     chunk, and the client sees an incomplete answer, never a complete-looking one."""
 
 
-async def _body(running: RunningQuery, options: SqlParams) -> AsyncIterator[bytes]:
-    """The answer, streamed. An error after the first bytes can only cut it short. The
-    connection goes back as soon as the last row is read (before the last chunk is sent)."""
+class Streamed(Protocol):
+    """What a streamed answer holds until it ends (a query, a COPY): its session."""
+
+    async def aclose(self) -> None: ...
+
+
+async def cut_short(chunks: AsyncIterator[bytes], running: Streamed) -> AsyncIterator[bytes]:
+    """An answer, streamed. An error after the first bytes can only cut it short. The
+    session goes back as soon as the last chunk is made (before it is sent)."""
     try:
-        async for chunk in _chunks(running, options):
+        async for chunk in chunks:
             yield chunk
     except Exception as error:
-        log.warning("SQL answer cut short: %s", type(error).__name__)
+        log.warning("streamed answer cut short: %s", type(error).__name__)
         raise AnswerCutShort from None
     finally:
         await running.aclose()
@@ -132,7 +143,7 @@ class QueryResponse(StreamingResponse):
     protocol's abort extension; the query's own time limit frees its database connection
     meanwhile)."""
 
-    def __init__(self, running: RunningQuery, send_timeout: float, **kwargs: Any) -> None:
+    def __init__(self, running: Streamed, send_timeout: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.running = running
         self.send_timeout = send_timeout
@@ -149,13 +160,14 @@ class QueryResponse(StreamingResponse):
                 if timer is not None:
                     timer.cancel()
 
-        async with self.running:
-            try:
-                await super().__call__(scope, receive, send_or_give_up)
-            except AnswerCutShort:
-                if abort is None:
-                    raise
-                abort()  # no final chunk: the answer cannot look complete
+        try:
+            await super().__call__(scope, receive, send_or_give_up)
+        except AnswerCutShort:
+            if abort is None:
+                raise
+            abort()  # no final chunk: the answer cannot look complete
+        finally:
+            await self.running.aclose()
 
 
 async def run_sql(call: Call) -> Response:
@@ -176,7 +188,8 @@ async def run_sql(call: Call) -> Response:
             body = b"".join([chunk async for chunk in _chunks(running, options)])
             return Response(body, media_type=media, headers=headers)
         return QueryResponse(running, call.services.settings.send_timeout,
-                             content=_body(running, options), media_type=media,
+                             content=cut_short(_chunks(running, options), running),
+                             media_type=media,
                              headers=headers)
     except BaseException:
         await running.aclose()  # the response never took the query over

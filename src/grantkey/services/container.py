@@ -6,6 +6,7 @@ from grantkey.db.bootstrap import bootstrap
 from grantkey.db.cluster import Cluster
 from grantkey.db.role_pools import RolePools
 from grantkey.domain.secrets_box import SecretBox
+from grantkey.services.copy import CopyService
 from grantkey.services.datasets import DatasetService
 from grantkey.services.events import Events, KeyCreated, KeyRevoked, UserDeleted
 from grantkey.services.keyed_locks import KeyedLocks
@@ -51,6 +52,7 @@ class Services:
                               master_time_limit=settings.sql_master_timeout,
                               target_cache_size=settings.key_cache_size)
         self.revoker.forget_role = self.sql.forget_role
+        self.copy = CopyService(self.sql, time_limit=settings.copy_timeout)
         self.maps = MapsService(self.cluster, self.sql, idle_days=settings.maps_idle_days,
                                 cache_size=settings.key_cache_size)
         self.tile_tokens = TileTokens(box, settings.key_cache_size)

@@ -18,9 +18,10 @@ from typing import Any
 
 from grantkey.db import postgis, sessions
 from grantkey.db.cluster import Cluster
-from grantkey.db.role_pools import RoleConnection, RolePools, RoleTarget
+from grantkey.db.failures import DatabaseError
+from grantkey.db.role_pools import RoleConnection, RolePools, RoleTarget, left_busy
 from grantkey.db.sql_errors import connection_lost, translate
-from grantkey.db.sql_exec import Column, Execution
+from grantkey.db.sql_exec import Column, Execution, QueryTimedOut
 from grantkey.db.wrapping import wrap
 from grantkey.domain.keys import Principal, User
 from grantkey.domain.secrets_box import SecretBox
@@ -63,7 +64,7 @@ def composed_query(query: str, *, page: Page | None = None,
     return wrap(stripped, geojson=geojson, page=limits)
 
 
-async def _shielded(work: Coroutine[Any, Any, None]) -> None:
+async def run_shielded(work: Coroutine[Any, Any, None]) -> None:
     """Run cleanup to its end even if the awaiting task is cancelled (again)."""
     task = asyncio.ensure_future(work)
     with contextlib.suppress(asyncio.CancelledError):
@@ -146,7 +147,7 @@ class RunningQuery:
             if self._pools.release_at_once(self._target, self._conn,
                                            already_reset=execution.reset_done):
                 return  # the usual case: no task needed to protect it from cancellation
-        await _shielded(_release(self._pools, execution, self._target, self._conn))
+        await run_shielded(_release(self._pools, execution, self._target, self._conn))
 
 
 def no_postgis(feature: str) -> str:
@@ -220,6 +221,38 @@ class SqlService:
             self.quota.leave(database)
             raise
 
+    @contextlib.asynccontextmanager
+    async def session(self, principal: Principal) -> AsyncIterator[RoleConnection]:
+        """A session of the key's role for work other than one query (COPY), counted in
+        the key's and user's shares, swept by the storage quota while held. PostgreSQL's
+        errors from inside become SQL API errors (a revoked key's lost session: 401); other
+        exceptions pass as they are. A session left busy (a COPY cut short) is closed, not
+        reused."""
+        target = self.target_for(principal)
+        database = principal.user.database
+        quota = principal.user.storage_quota != "-1"
+        if quota:
+            self.quota.enter(database)
+        try:
+            conn = await self._acquire(principal, target)
+            released = False
+            try:
+                yield conn
+            except (DatabaseError, QueryTimedOut) as error:
+                if not connection_lost(error):
+                    raise translate(error) from None
+                released = True
+                await run_shielded(self.pools.release(target, conn, reusable=False))
+                await self._lost(principal, target)  # 401 if the key was revoked
+                raise QueryInterrupted from None
+            finally:
+                if not released:
+                    await run_shielded(self.pools.release(target, conn,
+                                                          reusable=not left_busy(conn)))
+        finally:
+            if quota:
+                self.quota.leave(database)
+
     async def require_postgis(self, user: User, feature: str = "format=geojson") -> None:
         if self._with_postgis.get(user.database):
             return
@@ -238,23 +271,23 @@ class SqlService:
         target = self.target_for(principal)
         conn = await self._acquire(principal, target)
         limit = self.master_time_limit if principal.is_master else self.time_limit
-        execution = Execution(conn, query, limit, self._terminate, params)
+        execution = Execution(conn, query, limit, self.terminate, params)
         started = time.monotonic()
         try:
             await execution.start()
         except Exception as error:
-            await _shielded(_release(self.pools, execution, target, conn))
+            await run_shielded(_release(self.pools, execution, target, conn))
             if connection_lost(error):
                 await self._lost(principal, target)  # 401 if the key was revoked
                 raise QueryInterrupted from None
             raise translate(error) from None
         except BaseException:  # cancelled: the client went away mid-query
-            await _shielded(_release(self.pools, execution, target, conn))
+            await run_shielded(_release(self.pools, execution, target, conn))
             raise
         try:  # the type names may need an admin connection, which may fail
             names = await self._names(principal.user.database, execution.columns, conn)
         except BaseException:
-            await _shielded(_release(self.pools, execution, target, conn))
+            await run_shielded(_release(self.pools, execution, target, conn))
             raise
         return RunningQuery(execution, self.pools, target, conn, names, started, quota)
 
@@ -288,7 +321,7 @@ class SqlService:
             pass
         await self.resolver.resolve(principal.user, principal.token, fresh=True)
 
-    async def _terminate(self, pid: int) -> None:
+    async def terminate(self, pid: int) -> None:
         with contextlib.suppress(Exception):
             async with self.cluster.metadata() as conn:
                 await sessions.terminate_backend(conn, pid)
