@@ -33,6 +33,7 @@ from grantkey.db.sql_exec import CANCEL_GRACE_SECONDS, QueryTimedOut
 from grantkey.domain.loading import GEOMETRY_TYPE, TYPES
 
 BLOCK_BYTES = 256 * 1024
+LARGE_ROW_BYTES = 16 * 2**20  # a session that received a row this long is closed, not pooled
 _STATUS = pq.ExecStatus
 
 
@@ -83,14 +84,18 @@ class Deadline:
         self._timer = asyncio.get_running_loop().call_later(self.seconds, self._expire)
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 traceback: object) -> None:
+    def disarm(self) -> None:
+        """No limit any more (it expired or not: leaving still says which)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: object) -> None:
+        self.disarm()
         if self.expired and isinstance(error, asyncio.CancelledError | psycopg.Error):
             if self._task is not None:
                 self._task.uncancel()
@@ -116,25 +121,33 @@ def _status(cursor: CopyCursor) -> int | None:
 
 
 async def copy_in(conn: RoleConnection, statement: str, source: AsyncIterable[bytes], *,
-                  first: str | None = None) -> int:
+                  first: str | None = None, started: Callable[[], None] | None = None) -> int:
     """Run a COPY … FROM STDIN with `source`'s bytes; the rows written. An exception from
     `source` aborts the COPY (nothing written) and is raised as it is. `first` (a CREATE
-    TABLE) runs before it, in one transaction with it."""
+    TABLE) runs before it, in one transaction with it; `started` is called once PostgreSQL
+    waits for the data. A session PostgreSQL ended meanwhile (a revoked key's) is noticed
+    after the next block, not at the end of the upload."""
     if first is None:
-        return await _copy_in(conn, statement, source)
+        return await _copy_in(conn, statement, source, started)
     async with conn.transaction():
         await CopyCursor(conn).execute(first)
-        return await _copy_in(conn, statement, source)
+        return await _copy_in(conn, statement, source, started)
 
 
-async def _copy_in(conn: RoleConnection, statement: str, source: AsyncIterable[bytes]) -> int:
+async def _copy_in(conn: RoleConnection, statement: str, source: AsyncIterable[bytes],
+                   started: Callable[[], None] | None) -> int:
     cursor = CopyCursor(conn)
     async with cursor.copy(statement) as copy:
         if _status(cursor) != _STATUS.COPY_IN:
             raise WrongDirection("copyfrom")
+        if started is not None:
+            started()
         async for block in source:
             if block:
                 await copy.write(block)
+                # libpq reports a failed write only once its buffer fills: read what came
+                # (an ended session's farewell, its end) without waiting
+                conn.pgconn.consume_input()
     return max(cursor.rowcount, 0)
 
 
@@ -146,6 +159,8 @@ def _gather(pgconn: pq.abc.PGconn) -> Generator[Any, Any, tuple[bytes, int | Non
     block = bytearray()
     while True:
         size, data = pgconn.get_copy_data(1)
+        if size >= BLOCK_BYTES and not block:
+            return bytes(data), None  # a long row: one copy, not three
         if size > 0:
             block += data
             if len(block) >= BLOCK_BYTES:
@@ -184,12 +199,16 @@ async def copy_out(conn: RoleConnection, statement: str,
         if _status(cursor) != _STATUS.COPY_OUT:
             raise WrongDirection("copyto")
         rows = None
+        longest = 0
         while rows is None:
             block, rows = await conn.wait(_gather(conn.pgconn))
+            longest = max(longest, len(block))
             if block:
                 yield block
         if tally is not None:
             tally.rows = rows
+    if longest > LARGE_ROW_BYTES:  # libpq's input buffer grew to hold it, and stays so
+        await conn.close()
 
 
 def load_statement(schema: str, table: str, columns: Sequence[str], *, header: bool,

@@ -442,6 +442,19 @@ async def set_limit(conn: AdminConnection, size: str) -> int | None:
     return None if row is None or row["limit_bytes"] is None else int(row["limit_bytes"])
 
 
+async def over_quota(conn: AdminConnection) -> str | None:
+    """What the quota trigger would say now (its hint), or None while the database is
+    within its limit (or has none). Reads grantkey's own table and the size only."""
+    cur = await conn.execute(
+        "SELECT q.limit_bytes, pg_catalog.pg_database_size(pg_catalog.current_database()) "
+        "AS used FROM grantkey_meta.storage_quota q")
+    row = await cur.fetchone()
+    if row is None or row["limit_bytes"] is None or row["used"] <= row["limit_bytes"]:
+        return None
+    return (f"This database holds {row['used']:,} bytes of the {row['limit_bytes']:,} "
+            "allowed: delete rows or tables to write again.")
+
+
 BLOCKER_SECONDS = 1.0  # how long a client may hold a lock the sweep needs
 
 

@@ -16,11 +16,12 @@ SQL API error; one after it cuts the answer short (no final chunk), never a comp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from urllib.parse import quote
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -30,6 +31,7 @@ from grantkey.http.errors import Family, json_response
 from grantkey.http.params import header
 from grantkey.http.routing import UPLOAD_PATHS
 from grantkey.http.sql_api import QueryResponse, check_query_text, cut_short
+from grantkey.services.copy import RunningCopy
 
 DEFAULT_FILENAME = "carto-sql-copyto.dmp"
 GUNZIP_BLOCK = 1 << 20  # most bytes one gunzip step makes from a chunk (no bomb in memory)
@@ -128,13 +130,45 @@ async def copy_from(call: Call) -> Response:
     return json_response({"time": copied.seconds, "total_rows": copied.rows})
 
 
+async def unless_client_leaves(request: Request, work: Awaitable[RunningCopy]) -> RunningCopy:
+    """`work`'s result, or ClientDisconnect (with `work` cancelled, or its COPY closed) if
+    the client hangs up first: before an answer starts, nothing else notices."""
+    task = asyncio.ensure_future(work)
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        left = watcher.done() and not watcher.cancelled() and not task.done()
+        watcher.cancel()
+        if not task.done():
+            task.cancel()  # the client left (or this request is being cancelled)
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    if left or task.cancelled() or not task.done():
+        try:
+            abandoned = await task
+        except asyncio.CancelledError:
+            raise ClientDisconnect() from None
+        await abandoned.aclose()  # it started just as the client left
+        raise ClientDisconnect()
+    return task.result()
+
+
 async def copy_to(call: Call) -> Response:
+    if call.request.method == "HEAD":  # a COPY run for no reader: never
+        return Response(status_code=405, headers={"Allow": "GET, POST"})
     if not call.principal.allows_api("sql"):
         raise Forbidden("forbidden")
     statement = copy_statement(call, call.params.get("q"))
     filename = call.params.get("filename")
     name = filename if isinstance(filename, str) and filename else DEFAULT_FILENAME
-    running = await call.services.copy.copy_to(call.principal, statement)
+    running = await unless_client_leaves(
+        call.request, call.services.copy.copy_to(call.principal, statement))
     try:
         headers = {"Content-Disposition": "attachment; filename=" + quote(name, safe="!*'()"),
                    "Vary": "Authorization"}

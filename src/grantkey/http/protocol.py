@@ -102,6 +102,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     _url_bytes = 0
     _header_bytes = 0
     _in_head = False
+    _lingering = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -141,9 +142,13 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         # httptools' URL parser counts in 16 bits: it fails on 64 KiB. A long origin-form
         # URL's query string (the SDK's COPY statements) is split off here instead
         long_query = None
-        if len(self.url) > PARSED_URL_BYTES and self.url.startswith(b"/") and b"?" in self.url:
-            self.url, _, rest = self.url.partition(b"?")
-            long_query = rest.partition(b"#")[0]
+        if len(self.url) > PARSED_URL_BYTES:
+            path, _, rest = self.url.partition(b"?")
+            if not path.startswith(b"/") or len(path) > PARSED_URL_BYTES:  # no parser takes it
+                self._refuse(414, f"The request URL is longer than {PARSED_URL_BYTES:,} bytes "
+                                  "outside a query string: send long SQL queries in the query "
+                                  "string or a POST body")
+            self.url, long_query = path, rest.partition(b"#")[0]
         super().on_headers_complete()
         if long_query is not None:
             self.scope["query_string"] = long_query
@@ -157,6 +162,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._disarm_body_timer()
         super().on_message_complete()
+        if self._lingering:  # the rest of an upload answered early has come
+            self._lingering = False
+            self._arm_head_timer()
 
     def on_response_complete(self) -> None:
         upload_goes_on = (self.cycle is not None and self.cycle.more_body
@@ -165,7 +173,10 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if upload_goes_on and not self.transport.is_closing():
             # answered before the upload's end (an error): its rest is read and dropped for
             # at most GRANTKEY_BODY_TIMEOUT seconds more (time for the client to read the
-            # answer), then the connection is dropped; on_message_complete disarms this
+            # answer), then the connection is dropped; on_message_complete disarms this and
+            # arms the next head's deadline (not before: the rest is no head)
+            self._disarm_head_timer()
+            self._lingering = True
             self._body_timer = self.loop.call_later(_limits()[3], self._abort)
         self._url_bytes = 0  # bytes before the next head (a stray CRLF) do not count as one
         if not self.transport.is_closing():  # the next request's head has its own deadline

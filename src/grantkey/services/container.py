@@ -52,7 +52,8 @@ class Services:
                               master_time_limit=settings.sql_master_timeout,
                               target_cache_size=settings.key_cache_size)
         self.revoker.forget_role = self.sql.forget_role
-        self.copy = CopyService(self.sql, time_limit=settings.copy_timeout)
+        self.copy = CopyService(self.sql, time_limit=settings.copy_timeout,
+                                start_limit=settings.sql_timeout)
         self.maps = MapsService(self.cluster, self.sql, idle_days=settings.maps_idle_days,
                                 cache_size=settings.key_cache_size)
         self.tile_tokens = TileTokens(box, settings.key_cache_size)

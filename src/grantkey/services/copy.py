@@ -23,9 +23,11 @@ from grantkey.db.copy import (
 )
 from grantkey.db.copy import Tally as Tally  # what a finished export reports (the CLI's)
 from grantkey.domain.keys import Principal
-from grantkey.errors import BadInput
+from grantkey.errors import BadInput, SqlError
 from grantkey.services.sql import SqlService, run_shielded
 
+QUOTA_CHECK_BYTES = 4 * 2**20
+QUOTA_MESSAGE = "DB Quota exceeded"
 WRONG_WAY = {
     "copyfrom": "copyfrom runs COPY … FROM STDIN (COPY … TO STDOUT goes to /api/v2/sql/copyto)",
     "copyto": "copyto runs COPY … TO STDOUT (COPY … FROM STDIN goes to /api/v2/sql/copyfrom)",
@@ -78,23 +80,45 @@ class RunningCopy:
 
 
 class CopyService:
-    def __init__(self, sql: SqlService, *, time_limit: float) -> None:
+    def __init__(self, sql: SqlService, *, time_limit: float, start_limit: float) -> None:
         self.sql = sql
         self.time_limit = time_limit
+        self.start_limit = start_limit  # the SQL API's: until PostgreSQL waits for the data
 
     async def copy_from(self, principal: Principal, statement: str,
                         source: AsyncIterable[bytes], *, first: str | None = None) -> Copied:
-        """Run the client's COPY … FROM STDIN with `source`; all its rows or none.
+        """Run the client's COPY … FROM STDIN with `source`; all its rows or none. Until
+        PostgreSQL waits for the data (a lock, a slow COPY the other way) the SQL API's time
+        limit applies, then the COPY's. With a storage quota the database is measured every
+        QUOTA_CHECK_BYTES of data: over it, the COPY ends (400 `DB Quota exceeded`).
         `first`: a statement run before it in the same transaction (the CLI's CREATE
         TABLE: nothing of it stays if the COPY fails)."""
         started = time.monotonic()
+        user = principal.user
+        if user.storage_quota != "-1":
+            source = self._within_quota(user.database, source)
         async with self.sql.session(principal) as conn:
-            with Deadline(conn, self.time_limit, self.sql.terminate, cancel_task=True):
+            with Deadline(conn, self.time_limit, self.sql.terminate, cancel_task=True), \
+                    Deadline(conn, self.start_limit, self.sql.terminate,
+                             cancel_task=True) as starting:
                 try:
-                    rows = await copy_in(conn, statement, source, first=first)
+                    rows = await copy_in(conn, statement, source, first=first,
+                                         started=starting.disarm)
                 except WrongDirection as error:
                     raise BadInput(WRONG_WAY[error.endpoint]) from None
         return Copied(rows, round(time.monotonic() - started, 3))
+
+    async def _within_quota(self, database: str,
+                            source: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+        written, measure_at = 0, QUOTA_CHECK_BYTES
+        async for block in source:
+            written += len(block)
+            if written >= measure_at:
+                measure_at = written + QUOTA_CHECK_BYTES
+                over = await self.sql.over_quota(database)
+                if over is not None:
+                    raise SqlError(400, QUOTA_MESSAGE, hint=over)
+            yield block
 
     async def copy_to(self, principal: Principal, statement: str,
                       tally: Tally | None = None) -> RunningCopy:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from grantkey.db import postgis, sessions
+from grantkey.db import postgis, sessions, storage_quota
 from grantkey.db.cluster import Cluster
 from grantkey.db.failures import DatabaseError
 from grantkey.db.role_pools import RoleConnection, RolePools, RoleTarget, left_busy
@@ -247,8 +247,7 @@ class SqlService:
                 raise QueryInterrupted from None
             finally:
                 if not released:
-                    await run_shielded(self.pools.release(target, conn,
-                                                          reusable=not left_busy(conn)))
+                    await run_shielded(self._give_back(target, conn))
         finally:
             if quota:
                 self.quota.leave(database)
@@ -320,6 +319,20 @@ class SqlService:
         except DatabaseUnavailable:
             pass
         await self.resolver.resolve(principal.user, principal.token, fresh=True)
+
+    async def _give_back(self, target: RoleTarget, conn: RoleConnection) -> None:
+        """A session left busy (a COPY cut short) has its statement cancelled (a closed
+        socket stops a backend only when it next writes), and is closed."""
+        busy = left_busy(conn)
+        if busy and not conn.closed:
+            with contextlib.suppress(DatabaseError):
+                await conn.cancel_safe(timeout=2)
+        await self.pools.release(target, conn, reusable=not busy)
+
+    async def over_quota(self, database: str) -> str | None:
+        """The storage quota's hint if the database is over its limit now."""
+        async with self.cluster.user_database(database) as conn:
+            return await storage_quota.over_quota(conn)
 
     async def terminate(self, pid: int) -> None:
         with contextlib.suppress(Exception):
