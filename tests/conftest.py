@@ -247,8 +247,24 @@ def server(data_dir: Path, settings: Settings, services: Services) -> Iterator[S
         {"GRANTKEY_SECRET": TEST_SECRET, "GRANTKEY_LOG_LEVEL": "debug",
          "GRANTKEY_SUPERUSER_URL": settings.superuser_url or "",
          # short limits, so the tests of time limits and pool waits run fast
-         "GRANTKEY_SQL_TIMEOUT": str(SQL_TIMEOUT), "GRANTKEY_SQL_MASTER_TIMEOUT": str(SQL_TIMEOUT)},
+         "GRANTKEY_SQL_TIMEOUT": str(SQL_TIMEOUT), "GRANTKEY_SQL_MASTER_TIMEOUT": str(SQL_TIMEOUT),
+         # it runs no batch job: the tests that need runners start them (`job_runners`),
+         # so that a crash test knows which server runs its job
+         "GRANTKEY_JOB_RUNNERS": "0"},
     )
+    try:
+        process.wait_healthy()
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="module")
+def job_runners(data_dir: Path, login: Login) -> Iterator[ServerProcess]:
+    """A server whose workers run batch jobs (the shared one runs none), for a module."""
+    process = ServerProcess([*login.args(data_dir), "--workers", "2"],
+                            data_dir / "job-runners.log",
+                            {**login.env, "GRANTKEY_JOB_RUNNERS": "1"})
     try:
         process.wait_healthy()
         yield process

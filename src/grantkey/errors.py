@@ -190,6 +190,13 @@ class LayerFailed(SqlError):
         self.layer_id = layer_id
 
 
+class JobNotFound(NotFound):
+    """A batch job id that is unknown, or a job the caller may not see (another key's)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"Job with id {job_id[:64]} not found")
+
+
 class LayergroupNotFound(NotFound):
     """A Maps API layergroup id that is unknown (or expired): CARTO's message."""
 

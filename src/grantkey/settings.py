@@ -200,6 +200,24 @@ class Settings:
     copy_timeout: float = field(default=18_000.0, metadata=row(
         "GRANTKEY_COPY_TIMEOUT", SECONDS,
         "Seconds a COPY (copyfrom or copyto) may run, for any key."))
+    job_timeout: float = field(default=43_200.0, metadata=row(
+        "GRANTKEY_JOB_TIMEOUT", SECONDS,
+        "Seconds a batch job may run, all its queries together."))
+    job_max_queued: int = field(default=64, metadata=row(
+        "GRANTKEY_JOB_MAX_QUEUED", whole(minimum=1),
+        "Pending batch jobs one user may have."))
+    job_max_payload: int = field(default=16_384, metadata=row(
+        "GRANTKEY_JOB_MAX_PAYLOAD", whole(minimum=1024),
+        "Largest batch job request, in characters of its JSON."))
+    job_runners: int = field(default=1, metadata=row(
+        "GRANTKEY_JOB_RUNNERS", whole(),
+        "Batch jobs each server process runs at once, 0 for none."))
+    job_lease: float = field(default=30.0, metadata=row(
+        "GRANTKEY_JOB_LEASE", SECONDS,
+        "Seconds after which a running job whose server stopped beating becomes unknown."))
+    job_keep_days: int = field(default=30, metadata=row(
+        "GRANTKEY_JOB_KEEP_DAYS", whole(minimum=1),
+        "Days a finished batch job is kept."))
     log_level: str = field(default="info", metadata=row(
         "GRANTKEY_LOG_LEVEL", TEXT, "uvicorn's log level."))
     sql_timeout: float = field(default=25.0, metadata=row(

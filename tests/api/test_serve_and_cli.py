@@ -23,7 +23,7 @@ COMMANDS = [[], ["serve"], ["users"], ["users", "create"], ["users", "list"],
             ["users", "delete"], ["users", "repair"], ["keys"], ["keys", "list"], ["keys", "create"],
             ["keys", "delete"], ["keys", "regenerate"], ["datasets"],
             ["datasets", "privacy"], ["datasets", "list"], ["audit"], ["data"], ["data", "load"],
-            ["data", "export"]]
+            ["data", "export"], ["jobs"], ["jobs", "list"], ["jobs", "show"], ["jobs", "cancel"]]
 
 
 def cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:

@@ -53,6 +53,7 @@ CASES: dict[type[GrantkeyError], tuple[GrantkeyError, int, str]] = {
     errors.LimitReached: (errors.LimitReached("User 'ana' reached limit on number of "
                                               "templates (1/1)"), 409,
                           "User 'ana' reached limit on number of templates (1/1)"),
+    errors.JobNotFound: (errors.JobNotFound("0e1"), 404, "Job with id 0e1 not found"),
     errors.LayergroupNotFound: (errors.LayergroupNotFound("0abc:1"), 404,
                                 "Invalid or nonexistent map configuration token '0abc:1'"),
 }

@@ -8,6 +8,7 @@ from grantkey import __version__
 from grantkey.cli.audit import audit
 from grantkey.cli.data import data
 from grantkey.cli.datasets import datasets
+from grantkey.cli.jobs import jobs
 from grantkey.cli.keys import keys
 from grantkey.cli.serve import serve
 from grantkey.cli.users import users
@@ -29,3 +30,4 @@ main.add_command(keys)
 main.add_command(datasets)
 main.add_command(audit)
 main.add_command(data)
+main.add_command(jobs)

@@ -11,6 +11,7 @@ from psycopg.rows import dict_row
 
 from grantkey.db import audit, migrations
 from grantkey.db.cluster import METADATA_DATABASE, AdminConnection, admin_conninfo, translated
+from grantkey.db.jobs import JOBS_DDL
 from grantkey.db.layergroups import LAYERGROUPS_DDL
 from grantkey.db.named_maps import NAMED_MAPS_DDL
 from grantkey.db.revocations import REVOCATIONS_DDL, REVOKED_TOKENS_DDL
@@ -85,6 +86,7 @@ METADATA_MIGRATIONS = [
     migrations.Migration(6, "audit log: append-only, one row per change", audit.install),
     migrations.Migration(7, "Maps API layergroups", partial(_execute, LAYERGROUPS_DDL)),
     migrations.Migration(8, "Maps API named maps", partial(_execute, NAMED_MAPS_DDL)),
+    migrations.Migration(9, "batch SQL jobs", partial(_execute, JOBS_DDL)),
 ]
 
 

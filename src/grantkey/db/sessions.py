@@ -3,6 +3,7 @@ session's answer. Admin connections only (the metadata database sees every backe
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -13,6 +14,29 @@ Conn = psycopg.AsyncConnection[Any]
 async def terminate_backend(conn: Conn, pid: int) -> None:
     """One backend (a query past its time limit that ignored the cancel)."""
     await conn.execute("SELECT pg_catalog.pg_terminate_backend(%s)", [pid])
+
+
+async def backend_start(conn: Conn, pid: int) -> datetime | None:
+    """When a backend started (with its pid, what names one session and no later one)."""
+    cur = await conn.execute(
+        "SELECT backend_start FROM pg_catalog.pg_stat_activity WHERE pid OPERATOR(pg_catalog.=) %s",
+        [pid])
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    started: datetime = row["backend_start"] if isinstance(row, dict) else row[0]
+    return started
+
+
+async def stop_session(conn: Conn, pid: int, started: datetime, *, terminate: bool) -> bool:
+    """Cancel the statement of (or end) the session `pid` if it is still the one that
+    started at `started`; whether there was one to signal."""
+    function = "pg_terminate_backend" if terminate else "pg_cancel_backend"
+    cur = await conn.execute(
+        f"SELECT pg_catalog.{function}(pid) AS signalled FROM pg_catalog.pg_stat_activity "
+        "WHERE pid OPERATOR(pg_catalog.=) %s AND backend_start OPERATOR(pg_catalog.=) %s",
+        [pid, started])
+    return await cur.fetchone() is not None
 
 
 async def terminate_role_sessions(conn: Conn, oids: list[int],

@@ -64,6 +64,13 @@ async def find_user(conn: AdminConnection, username: str) -> User | None:
     return None if row is None else user_from_row(row)
 
 
+async def find_user_by_id(conn: AdminConnection, user_id: str) -> User | None:
+    cur = await conn.execute(
+        "SELECT * FROM public.users WHERE id = %s AND state = 'ready'", [user_id])
+    row = await cur.fetchone()
+    return None if row is None else user_from_row(row)
+
+
 async def list_users(conn: AdminConnection) -> list[User]:
     cur = await conn.execute("SELECT * FROM public.users WHERE state = 'ready' ORDER BY username")
     return [user_from_row(row) for row in await cur.fetchall()]

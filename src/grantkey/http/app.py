@@ -21,6 +21,7 @@ from grantkey.http import (
     auth_api,
     copy_api,
     datasets_api,
+    jobs_api,
     maps_api,
     named_maps_api,
     sql_api,
@@ -103,7 +104,10 @@ def create_app(settings: Settings | None = None) -> GrantkeyApp:
                  asyncio.create_task(listen_for_revocations(services), name="listen"),
                  asyncio.create_task(services.pools.reap_forever(), name="reap"),
                  asyncio.create_task(services.revoker.retry_forever(), name="retry"),
-                 asyncio.create_task(services.maps.expire_forever(), name="expire-maps")]
+                 asyncio.create_task(services.maps.expire_forever(), name="expire-maps"),
+                 asyncio.create_task(services.jobs.purge_forever(), name="purge-jobs")]
+        if settings.job_runners > 0:
+            tasks.append(asyncio.create_task(services.job_runner.run_forever(), name="jobs"))
         try:
             yield
         finally:
@@ -115,7 +119,7 @@ def create_app(settings: Settings | None = None) -> GrantkeyApp:
                 Route("/health/live", live, methods=["GET"]),
                 Route("/openapi.json", openapi, methods=["GET"]),
                 *for_every_user([*auth_api.routes(), *audit_api.routes(),
-                                 *sql_api.routes(sql_api.handler()), *copy_api.routes(),
+                                 *sql_api.routes(sql_api.handler()), *copy_api.routes(), *jobs_api.routes(),
                                  *datasets_api.routes(),
                                  *named_maps_api.routes(), *maps_api.routes()])],
         lifespan=lifespan,

@@ -61,6 +61,8 @@ def _maps_error(description: str) -> dict[str, Any]:
 
 
 EMPTY_401 = {"description": "Failed authentication (CARTO: empty body)."}
+JOB_QUERY = ("A string, a list of strings, or {query: [{query, onsuccess?, onerror?, "
+             "timeout?}], onsuccess?, onerror?}; answered with each query's status.")
 SCHEMAS: dict[str, Any] = {
     "AuthError": {
         "type": "object", "required": ["errors", "errors_cause"],
@@ -177,6 +179,20 @@ SCHEMAS: dict[str, Any] = {
         "properties": {"q": {"type": "string"}, "filename": {"type": "string"},
                        "api_key": {"type": "string"}},
     },
+    "Job": {"type": "object", "required": ["job_id", "user", "query", "status", "created_at",
+                                           "updated_at"],
+            "properties": {"job_id": {"type": "string"}, "user": {"type": "string"},
+                           "query": {"description": JOB_QUERY}, "status": {"type": "string"},
+                           "failed_reason": {"type": "string"},
+                           "fallback_status": {"type": "string"},
+                           "created_at": {"type": "string"}, "updated_at": {"type": "string"}}},
+    "JobList": {"type": "object", "required": ["total", "count", "result"],
+                "properties": {"total": {"type": "integer"}, "count": {"type": "integer"},
+                               "result": {"type": "array", "items": _ref("Job")},
+                               "_links": {"type": "object"}}},
+    "JobRequest": {"type": "object", "required": ["query"],
+                   "properties": {"query": {"description": JOB_QUERY},
+                                  "api_key": {"type": "string"}}},
     "SqlParameters": {
         "type": "object",
         "properties": {"q": {"type": "string"}, "format": {"type": "string"},
@@ -288,6 +304,41 @@ def _copy_operations(version: str) -> list[tuple[str, str, dict[str, Any]]]:
                                         "responses": COPY_TO_ANSWERS})]
 
 
+JOB_ERRORS = {
+    "400": _data_error("Invalid query, payload too large, queue full, or a status that does "
+                       "not allow it (Cannot set status from done to cancelled)."),
+    "401": _data_error("Unknown token, or the key was revoked."),
+    "403": _data_error("No `sql` grant, the default public key, or Basic user mismatch."),
+    "404": _data_error("Unknown user, or a job that is not the caller's (Job with id … not "
+                       "found)."),
+    "413": _data_error("Request body too large."),
+    "503": _data_error("PostgreSQL is unavailable."),
+}
+JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+JOB_BODY = {"required": True, "content": {JSON: {"schema": _ref("JobRequest")}}}
+
+
+def _job_operations(version: str) -> list[tuple[str, str, dict[str, Any]]]:
+    path, item = f"/api/{version}/sql/job", f"/api/{version}/sql/job/{{job_id}}"
+    job = {"200": _json(_ref("Job"), "The job."), **JOB_ERRORS}
+    paging = [_query("page", {"type": "integer", "minimum": 1}),
+              _query("per_page", {"type": "integer", "minimum": 1, "maximum": 1000})]
+    return [
+        (path, "post", {"summary": "Create a batch job, run as the key's role.",
+                        "parameters": [API_KEY], "requestBody": JOB_BODY, "responses": {
+                            "201": _json(_ref("Job"), "The new job."), **JOB_ERRORS}}),
+        (path, "get", {"summary": "The caller's jobs, newest first (the master: all).",
+                       "parameters": [API_KEY, *paging], "responses": {
+                           "200": _json(_ref("JobList"), "A page of jobs."), **JOB_ERRORS}}),
+        (item, "get", {"summary": "Read a job.", "parameters": [JOB_ID, API_KEY],
+                       "responses": job}),
+        (item, "delete", {"summary": "Cancel a pending or running job.",
+                          "parameters": [JOB_ID, API_KEY], "responses": job}),
+        (item, "put", {"summary": "Replace a pending job's query (same form).",
+                       "parameters": [JOB_ID, API_KEY], "requestBody": JOB_BODY,
+                       "responses": job})]
+
+
 MAPS_ERRORS = {
     "400": _maps_error("Bad config or tile request, or PostgreSQL refused a layer's SQL."),
     "401": _maps_error("Unknown token, or the key was revoked."),
@@ -387,6 +438,8 @@ OPERATIONS: list[tuple[str, str, dict[str, Any]]] = [
         "responses": SQL_RESPONSES}),
     *_copy_operations("v2"),
     *_copy_operations("v1"),
+    *_job_operations("v2"),
+    *_job_operations("v1"),
     ("/api/v1/map", "get", {
         "summary": "Make a layergroup from `config` (a MapConfig as JSON), as the key's role.",
         "parameters": [_query("config", {"type": "string"}, "The MapConfig, URL-encoded JSON."),

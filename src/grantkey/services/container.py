@@ -9,6 +9,7 @@ from grantkey.domain.secrets_box import SecretBox
 from grantkey.services.copy import CopyService
 from grantkey.services.datasets import DatasetService
 from grantkey.services.events import Events, KeyCreated, KeyRevoked, UserDeleted
+from grantkey.services.jobs import JobLimits, JobRunner, JobService
 from grantkey.services.keyed_locks import KeyedLocks
 from grantkey.services.keys import KeyService
 from grantkey.services.maps import MapsService
@@ -54,6 +55,11 @@ class Services:
         self.revoker.forget_role = self.sql.forget_role
         self.copy = CopyService(self.sql, time_limit=settings.copy_timeout,
                                 start_limit=settings.sql_timeout)
+        limits = JobLimits(max_queued=settings.job_max_queued, time_limit=settings.job_timeout,
+                           lease_seconds=settings.job_lease, keep_days=settings.job_keep_days)
+        self.jobs = JobService(self.cluster, box, limits)
+        self.job_runner = JobRunner(self.cluster, self.sql, self.resolver, box, limits,
+                                    settings.job_runners)
         self.maps = MapsService(self.cluster, self.sql, idle_days=settings.maps_idle_days,
                                 cache_size=settings.key_cache_size)
         self.tile_tokens = TileTokens(box, settings.key_cache_size)

@@ -19,6 +19,7 @@ from typing import Any
 from grantkey.db import postgis, sessions, storage_quota
 from grantkey.db.cluster import Cluster
 from grantkey.db.failures import DatabaseError
+from grantkey.db.pg_wire import CopyRefused
 from grantkey.db.role_pools import RoleConnection, RolePools, RoleTarget, left_busy
 from grantkey.db.sql_errors import connection_lost, translate
 from grantkey.db.sql_exec import Column, Execution, QueryTimedOut
@@ -238,7 +239,7 @@ class SqlService:
             released = False
             try:
                 yield conn
-            except (DatabaseError, QueryTimedOut) as error:
+            except (DatabaseError, QueryTimedOut, CopyRefused) as error:
                 if not connection_lost(error):
                     raise translate(error) from None
                 released = True
