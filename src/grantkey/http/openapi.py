@@ -190,9 +190,10 @@ SCHEMAS: dict[str, Any] = {
                 "properties": {"total": {"type": "integer"}, "count": {"type": "integer"},
                                "result": {"type": "array", "items": _ref("Job")},
                                "_links": {"type": "object"}}},
-    "JobRequest": {"type": "object", "required": ["query"],
-                   "properties": {"query": {"description": JOB_QUERY},
-                                  "api_key": {"type": "string"}}},
+    "JobRequest": {"type": "object", "required": ["query"], "properties": {
+        "api_key": {"type": "string"}, "query": {"description": JOB_QUERY, "anyOf": [
+            {"type": "string"}, {"type": "array", "items": {"type": "string"}},
+            {"type": "object", "properties": {"query": {"type": "array"}}}]}}},
     "SqlParameters": {
         "type": "object",
         "properties": {"q": {"type": "string"}, "format": {"type": "string"},
