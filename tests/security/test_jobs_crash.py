@@ -61,8 +61,8 @@ def test_a_server_killed_while_its_job_runs_leaves_it_unknown_and_runs_the_rest_
     victim.stop(signal.SIGKILL)
     survivor = start(data_dir, login, "jobs-survivor", GRANTKEY_JOB_RUNNERS="1")
     try:
+        wait_for(lambda: job(survivor, account, cut["job_id"])["status"] == "unknown")
         wait_for(lambda: job(survivor, account, queued["job_id"])["status"] == "done")
-
         after = job(survivor, account, cut["job_id"])
         assert (after["status"], after["failed_reason"]) == ("unknown", ORPHANED)
         time.sleep(5)  # past the cut job's pg_sleep: its last query must never run
