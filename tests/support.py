@@ -54,6 +54,11 @@ def _holds_socket(pid: int, inode: str) -> bool:
     return False
 
 
+# A test's server runs no batch job unless its env asks for runners: the job queue is one for
+# the whole cluster, so a stray runner would take the jobs a jobs test means for its own.
+NO_JOB_RUNNERS = {"GRANTKEY_JOB_RUNNERS": "0"}
+
+
 class ServerProcess:
     """`grantkey serve` in a subprocess, its output kept in a log file."""
 
@@ -64,7 +69,7 @@ class ServerProcess:
         self._log = log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "grantkey.cli", "serve", "--port", str(self.port), *args],
-            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **env},
+            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **NO_JOB_RUNNERS, **env},
         )
 
     def wait_healthy(self, timeout: float = 60) -> float:

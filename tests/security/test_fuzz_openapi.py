@@ -32,6 +32,13 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
 
 from grantkey.http.openapi import DOCUMENT  # noqa: E402
 
+# schemathesis's negative mutations call the global `random` module inside its strategies
+# (schemathesis/specs/openapi/negative/, as of 4.x); Hypothesis notes that as a deprecation,
+# which this suite's "error" filter would turn into a flaky failure of ours (red CI at 6eef7e7
+# and 1b0fefb, both on POST /sql/job). Only that one message is let through.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Do not use the `random` module inside strategies:hypothesis.errors.HypothesisDeprecationWarning")
+
 EXAMPLES = int(os.environ.get("GRANTKEY_FUZZ_EXAMPLES", "20"))
 CI_REQUESTS = 10_000  # what the default EXAMPLES sends (schemathesis adds coverage cases)
 CREDENTIALS = ["master", "regular", "default", "wrong", "none"]
