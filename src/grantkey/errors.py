@@ -6,6 +6,8 @@ shape. A class without its own status is a 500 with "Internal error"."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 TIMEOUT_MESSAGE = (
     "You are over platform's limits: SQL query timeout error. Refactor your query before "
     "running again or contact your administrator for more details."
@@ -13,9 +15,11 @@ TIMEOUT_MESSAGE = (
 
 
 class GrantkeyError(Exception):
-    """Base of every error grantkey raises on purpose."""
+    """Base of every error grantkey raises on purpose. `hint`: what the caller may do about
+    it, shown beside the message (the data APIs' `hint`)."""
 
     status = 500
+    hint: str | None = None
 
     def public_message(self) -> str:
         return "Internal error"
@@ -63,6 +67,17 @@ class Unauthorized(GrantkeyError):
 
     def public_message(self) -> str:
         return "Unauthorized"
+
+
+class KeyExpired(Unauthorized):
+    """The token is a key's, but the key expired: its holder learns that much (a `hint`),
+    which says nothing a stranger could use."""
+
+    def __init__(self, name: str, expires_at: datetime | None) -> None:
+        super().__init__(f"key {name} expired")
+        moment = "" if expires_at is None else " at " + expires_at.astimezone(UTC).isoformat()
+        self.hint = (f'key "{name[:100]}" expired{moment}; keys cannot be extended: create '
+                     "a new one")
 
 
 class BasicUserMismatch(Unauthorized):

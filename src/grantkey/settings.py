@@ -187,6 +187,15 @@ class Settings:
         "Keep an AES-GCM sealed copy of each secret token so the master can read tokens back."))
     max_keys_per_user: int = field(default=0, metadata=row(
         "GRANTKEY_MAX_KEYS_PER_USER", whole(), "Regular keys per user, 0 for no limit."))
+    key_max_lifetime_days: int = field(default=3650, metadata=row(
+        "GRANTKEY_KEY_MAX_LIFETIME_DAYS", whole(),
+        "Latest expires_at a new regular key may have, in days from now; 0 for no maximum."))
+    key_require_expiry: bool = field(default=False, metadata=row(
+        "GRANTKEY_KEY_REQUIRE_EXPIRY", BOOLEAN,
+        "Refuse a new regular key that has no expires_at."))
+    key_max_grace: int = field(default=86_400, metadata=row(
+        "GRANTKEY_KEY_MAX_GRACE", whole(),
+        "Longest grace_seconds of a token regeneration (the old token's overlap), 0 for none."))
     key_cache_size: int = field(default=10_000, metadata=row(
         "GRANTKEY_KEY_CACHE_SIZE", whole(), "Entries in each of a process's data-API caches."))
     max_body_bytes: int = field(default=1_048_576, metadata=row(

@@ -30,7 +30,10 @@ def test_create_regular_key_answers_201_with_the_key_object(
         [("public", "cities", ["select", "insert"])], create_schemas=("public",)))
     assert response.status_code == 201
     key = response.json()
-    assert set(key) == {"name", "user", "type", "token", "grants", "created_at", "updated_at"}
+    assert set(key) == {"name", "user", "type", "token", "grants", "created_at", "updated_at",
+                        # grantkey's additions (carto-compat §4 allows them)
+                        "expires_at", "expired", "limits", "token_rotated_at",
+                        "old_token_stops_at"}
     assert key["name"] == "app" and key["type"] == "regular"
     assert key["user"] == {"username": account.username}
     assert re.fullmatch(r"gkr[0-9A-Za-z]{38}", key["token"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import orjson
 import pytest
@@ -40,6 +41,8 @@ CASES: dict[type[GrantkeyError], tuple[GrantkeyError, int, str]] = {
     errors.PoolExhausted: (errors.PoolExhausted("Too many concurrent queries"), 429,
                            "Too many concurrent queries"),
     errors.Unauthorized: (errors.Unauthorized("token gk123 is revoked"), 401, "Unauthorized"),
+    errors.KeyExpired: (errors.KeyExpired("map", datetime(2026, 1, 1, tzinfo=UTC)), 401,
+                        "Unauthorized"),
     errors.BasicUserMismatch: (errors.BasicUserMismatch("x"), 403, "permission denied"),
     errors.DatabaseUnavailable: (errors.DatabaseUnavailable("host=/secret/socket"), 503,
                                  "The database is unavailable; try again shortly."),
@@ -101,7 +104,8 @@ def test_each_class_renders_its_status_and_the_family_shape(
         assert body["errors"] == [shown]
         assert [context["message"] for context in body["errors_with_context"]] == [shown]
     else:
-        assert body == {"errors": message, "errors_cause": None}
+        hint = {"hint": error.hint} if error.hint else {}
+        assert body == {"errors": message, "errors_cause": None, **hint}
 
 
 def test_server_details_never_reach_a_client() -> None:

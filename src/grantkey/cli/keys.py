@@ -1,8 +1,9 @@
-"""`grantkey keys`: list, create, delete and regenerate a user's API keys."""
+"""`grantkey keys`: list, create, delete and regenerate a user's API keys; find a token's key."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,11 @@ from grantkey.cli.common import (
     print_table,
     run_with_services,
 )
-from grantkey.domain.keys import KEY_TYPES
+from grantkey.domain.keys import KEY_TYPES, KeyType
+from grantkey.domain.tokens import DEFAULT_PUBLIC_TOKEN, is_well_formed
 from grantkey.http.documents import key_document
 from grantkey.services.container import Services
-from grantkey.services.keys import KeyView, ListQuery
+from grantkey.services.keys import KeyView, ListQuery, TokenOwner
 
 ALL_TYPES = list(KEY_TYPES)
 
@@ -96,18 +98,26 @@ def list_(username: str, as_json: bool, data_dir: Path | None, database_url: str
               help="e.g. public.cities:select,insert (repeatable).")
 @click.option("--schema-create", "schemas", multiple=True, metavar="SCHEMA",
               help="Let the key create tables in SCHEMA (repeatable).")
+@click.option("--expires-at", metavar="ISO8601",
+              help="When the key stops working, e.g. 2027-01-31T12:00:00Z.")
+@click.option("--sql-timeout", "key_sql_timeout", type=float, metavar="SECONDS",
+              help="A SQL time limit of the key's own, below the server's.")
 @click.option("--json", "as_json", is_flag=True, help="Print the key object as JSON.")
 @cluster_options
 def create(username: str, name: str, grants: str | None, apis: tuple[str, ...],
-           tables: tuple[str, ...], schemas: tuple[str, ...], as_json: bool,
-           data_dir: Path | None, database_url: str | None) -> None:
+           tables: tuple[str, ...], schemas: tuple[str, ...], expires_at: str | None,
+           key_sql_timeout: float | None, as_json: bool, data_dir: Path | None,
+           database_url: str | None) -> None:
     """Create a regular key NAME for USERNAME; prints its token."""
     document = _grants_from_options(grants, apis, tables, schemas)
+    options: dict[str, Any] = {"expires_at": expires_at}
+    if key_sql_timeout is not None:
+        options["limits"] = {"sql_timeout_seconds": key_sql_timeout}
 
     async def work(services: Services) -> KeyView:
         user = await services.users.get(username)
         return await services.keys.create(await services.keys.master_principal(user), name,
-                                          document)
+                                          document, options=options)
 
     view = run_with_services(load_settings(data_dir, database_url), work)
     if as_json:
@@ -137,18 +147,74 @@ def delete(username: str, name: str, yes: bool, data_dir: Path | None, database_
 @keys.command("regenerate")
 @click.argument("username")
 @click.argument("name")
+@click.option("--grace", type=click.IntRange(min=0), default=0, metavar="SECONDS",
+              help="Keep the old token working this long (default 0: it stops at once).")
 @click.option("--json", "as_json", is_flag=True, help="Print the key object as JSON.")
 @cluster_options
-def regenerate(username: str, name: str, as_json: bool, data_dir: Path | None,
+def regenerate(username: str, name: str, grace: int, as_json: bool, data_dir: Path | None,
                database_url: str | None) -> None:
-    """Give USERNAME's key NAME a new token; the old one stops working at once."""
+    """Give USERNAME's key NAME a new token; the old one stops at once, or after --grace."""
 
     async def work(services: Services) -> KeyView:
         user = await services.users.get(username)
-        return await services.keys.regenerate(await services.keys.master_principal(user), name)
+        return await services.keys.regenerate(await services.keys.master_principal(user), name,
+                                              grace_seconds=grace)
 
     view = run_with_services(load_settings(data_dir, database_url), work)
     if as_json:
         click.echo(json.dumps(key_document(view)))
-    else:
-        click.echo(f"regenerated key {name}\ntoken: {view.token}")
+        return
+    click.echo(f"regenerated key {name}\ntoken: {view.token}")
+    if grace:
+        click.echo(f"the old token works until {key_document(view)['old_token_stops_at']}")
+
+
+@keys.command("find")
+@click.argument("token")
+@click.option("--revoke", is_flag=True,
+              help="Then revoke it: delete a regular key, regenerate a master key's token.")
+@click.option("--yes", is_flag=True, help="Revoke without asking (with --revoke).")
+@cluster_options
+def find(token: str, revoke: bool, yes: bool, data_dir: Path | None,
+         database_url: str | None) -> None:
+    """Say whose key TOKEN is (a leaked token: found by its digest, every user searched),
+    and offer to revoke it. Exit 1 if no key has it."""
+    token = token.strip()
+    if not is_well_formed(token) or token == DEFAULT_PUBLIC_TOKEN:
+        fail("not a grantkey token: they look like gkm… or gkr… (41 characters, with a "
+             "checksum; docs/security.md)", 2)
+
+    async def look(services: Services) -> TokenOwner | None:
+        return await services.keys.find_token(await services.users.all(), token)
+
+    settings = load_settings(data_dir, database_url)
+    owner = run_with_services(settings, look)
+    if owner is None:
+        fail("no key has this token (it was never one, or its key was deleted or regenerated)", 1)
+    assert owner is not None
+    record = owner.record
+    which = "its current token" if owner.current else "its OLD token (regenerated with a grace)"
+    click.echo(f"user {owner.user.username}, key {record.name!r} ({record.type.value}): {which}")
+    click.echo(f"created {record.created_at:%Y-%m-%d %H:%M}Z; apis: {', '.join(record.apis) or '-'}")
+    question = f"revoke key {record.name!r} of {owner.user.username} now?"
+    if revoke:
+        if not yes and not click.confirm(question, default=False):
+            return
+    elif not (sys.stdin.isatty() and click.confirm(question, default=False)):
+        click.echo("not revoked (add --revoke to revoke it)")
+        return
+    click.echo(_revoke(settings, owner))
+
+
+def _revoke(settings: Any, owner: TokenOwner) -> str:
+    """A regular key is deleted; a master key gets a new token (it cannot be deleted)."""
+    async def work(services: Services) -> str:
+        master = await services.keys.master_principal(owner.user)
+        if owner.record.type is KeyType.MASTER:
+            view = await services.keys.regenerate(master, owner.record.name)
+            return f"regenerated the master key's token; the new one: {view.token}"
+        await services.keys.delete(master, owner.record.name)
+        return f"deleted key {owner.record.name!r}"
+
+    result: str = run_with_services(settings, work)
+    return result

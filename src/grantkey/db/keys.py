@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from psycopg import sql
@@ -14,7 +16,8 @@ from grantkey.domain.secrets_box import scram_verifier
 
 _COLUMNS = (
     "id, name, type, role, token_digest, sealed_token, apis, services, table_metadata, "
-    "created_at, updated_at"
+    "created_at, updated_at, expires_at, sql_timeout, token_rotated_at, grace_digest, "
+    "grace_until, grace_password"
 )
 ORDERABLE = {"type": "type", "name": "name", "updated_at": "updated_at"}
 
@@ -38,22 +41,34 @@ def record_from_row(row: dict[str, Any]) -> KeyRecord:
         apis=tuple(row["apis"]), services=tuple(row["services"]),
         table_metadata=row["table_metadata"],
         created_at=row["created_at"], updated_at=row["updated_at"],
+        expires_at=row["expires_at"], sql_timeout=row["sql_timeout"],
+        token_rotated_at=row["token_rotated_at"], grace_digest=_bytes(row["grace_digest"]),
+        grace_until=row["grace_until"], grace_password=_bytes(row["grace_password"]),
     )
+
+
+def _bytes(value: Any) -> bytes | None:
+    return None if value is None else bytes(value)
 
 
 async def insert_key(conn: AdminConnection, key: KeyRecord) -> None:
     await conn.execute(
         "INSERT INTO grantkey_meta.api_keys (id, name, type, role, token_digest, sealed_token, "
-        "apis, services, table_metadata) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        "apis, services, table_metadata, expires_at, sql_timeout) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
         [key.id, key.name, key.type.value, key.role, key.token_digest, key.sealed_token,
-         list(key.apis), list(key.services), key.table_metadata],
+         list(key.apis), list(key.services), key.table_metadata, key.expires_at,
+         key.sql_timeout],
     )
 
 
 async def find_by_digest(conn: AdminConnection, token_digest: bytes) -> KeyRecord | None:
+    """The key whose token this is: its current one, or its old one in a grace (the
+    caller tells which by comparing digests, and checks the grace's end)."""
     cur = await conn.execute(
-        f"SELECT {_COLUMNS} FROM grantkey_meta.api_keys WHERE token_digest = %s",
-        [token_digest],
+        f"SELECT {_COLUMNS} FROM grantkey_meta.api_keys WHERE token_digest = %s "
+        "OR grace_digest = %s LIMIT 1",
+        [token_digest, token_digest],
     )
     row = await cur.fetchone()
     return None if row is None else record_from_row(row)
@@ -106,25 +121,43 @@ async def delete_key_row(conn: AdminConnection, key_id: str) -> None:
     await conn.execute("DELETE FROM grantkey_meta.api_keys WHERE id = %s", [key_id])
 
 
+@dataclass(frozen=True)
+class Grace:
+    """A regenerated key's old token, still accepted until `seconds` from now."""
+
+    digest: bytes
+    seconds: int
+    sealed_password: bytes  # the new role password, opened only with the old token
+
+
 async def update_token(
-    conn: AdminConnection, key_id: str, token_digest: bytes, sealed: bytes | None
+    conn: AdminConnection, key_id: str, token_digest: bytes, sealed: bytes | None,
+    grace: Grace | None = None,
 ) -> None:
+    """The key's new token; an earlier grace ends (one old token at a time)."""
     await conn.execute(
         "UPDATE grantkey_meta.api_keys SET token_digest = %s, sealed_token = %s, "
-        "updated_at = now() WHERE id = %s",
-        [token_digest, sealed, key_id],
+        "updated_at = now(), token_rotated_at = now(), grace_digest = %s, "
+        "grace_until = now() + make_interval(secs => %s), grace_password = %s WHERE id = %s",
+        [token_digest, sealed, None if grace is None else grace.digest,
+         None if grace is None else grace.seconds,
+         None if grace is None else grace.sealed_password, key_id],
     )
 
 
 async def create_key_role(
     conn: AdminConnection, role: str, password: str, reader_role: str | None, owner_role: str,
-    managers: Managers | None = None,
+    managers: Managers | None = None, valid_until: datetime | None = None,
 ) -> None:
     """A key's LOGIN role, a member of the reader role, with the owner role a member of it.
     With `managers` (see `db.managers`): made by the maker, the owner's membership in the
     same statement, then given the reader role by the granter. Without a reader role (a
-    named map's publishing key: only its own grants), CONNECT on the database instead."""
-    verifier = sql.Literal(scram_verifier(password))
+    named map's publishing key: only its own grants), CONNECT on the database instead.
+    `valid_until`: PostgreSQL itself refuses the role's login from then on (an expiring key)."""
+    verifier: sql.Composable = sql.Literal(scram_verifier(password))
+    if valid_until is not None:
+        verifier = sql.SQL("{} VALID UNTIL {}").format(
+            verifier, sql.Literal(valid_until.astimezone(UTC).isoformat()))
     if managers is not None:
         await acting_as(conn, managers.maker)
         await conn.execute(sql.SQL("CREATE ROLE {} {} PASSWORD {} ROLE {}").format(

@@ -202,6 +202,14 @@ async def _postgis(su: AdminConnection) -> None:
     await postgis.install(su)
 
 
+async def _key_lifetime(conn: AdminConnection) -> None:
+    await conn.execute(
+        "ALTER TABLE grantkey_meta.api_keys ADD COLUMN expires_at timestamptz, "
+        "ADD COLUMN sql_timeout double precision, ADD COLUMN token_rotated_at timestamptz, "
+        "ADD COLUMN grace_digest bytea UNIQUE, ADD COLUMN grace_until timestamptz, "
+        "ADD COLUMN grace_password bytea")
+
+
 QUOTA_VERSION = 5  # from this version on, a user database can hold a storage quota
 USER_MIGRATIONS = [
     Migration(2, "guard: keys create tables, never code", _install_guard, needs_superuser=True),
@@ -221,6 +229,8 @@ USER_MIGRATIONS = [
               _withheld_tables),
     Migration(9, "PostGIS, where the server has it (databases made before it was there)",
               _postgis, needs_superuser=True),
+    Migration(10, "keys: an expiry, a SQL time limit of their own, the old token's grace",
+              _key_lifetime),
 ]
 USER_BASELINE = 1  # what users.harden_database makes
 

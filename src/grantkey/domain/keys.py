@@ -49,6 +49,20 @@ class KeyRecord:
     table_metadata: bool
     created_at: datetime
     updated_at: datetime
+    # chosen when the key is made (docs/http-api.md "Key lifetime and limits")
+    expires_at: datetime | None = None
+    sql_timeout: float | None = None  # seconds; None: the server's limit for its type
+    # the last regeneration, and the old token's grace (`domain/key_options.py`)
+    token_rotated_at: datetime | None = None
+    grace_digest: bytes | None = None
+    grace_until: datetime | None = None
+    grace_password: bytes | None = None  # the new role password, sealed under the old token
+
+    def expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+    def in_grace(self, now: datetime) -> bool:
+        return self.grace_until is not None and now < self.grace_until
 
 
 @dataclass(frozen=True)
@@ -58,6 +72,15 @@ class Principal:
     user: User
     key: KeyRecord
     token: str
+    # set when `token` is a regenerated key's old token, in its grace: the role's password
+    # (the new token's), opened with the old token, and when the old token stops
+    password: str | None = None
+    token_until: datetime | None = None
+
+    def stops_at(self) -> datetime | None:
+        """When this token stops working (its key's expiry, or its grace's end)."""
+        moments = [m for m in (self.key.expires_at, self.token_until) if m is not None]
+        return min(moments) if moments else None
 
     @property
     def is_master(self) -> bool:

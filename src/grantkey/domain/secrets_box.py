@@ -52,6 +52,22 @@ class SecretBox:
         nonce, ciphertext = sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:]
         return self._tile_aead.decrypt(nonce, ciphertext, scope).decode("utf-8")
 
+    def _grace_aead(self, old_token: str) -> AESGCM:
+        return AESGCM(hmac.new(self._password_key, b"grantkey grace\x00" + old_token.encode(),
+                               "sha256").digest())
+
+    def seal_for_old_token(self, password: str, old_token: str, associated: bytes) -> bytes:
+        """A regenerated key's new role password, which only the old token (with the
+        secret) opens: during a grace the old token logs in as the role, while the server
+        alone, holding neither token, still cannot."""
+        nonce = os.urandom(_NONCE_BYTES)
+        return nonce + self._grace_aead(old_token).encrypt(nonce, password.encode(), associated)
+
+    def open_with_old_token(self, sealed: bytes, old_token: str, associated: bytes) -> str:
+        """`cryptography.exceptions.InvalidTag` for another token, row or a changed byte."""
+        nonce, ciphertext = sealed[:_NONCE_BYTES], sealed[_NONCE_BYTES:]
+        return self._grace_aead(old_token).decrypt(nonce, ciphertext, associated).decode()
+
     def role_password(self, role: str, token: str) -> str:
         message = role.encode("utf-8") + b"\x00" + token.encode("utf-8")
         return hmac.new(self._password_key, message, "sha256").hexdigest()

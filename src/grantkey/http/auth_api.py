@@ -8,9 +8,10 @@ import orjson
 from starlette.responses import Response
 from starlette.routing import Route
 
+from grantkey.domain.key_options import read_grace
 from grantkey.domain.keys import KEY_TYPES
 from grantkey.domain.numbers import strict_int
-from grantkey.errors import BadInput, BadListParameter
+from grantkey.errors import BadInput, BadListParameter, ValidationFailed
 from grantkey.http.context import Call, endpoint
 from grantkey.http.documents import key_document
 from grantkey.http.errors import Family, json_response
@@ -81,7 +82,7 @@ async def create_key(call: Call) -> Response:
     if not isinstance(body, dict):
         raise BadInput("The request body must be a JSON object with 'name' and 'grants'")
     view = await call.services.keys.create(call.principal, body.get("name"), body.get("grants"),
-                                         client=call.client)
+                                           options=body, client=call.client)
     return json_response(key_document(view), 201)
 
 
@@ -97,7 +98,17 @@ async def delete_key(call: Call) -> Response:
 
 
 async def regenerate_token(call: Call) -> Response:
+    """CARTO's regeneration (no body) or, with `{"grace_seconds": N}`, one whose old token
+    keeps working N seconds (and `"token"`, the current one, where tokens are not kept)."""
+    body = call.params.json_body
+    grace, problems = read_grace(body, call.services.keys.max_grace)
+    if problems:
+        raise ValidationFailed(problems)
+    old_token = body.get("token") if isinstance(body, dict) else None
+    if old_token is not None and not isinstance(old_token, str):
+        raise ValidationFailed(["Token must be the key's current token, as a string"])
     view = await call.services.keys.regenerate(call.principal, call.request.path_params["name"],
+                                               grace_seconds=grace, old_token=old_token,
                                                client=call.client)
     return json_response(key_document(view))
 

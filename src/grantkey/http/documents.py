@@ -24,7 +24,25 @@ def key_document(view: KeyView) -> dict[str, Any]:
         "grants": grants_document(record, view.grants),
         "created_at": timestamp(record.created_at),
         "updated_at": timestamp(record.updated_at),
+        **lifetime_document(record, datetime.now(UTC)),
     }
+
+
+def lifetime_document(record: KeyRecord, now: datetime) -> dict[str, Any]:
+    """grantkey's additions to CARTO's key object (`carto-compat.md` §4 allows them)."""
+    return {
+        "expires_at": optional_timestamp(record.expires_at),
+        "expired": record.expired(now),
+        "limits": {} if record.sql_timeout is None else {
+            "sql_timeout_seconds": _number(record.sql_timeout)},
+        "token_rotated_at": optional_timestamp(record.token_rotated_at),
+        "old_token_stops_at": (optional_timestamp(record.grace_until)
+                               if record.in_grace(now) else None),
+    }
+
+
+def optional_timestamp(moment: datetime | None) -> str | None:
+    return None if moment is None else timestamp(moment)
 
 
 def timestamp(moment: datetime) -> str:
@@ -60,3 +78,7 @@ def audit_document(entry: AuditEntry) -> dict[str, Any]:
         "key": None if entry.key_name is None else {"name": entry.key_name},
         "detail": entry.detail,
     }
+
+
+def _number(value: float) -> float | int:
+    return int(value) if value.is_integer() else value

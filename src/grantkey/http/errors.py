@@ -51,14 +51,16 @@ def render_error(family: Family, error: GrantkeyError) -> Response:
     # the database is back within seconds (or being restarted): tell clients when to retry
     headers = {"Retry-After": RETRY_AFTER} if status == 503 else None
     if family in (Family.AUTH, Family.V4):
-        return json_response({"errors": message, "errors_cause": None}, status, headers)
+        document: dict[str, object] = {"errors": message, "errors_cause": None}
+        if error.hint:
+            document["hint"] = error.hint
+        return json_response(document, status, headers)
     if family is Family.MAPS:
         return render_maps_error(error, headers)
     body: dict[str, object] = {"error": [message]}
-    if isinstance(error, SqlError):
-        for name in ("hint", "detail", "context"):
-            if getattr(error, name):
-                body[name] = getattr(error, name)
+    for name in ("hint", "detail", "context"):
+        if getattr(error, name, None):
+            body[name] = getattr(error, name)
     return json_response(body, status, headers)
 
 
@@ -93,7 +95,10 @@ def _maps_context(error: GrantkeyError, message: str) -> dict[str, object]:
 def render_maps_error(error: GrantkeyError, headers: dict[str, str] | None) -> Response:
     """The Maps API's shape (`carto-compat.md` §8)."""
     message = "Forbidden" if isinstance(error, BasicUserMismatch) else error.public_message()
-    body = {"errors": [message], "errors_with_context": [_maps_context(error, message)]}
+    context = _maps_context(error, message)
+    if error.hint:
+        context["hint"] = error.hint
+    body = {"errors": [message], "errors_with_context": [context]}
     return json_response(body, _maps_status(error), headers)
 
 

@@ -15,16 +15,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from grantkey import __version__
-from grantkey.domain.grants import (
-    API_NAMES,
-    SCHEMA_PERMISSIONS,
-    SECTION_TYPES,
-    SERVICES,
-    TABLE_PERMISSIONS,
-)
 from grantkey.domain.keys import KEY_TYPES, PRIVACIES
 from grantkey.http.auth_api import DIRECTIONS, ORDERS
 from grantkey.http.errors import json_response
+from grantkey.http.openapi_keys import KEY_SCHEMAS
 from grantkey.http.routing import CANONICAL_PREFIX, HOST_FORM, USER_PREFIXES
 from grantkey.services.events import EVENT_TYPES
 
@@ -92,21 +86,6 @@ SCHEMAS: dict[str, Any] = {
                        "hint": {"type": "string"}, "detail": {"type": "string"},
                        "context": {"type": "string"}},
     },
-    "ApiKey": {
-        "type": "object",
-        "required": ["name", "user", "type", "token", "grants", "created_at", "updated_at"],
-        "properties": {
-            "name": {"type": "string"},
-            "user": {"type": "object", "required": ["username"],
-                     "properties": {"username": {"type": "string"}}},
-            "type": {"enum": list(KEY_TYPES)},
-            "token": {"type": ["string", "null"]},
-            "grants": {"type": "array", "items": {"type": "object", "required": ["type"]}},
-            "created_at": {"type": "string", "pattern": r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \+0000$"},
-            "updated_at": {"type": "string", "pattern": r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \+0000$"},
-            "_links": {"type": "object", "properties": {"self": {"type": "string"}}},
-        },
-    },
     "Links": {
         "type": "object", "required": ["first", "last"],
         "properties": {rel: {"type": "object", "required": ["href"],
@@ -137,33 +116,7 @@ SCHEMAS: dict[str, Any] = {
         },
     },
     "AuditList": _page_of("AuditEntry"),
-    "Grants": {
-        "type": "array",
-        "description": "Sections: exactly one `apis`, at most one `database` and `dataservices`.",
-        "items": {"type": "object", "required": ["type"], "properties": {
-            "type": {"enum": list(SECTION_TYPES)},
-            "apis": {"type": "array", "items": {"enum": list(API_NAMES)}},
-            "tables": {"type": "array", "items": {
-                "type": "object", "required": ["schema", "name", "permissions"],
-                "properties": {"schema": {"type": "string"}, "name": {"type": "string"},
-                               "permissions": {"type": "array", "items": {
-                                   "enum": list(TABLE_PERMISSIONS)}},
-                               "owner": {"type": "boolean"}}}},
-            "schemas": {"type": "array", "items": {
-                "type": "object", "required": ["name", "permissions"],
-                "properties": {"name": {"type": "string"},
-                               "permissions": {"type": "array",
-                                               "items": {"enum": list(SCHEMA_PERMISSIONS)}}}}},
-            "table_metadata": {"type": "array"},
-            "services": {"type": "array", "items": {
-                "enum": list(SERVICES)}},
-        }},
-    },
-    "NewKey": {
-        "type": "object",
-        "properties": {"name": {"type": "string"}, "grants": _ref("Grants"),
-                       "api_key": {"type": "string"}},
-    },
+    **KEY_SCHEMAS,
     "SqlAnswer": {
         "type": "object", "required": ["rows", "time", "fields", "total_rows"],
         "properties": {"rows": {"type": "array", "items": {"type": "object"}},
@@ -404,10 +357,13 @@ OPERATIONS: list[tuple[str, str, dict[str, Any]]] = [
                       "403": _auth_error("Master and default keys cannot be deleted."),
                       **COMMON_AUTH}}),
     ("/api/v3/api_keys/{name}/token/regenerate", "post", {
-        "summary": "Give a key a new token (E5), master key only.",
+        "summary": "Give a key a new token (E5), master key only; optionally with a grace.",
         "parameters": [KEY_NAME, API_KEY],
+        "requestBody": {"required": False, "content": {JSON: {"schema": _ref("Regeneration")}}},
         "responses": {"200": _json(_ref("ApiKey"), "The key with its new token."),
+                      "400": _auth_error("The body is not valid JSON."),
                       "401": EMPTY_401, "403": _auth_error("The default key's token is fixed."),
+                      "422": _auth_error("Validation failed: …"),
                       "413": _auth_error("Request body too large."), **COMMON_AUTH}}),
     ("/api/v3/audit", "get", {
         "summary": "Read the user's audit log, newest first (master key only; read-only).",

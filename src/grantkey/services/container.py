@@ -5,10 +5,11 @@ from __future__ import annotations
 from grantkey.db.bootstrap import bootstrap
 from grantkey.db.cluster import Cluster
 from grantkey.db.role_pools import RolePools
+from grantkey.domain.key_options import OptionRules
 from grantkey.domain.secrets_box import SecretBox
 from grantkey.services.copy import CopyService
 from grantkey.services.datasets import DatasetService
-from grantkey.services.events import Events, KeyCreated, KeyRevoked, UserDeleted
+from grantkey.services.events import Events, KeyCreated, KeyRevoked, KeyRotated, UserDeleted
 from grantkey.services.jobs import JobLimits, JobRunner, JobService
 from grantkey.services.keyed_locks import KeyedLocks
 from grantkey.services.keys import KeyService
@@ -41,8 +42,12 @@ class Services:
             self.cluster, box, self.revoker, self.events,
             store_tokens=settings.store_tokens, max_keys_per_user=settings.max_keys_per_user,
             queue=key_queue,
+            rules=OptionRules(max_lifetime_days=settings.key_max_lifetime_days,
+                              require_expiry=settings.key_require_expiry,
+                              sql_timeout=settings.sql_timeout),
+            max_grace=settings.key_max_grace,
         )
-        self.resolver = KeyResolver(self.cluster, self.cache)
+        self.resolver = KeyResolver(self.cluster, self.cache, box)
         self.pools = RolePools(settings.sql_max_connections or DEFAULT_SQL_MAX_CONNECTIONS,
                                settings.sql_pool_wait,
                                settings.sql_idle_seconds, key_share=settings.sql_key_share,
@@ -79,8 +84,14 @@ class Services:
         self.events.subscribe(KeyRevoked, self.revoker.forget_revoked)
         self.events.subscribe(KeyRevoked, self.revoker.end_revoked_sessions)
         self.events.subscribe(KeyRevoked, self._forget_tile_tokens)
+        self.events.subscribe(KeyRotated, self._forget_rotated)
         self.events.subscribe(KeyCreated, self._drop_orphan_privilege_roles)
         self.events.subscribe(UserDeleted, self._forget_deleted_user)
+
+    async def _forget_rotated(self, event: KeyRotated) -> None:
+        """The old token's cached state (its connection string has the old password)."""
+        self.cache.evict_user(event.user.id)
+        self.sql.forget_role(event.user.database, event.key.role)
 
     async def _forget_tile_tokens(self, event: KeyRevoked) -> None:
         self.tile_tokens.forget_all()
@@ -100,6 +111,7 @@ class Services:
         await self.cluster.open()
 
     async def close(self) -> None:
+        self.sql.expiry.close()
         await self.sql.quota.close()
         await self.revoker.drain()
         await self.pools.close()

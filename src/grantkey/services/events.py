@@ -133,6 +133,21 @@ class KeyRegenerated(KeyRevoked):
 
 
 @dataclass(frozen=True)
+class KeyRotated(KeyEvent):
+    """Regenerated with a grace: the old token keeps working until the grace ends (nothing
+    is revoked now); every process forgets what it cached of the old token."""
+
+    type = EventType.KEY_REGENERATED
+    grace_seconds: int = 0
+
+    def detail(self) -> dict[str, Any]:
+        return {"type": self.key.type.value, "grace_seconds": self.grace_seconds}
+
+    def notification(self) -> str | None:
+        return f"{KEY_ROTATED}{self.user.id}:{self.user.database}:{self.key.role}"
+
+
+@dataclass(frozen=True)
 class UserCreated(Event):
     type = EventType.USER_CREATED
 
@@ -236,6 +251,15 @@ def payload(user: User, record: KeyRecord, role_oid: int) -> str:
 
 
 USER_DELETED = "user-deleted:"
+KEY_ROTATED = "key-rotated:"
+
+
+def rotated_role(message: str) -> tuple[str, str, str] | None:
+    """(user id, database, role) of a key regenerated with a grace, if `message` names one."""
+    if not message.startswith(KEY_ROTATED):
+        return None
+    parts = message[len(KEY_ROTATED):].split(":")
+    return (parts[0], parts[1], parts[2]) if len(parts) == 3 else None
 
 
 def user_deleted(username: str) -> str:

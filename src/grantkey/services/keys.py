@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import hmac
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -13,8 +14,10 @@ from grantkey.db import managers as manager_store
 from grantkey.db import migrations, postgis, privileges
 from grantkey.db import revocations as revocation_store
 from grantkey.db.cluster import AdminConnection, Cluster
+from grantkey.db.failures import CLEANUP_ERRORS, is_lock_conflict
 from grantkey.domain import names
 from grantkey.domain.grants import grants_messages, plan_grants
+from grantkey.domain.key_options import OptionRules, grace_message, read_options
 from grantkey.domain.keys import (
     KeyRecord,
     KeyType,
@@ -26,6 +29,7 @@ from grantkey.domain.keys import (
 from grantkey.domain.secrets_box import SecretBox
 from grantkey.domain.tokens import DEFAULT_PUBLIC_TOKEN, digest, new_token
 from grantkey.errors import (
+    DatabaseUnavailable,
     Forbidden,
     KeyNotFound,
     QuotaReached,
@@ -40,6 +44,7 @@ from grantkey.services.events import (
     KeyCreated,
     KeyDeleted,
     KeyRegenerated,
+    KeyRotated,
 )
 from grantkey.services.keyed_locks import KeyedLocks
 from grantkey.services.revocation import Revoker
@@ -57,6 +62,15 @@ class KeyView:
     record: KeyRecord
     token: str | None
     grants: LiveGrants
+
+
+@dataclass(frozen=True)
+class TokenOwner:
+    """A found token's key; `current`: False for a regenerated key's old token."""
+
+    user: User
+    record: KeyRecord
+    current: bool
 
 
 @dataclass(frozen=True)
@@ -88,6 +102,7 @@ class KeyService:
     def __init__(
         self, cluster: Cluster, box: SecretBox, revoker: Revoker, events: Events, *,
         store_tokens: bool, max_keys_per_user: int, queue: KeyedLocks | None = None,
+        rules: OptionRules | None = None, max_grace: int = 0,
     ) -> None:
         self.cluster = cluster
         self.events = events
@@ -96,6 +111,8 @@ class KeyService:
         self.store_tokens = store_tokens
         self.max_keys_per_user = max_keys_per_user
         self._queued = queue if queue is not None else KeyedLocks()
+        self.rules = rules if rules is not None else OptionRules()
+        self.max_grace = max_grace
 
     def _token_of(self, record: KeyRecord) -> str | None:
         return readable_token(self.box, record)
@@ -113,6 +130,19 @@ class KeyService:
                 live = await privileges.read_live_grants(conn, regular)
         return [KeyView(user, r, self._token_of(r), live.get(r.role, LiveGrants()))
                 for r in records]
+
+    async def find_token(self, users: list[User], token: str) -> TokenOwner | None:
+        """Whose key a token is (by its digest: tokens are never stored in clear), among
+        `users`; its current token or an old one in (or after) a grace. The operator's
+        `grantkey keys find`, for a leaked token."""
+        token_digest = digest(token)
+        for user in users:
+            async with self.cluster.user_database(user.database) as conn:
+                record = await key_store.find_by_digest(conn, token_digest)
+            if record is not None:
+                current = hmac.compare_digest(record.token_digest, token_digest)
+                return TokenOwner(user, record, current)
+        return None
 
     async def master_principal(self, user: User) -> Principal:
         """Act as a user's master key without its token (the CLI, run by the operator)."""
@@ -145,7 +175,8 @@ class KeyService:
         return (await self._views(principal.user, [record]))[0]
 
     async def create(self, principal: Principal, name: Any, grants: Any, *,
-                     client: str = CLI, reads_public: bool = True) -> KeyView:
+                     options: Mapping[str, Any] | None = None, client: str = CLI,
+                     reads_public: bool = True) -> KeyView:
         """One transaction: key row, LOGIN role, memberships and grants, or nothing. Its
         event is written in the metadata transaction that holds the key lock, which
         commits right after the user database's (a failure before either commit leaves
@@ -155,6 +186,8 @@ class KeyService:
         user = principal.user
         name_problems = key_name_messages(name)
         grant_problems = grants_messages(grants)
+        chosen, option_problems = read_options(options or {}, datetime.now(UTC), self.rules)
+        grant_problems += option_problems
         token = new_token("regular")
         key_id = names.new_id()
         role = names.key_role(user.id, key_id)
@@ -175,7 +208,7 @@ class KeyService:
             await key_store.create_key_role(
                 conn, role, self.box.role_password(role, token),
                 names.reader_role(user.id) if reads_public else None,
-                user.owner_role, managers
+                user.owner_role, managers, valid_until=chosen.expires_at,
             )
             checkpoint("key.role_created")
             # a key outside the reader role: PostGIS's schema (functions, types) of its own
@@ -193,7 +226,8 @@ class KeyService:
                 id=key_id, name=name, type=KeyType.REGULAR, role=role,
                 token_digest=digest(token), sealed_token=self._seal(token, key_id),
                 apis=plan.apis, services=plan.services, table_metadata=plan.table_metadata,
-                created_at=now, updated_at=now,
+                created_at=now, updated_at=now, expires_at=chosen.expires_at,
+                sql_timeout=chosen.sql_timeout,
             )
             await key_store.insert_key(conn, record)
             created = KeyCreated(user, Actor.of(principal, client), record,
@@ -237,12 +271,17 @@ class KeyService:
         await self.revoker.clean_up(user.id, user.database, user.owner_role, record.role,
                                     deleted.role_oid)
 
-    async def regenerate(self, principal: Principal, name: str, *,
-                         client: str = CLI) -> KeyView:
+    async def regenerate(self, principal: Principal, name: str, *, grace_seconds: int = 0,
+                         old_token: str | None = None, client: str = CLI) -> KeyView:
         """The new role password is decided first (the old token stops at that commit);
         the key's row takes the new token's digest right after. A crash between the two
-        leaves a key that refuses every token until it is regenerated again."""
+        leaves a key that refuses every token until it is regenerated again. With a grace
+        (`rotate`), the old token keeps working for `grace_seconds`."""
         _require_master(principal)
+        if not 0 <= grace_seconds <= self.max_grace:
+            raise ValidationFailed([grace_message(self.max_grace)])
+        if grace_seconds:
+            return await self._rotate(principal, name, grace_seconds, old_token, client)
         user = principal.user
         actor = Actor.of(principal, client)
         async with self._key_lock(user):
@@ -262,6 +301,55 @@ class KeyService:
             await self.revoker.settled(user, record)
         assert updated is not None
         return KeyView(user, updated, token, live[record.role])
+
+
+    async def _rotate(self, principal: Principal, name: str, grace_seconds: int,
+                      old_token: str | None, client: str) -> KeyView:
+        """One transaction in the user's database: the role's new password and the key's
+        new token, the old token's digest and grace beside it, and the new password sealed
+        under the old token (with which, alone, the old token logs in during the grace).
+        Its event (audit row, NOTIFY: forget the old token's cached state) commits right
+        after. No session ends: both tokens are the same role."""
+        user = principal.user
+        async with self._key_lock(user) as meta, self.cluster.user_database(user.database) as conn:
+            record = await _find_key(conn, name, allowed=(KeyType.MASTER, KeyType.REGULAR))
+            current = self._current_token(record, old_token)
+            token = new_token(record.type.value)
+            password = self.box.role_password(record.role, token)
+            grace = key_store.Grace(digest(current), grace_seconds,
+                                    self.box.seal_for_old_token(password, current,
+                                                                record.id.encode()))
+            await revocation_store.bounded_lock_wait(conn)
+            try:
+                await key_store.set_role_password(conn, record.role, password)
+            except CLEANUP_ERRORS as error:
+                if not is_lock_conflict(error):
+                    raise
+                raise DatabaseUnavailable("the key's role is locked by one of its own "
+                                          "sessions; try again") from error
+            await key_store.update_token(conn, record.id, digest(token),
+                                        self._seal(token, record.id), grace)
+            rotated = KeyRotated(user, Actor.of(principal, client), record,
+                                 grace_seconds=grace_seconds)
+            await self.events.record(meta, rotated)
+            updated = await key_store.find_by_name(conn, name)
+            live = await privileges.read_live_grants(conn, [record.role])
+        await self.events.deliver(rotated)
+        assert updated is not None
+        return KeyView(user, updated, token, live[record.role])
+
+    def _current_token(self, record: KeyRecord, given: str | None) -> str:
+        """The key's token now: `given` (checked), or the sealed copy."""
+        if given is not None:
+            if not hmac.compare_digest(digest(given), record.token_digest):
+                raise ValidationFailed(["Token is not the key's current token"])
+            return given
+        known = self._token_of(record)
+        if known is None:
+            raise ValidationFailed([
+                "Grace seconds needs the key's current token, which this server does not "
+                'keep (GRANTKEY_STORE_TOKENS is off): send it as "token"'])
+        return known
 
 
 async def _find_key(conn: AdminConnection, name: str, allowed: tuple[KeyType, ...]) -> KeyRecord:

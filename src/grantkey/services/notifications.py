@@ -8,7 +8,7 @@ import logging
 from grantkey.db.notify import listening
 from grantkey.errors import DatabaseUnavailable
 from grantkey.services.container import Services
-from grantkey.services.events import CHANNEL, deleted_username, payload_role
+from grantkey.services.events import CHANNEL, deleted_username, payload_role, rotated_role
 
 log = logging.getLogger("grantkey.notifications")
 RETRY_SECONDS = 1.0
@@ -46,6 +46,12 @@ async def _apply(services: Services, payload: str) -> None:
         services.users.forget(username)
         services.cache.clear()  # rare: simpler than finding that user's keys
         services.sql.forget_all()
+        return
+    rotated = rotated_role(payload)
+    if rotated is not None:
+        user_id, database, role = rotated
+        services.cache.evict_user(user_id)
+        services.sql.forget_role(database, role)
         return
     services.cache.evict_payload(payload)
     target = payload_role(payload)

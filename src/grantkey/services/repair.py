@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from grantkey.db import keys as key_store
 from grantkey.db import revocations as store
@@ -48,6 +49,8 @@ class RoleRepair:
                 record = await key_store.find_by_digest(conn, digest(principal.token))
             if record is None or record.role != principal.key.role:
                 return False  # deleted or regenerated: the refusal was right
+            if record.token_digest != digest(principal.token) or record.expired(datetime.now(UTC)):
+                return False  # an old token in its grace (the new one repairs), or expired
             if await store.is_tombstoned(meta, user.id, record.token_digest):
                 return False  # revoked by a change a crash cut short: never undone
             if not await store.can_log_in(meta, record.role):

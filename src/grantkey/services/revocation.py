@@ -44,19 +44,28 @@ class KeyCache:
     def get(self, user_id: str, token_digest: bytes) -> Principal | None:
         return self._entries.get((user_id, token_digest))
 
-    def put(self, principal: Principal) -> None:
-        self._entries.put((principal.user.id, principal.key.token_digest), principal)
+    def put(self, principal: Principal, token_digest: bytes) -> None:
+        """`token_digest`: the presented token's (a key's old token, in its grace, is not
+        the key's own digest)."""
+        self._entries.put((principal.user.id, token_digest), principal)
 
     def evict(self, user_id: str, token_digest: bytes) -> None:
         self._entries.pop((user_id, token_digest))
+
+    def evict_user(self, user_id: str) -> None:
+        """Every token of one user: a revocation also ends an old token's grace, cached
+        under its own digest."""
+        self._entries.pop_where(lambda key: key[0] == user_id)
 
     def evict_payload(self, payload: str) -> None:
         """Handle a NOTIFY payload `<user id>:<digest hex>:...`; anything else clears all."""
         user_id, _, rest = payload.partition(":")
         try:
-            self.evict(user_id, bytes.fromhex(rest.partition(":")[0]))
+            bytes.fromhex(rest.partition(":")[0])
         except ValueError:
             self.clear()
+            return
+        self.evict_user(user_id)
 
     def clear(self) -> None:
         self._entries.clear()
@@ -125,7 +134,7 @@ class Revoker:
 
     async def forget_revoked(self, event: KeyRevoked) -> None:
         """A subscriber: PostgreSQL already refuses the old login; forget it here."""
-        self.cache.evict(event.user.id, event.key.token_digest)
+        self.cache.evict_user(event.user.id)
         if self.forget_role is not None:
             self.forget_role(event.user.database, event.key.role)
         if self.pools is not None:

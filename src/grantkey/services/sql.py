@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
@@ -26,6 +27,7 @@ from grantkey.db.sql_exec import Column, Execution, QueryTimedOut
 from grantkey.db.wrapping import wrap
 from grantkey.domain.keys import Principal, User
 from grantkey.domain.secrets_box import SecretBox
+from grantkey.domain.tokens import digest
 from grantkey.errors import (
     BadInput,
     DatabaseUnavailable,
@@ -33,10 +35,11 @@ from grantkey.errors import (
     QueryInterrupted,
     Unauthorized,
 )
+from grantkey.services.expiry import ExpiryWatch
 from grantkey.services.lru import Lru
 from grantkey.services.quota_keeper import QuotaKeeper
 from grantkey.services.repair import RoleRepair
-from grantkey.services.resolver import KeyResolver
+from grantkey.services.resolver import KeyResolver, usable
 
 GEOJSON_COLUMN = "__grantkey_geojson"  # the geometry as GeoJSON text, added by the wrapping
 PAGEABLE = re.compile(r"\s*(select|with)\b", re.IGNORECASE)
@@ -179,16 +182,19 @@ class SqlService:
         self._targets: Lru[tuple[str, str, str], RoleTarget] = Lru(target_cache_size)
         self.repair: RoleRepair | None = None
         self.quota = QuotaKeeper(cluster)
+        self.expiry = ExpiryWatch(cluster, pools, self.forget_role)
 
     def target_for(self, principal: Principal) -> RoleTarget:
         role, database = principal.key.role, principal.user.database
         cache_key = (database, role, principal.token)
         target = self._targets.get(cache_key)
         if target is None:
-            password = self.box.role_password(role, principal.token)
+            password = principal.password or self.box.role_password(role, principal.token)
             target = RoleTarget(database, role,
                                 self.cluster.role_conninfo(database, role, password))
             self._targets.put(cache_key, target)
+            if principal.key.expires_at is not None:
+                self.expiry.watch(database, role, principal.key.expires_at)
         return target
 
     def forget_role(self, database: str, role: str) -> None:
@@ -235,7 +241,7 @@ class SqlService:
         if quota:
             self.quota.enter(database)
         try:
-            conn = await self._acquire(principal, target)
+            conn, target = await self._acquire(principal, target)
             released = False
             try:
                 yield conn
@@ -269,8 +275,8 @@ class SqlService:
     async def _start(self, principal: Principal, query: str, params: Sequence[Any] | None,
                      quota: tuple[QuotaKeeper, str] | None) -> RunningQuery:
         target = self.target_for(principal)
-        conn = await self._acquire(principal, target)
-        limit = self.master_time_limit if principal.is_master else self.time_limit
+        conn, target = await self._acquire(principal, target)
+        limit = self.limit_for(principal)
         execution = Execution(conn, query, limit, self.terminate, params)
         started = time.monotonic()
         try:
@@ -280,6 +286,8 @@ class SqlService:
             if connection_lost(error):
                 await self._lost(principal, target)  # 401 if the key was revoked
                 raise QueryInterrupted from None
+            if principal.stops_at() is not None:  # cut because the key expired: 401
+                usable(principal, datetime.now(UTC))
             raise translate(error) from None
         except BaseException:  # cancelled: the client went away mid-query
             await run_shielded(_release(self.pools, execution, target, conn))
@@ -291,14 +299,34 @@ class SqlService:
             raise
         return RunningQuery(execution, self.pools, target, conn, names, started, quota)
 
-    async def _acquire(self, principal: Principal, target: RoleTarget) -> RoleConnection:
-        """A session of the key's role. A refused login of a key that is still valid means
-        a client changed the role's password: restore it and try once more."""
+    def limit_for(self, principal: Principal, server_limit: float | None = None) -> float:
+        """Seconds a statement of `principal` may run: the server's limit for its key type
+        (or `server_limit`), the key's own if lower, and never past the moment its token
+        stops working (its expiry, its grace's end): it is cancelled then, as at a time
+        limit."""
+        if server_limit is None:
+            server_limit = self.master_time_limit if principal.is_master else self.time_limit
+        limit = min(server_limit, principal.key.sql_timeout or server_limit)
+        stops = principal.stops_at()
+        if stops is not None:
+            limit = min(limit, max((stops - datetime.now(UTC)).total_seconds(), 0.001))
+        return limit
+
+    async def _acquire(self, principal: Principal,
+                       target: RoleTarget) -> tuple[RoleConnection, RoleTarget]:
+        """A session of the key's role, and the target it logged in with. A refused login
+        of a key that is still valid means its token was just regenerated with a grace (this
+        token now logs in with the new password) or a client changed the role's password
+        (restored): either way, try once more."""
         for attempt in (1, 2):
             try:
-                return await self.pools.acquire(target)
+                return await self.pools.acquire(target), target
             except LoginRefused:
-                self.resolver.cache.evict(principal.user.id, principal.key.token_digest)
+                self.resolver.cache.evict(principal.user.id, digest(principal.token))
+                usable(principal, datetime.now(UTC))  # refused since it expired: say so
+                if attempt == 1 and (rotated := await self._rotated(principal)) is not None:
+                    principal, target = rotated, self.target_for(rotated)
+                    continue
                 if attempt == 2 or self.repair is None or not await self.repair.restore_login(
                         principal):
                     raise Unauthorized("the key's role refused the login") from None
@@ -307,11 +335,21 @@ class SqlService:
                 raise
         raise AssertionError("unreachable")
 
+    async def _rotated(self, principal: Principal) -> Principal | None:
+        """The token as the key's row sees it now, if it logs in with another password
+        (its key was regenerated with a grace); Unauthorized if it no longer works."""
+        current = await self.resolver.resolve(principal.user, principal.token, fresh=True)
+        if current.password == principal.password:
+            return None
+        self._targets.pop((principal.user.database, principal.key.role, principal.token))
+        return current
+
     async def _lost(self, principal: Principal, target: RoleTarget) -> None:
         """The session ended under the query: a revoked key answers 401. PostgreSQL's login
         is the last word (a revocation commits before any session of the role is ended,
         while the key's row may change an instant later)."""
-        self.resolver.cache.evict(principal.user.id, principal.key.token_digest)
+        self.resolver.cache.evict(principal.user.id, digest(principal.token))
+        usable(principal, datetime.now(UTC))  # expired meanwhile: say so
         try:
             await self.pools.probe_login(target)
         except LoginRefused:
