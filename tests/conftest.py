@@ -217,7 +217,7 @@ def in_process_app(settings: Settings, services: Services) -> Iterator[InProcess
     # no job runner: one here would claim the jobs of tests that run them on a server of their
     # own (red CI at 06f29c0 and 1b0fefb: a job meant to wait ran here instead)
     app = InProcessApp(replace(settings, sql_timeout=SQL_TIMEOUT, sql_master_timeout=SQL_TIMEOUT,
-                               job_runners=0))
+                               job_runners=0, rate_limit_lookups="0"))
     app.start()
     try:
         yield app
@@ -253,7 +253,7 @@ def server(data_dir: Path, settings: Settings, services: Services) -> Iterator[S
          "GRANTKEY_SQL_TIMEOUT": str(SQL_TIMEOUT), "GRANTKEY_SQL_MASTER_TIMEOUT": str(SQL_TIMEOUT),
          # it runs no batch job: the tests that need runners start them (`job_runners`),
          # so that a crash test knows which server runs its job
-         "GRANTKEY_JOB_RUNNERS": "0"},
+         "GRANTKEY_JOB_RUNNERS": "0", "GRANTKEY_RATE_LIMIT_LOOKUPS": "0"},
     )
     try:
         process.wait_healthy()

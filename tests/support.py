@@ -56,7 +56,10 @@ def _holds_socket(pid: int, inode: str) -> bool:
 
 # A test's server runs no batch job unless its env asks for runners: the job queue is one for
 # the whole cluster, so a stray runner would take the jobs a jobs test means for its own.
-NO_JOB_RUNNERS = {"GRANTKEY_JOB_RUNNERS": "0"}
+NO_JOB_RUNNERS = {"GRANTKEY_JOB_RUNNERS": "0",
+                  # and no limit on token look-ups per address: every test's client is
+                  # 127.0.0.1 (the tests of that limit turn it on)
+                  "GRANTKEY_RATE_LIMIT_LOOKUPS": "0"}
 
 
 class ServerProcess:

@@ -24,6 +24,10 @@ class GrantkeyError(Exception):
     def public_message(self) -> str:
         return "Internal error"
 
+    def headers(self) -> dict[str, str]:
+        """Headers the answer carries (a rate limit's)."""
+        return {}
+
 
 class _Stated(GrantkeyError):
     """An error whose own message is safe to show (it says what the caller did wrong)."""
@@ -189,6 +193,24 @@ class PoolExhausted(_Stated):
     """No database connection became free in time: the server is at its connection cap."""
 
     status = 429
+
+
+class RateLimited(_Stated):
+    """Over a rate limit (carto-compat §11): CARTO's message, context and detail, its four
+    headers, and a hint naming the limit."""
+
+    status = 429
+    MESSAGE = "You are over platform's limits. Please contact us to know more details"
+    context = "limit"
+    detail = "rate-limit"
+
+    def __init__(self, headers: dict[str, str], hint: str) -> None:
+        super().__init__(self.MESSAGE)
+        self._headers = headers
+        self.hint = hint
+
+    def headers(self) -> dict[str, str]:
+        return self._headers
 
 
 class LoginRefused(GrantkeyError):

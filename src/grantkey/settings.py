@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from grantkey.errors import SetupError
+from grantkey.rate_text import rate_parts
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -111,7 +112,14 @@ def _quota(raw: str) -> str:
     return value
 
 
+def _rate(raw: str) -> str:
+    """A rate limit as text, checked: `REQUESTS/SECONDS[/BURST]`, or 0 for none."""
+    rate_parts(raw)
+    return raw.strip() or "0"
+
+
 TEXT = Parser("TEXT", _text)
+RATE = Parser("RATE", _rate)
 DIRECTORY = Parser("DIRECTORY", _directory)
 BOOLEAN = Parser("BOOLEAN", _boolean)
 SECONDS = Parser("SECONDS", _seconds)
@@ -196,6 +204,29 @@ class Settings:
     key_max_grace: int = field(default=86_400, metadata=row(
         "GRANTKEY_KEY_MAX_GRACE", whole(),
         "Longest grace_seconds of a token regeneration (the old token's overlap), 0 for none."))
+    rate_limit_sql: str = field(default="0", metadata=row(
+        "GRANTKEY_RATE_LIMIT_SQL", RATE,
+        "Each user's SQL API requests, as REQUESTS/SECONDS[/BURST]; 0 for no limit."))
+    rate_limit_copy: str = field(default="0", metadata=row(
+        "GRANTKEY_RATE_LIMIT_COPY", RATE,
+        "Each user's COPY requests (copyfrom, copyto), as REQUESTS/SECONDS[/BURST]; 0 for none."))
+    rate_limit_jobs: str = field(default="0", metadata=row(
+        "GRANTKEY_RATE_LIMIT_JOBS", RATE,
+        "Each user's batch job requests, as REQUESTS/SECONDS[/BURST]; 0 for no limit."))
+    rate_limit_tiles: str = field(default="0", metadata=row(
+        "GRANTKEY_RATE_LIMIT_TILES", RATE,
+        "Each user's Maps API tile requests, as REQUESTS/SECONDS[/BURST]; 0 for no limit."))
+    rate_limit_maps: str = field(default="0", metadata=row(
+        "GRANTKEY_RATE_LIMIT_MAPS", RATE,
+        "Each user's other Maps API requests (maps made, named maps), as "
+        "REQUESTS/SECONDS[/BURST]; 0 for no limit."))
+    rate_limit_lookups: str = field(default="100/1/200", metadata=row(
+        "GRANTKEY_RATE_LIMIT_LOOKUPS", RATE,
+        "Token look-ups in the database per client address (unknown tokens, the Auth API), as "
+        "REQUESTS/SECONDS[/BURST]; 0 for no limit."))
+    redis_url: str | None = field(default=None, repr=False, metadata=row(
+        "GRANTKEY_REDIS_URL", TEXT,
+        "Keep rate-limit buckets in this Redis (redis://…), shared by several servers."))
     key_cache_size: int = field(default=10_000, metadata=row(
         "GRANTKEY_KEY_CACHE_SIZE", whole(), "Entries in each of a process's data-API caches."))
     max_body_bytes: int = field(default=1_048_576, metadata=row(

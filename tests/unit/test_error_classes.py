@@ -50,6 +50,8 @@ CASES: dict[type[GrantkeyError], tuple[GrantkeyError, int, str]] = {
     errors.SetupError: (errors.SetupError("GRANTKEY_SECRET unreadable"), 500, "Internal error"),
     errors.TenantCodeInTheWay: (errors.TenantCodeInTheWay("public holds f()"), 500,
                                 "Internal error"),
+    errors.RateLimited: (errors.RateLimited({"Retry-After": "3"}, "key k may make 1"), 429,
+                         errors.RateLimited.MESSAGE),
     errors.LoginRefused: (errors.LoginRefused("role gk_x refused"), 500, "Internal error"),
     errors.LayerFailed: (errors.LayerFailed(errors.SqlError(404, 'relation "t" does not exist'),
                                             1, "pts"), 404, 'relation "t" does not exist'),

@@ -7,17 +7,19 @@ from datetime import UTC, datetime
 from typing import Any
 
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from grantkey.db.cluster import AdminConnection
 from grantkey.db.managers import Managers, acting_as, as_admin
 from grantkey.db.users import LOGIN_ROLE_OPTIONS
 from grantkey.domain.keys import KeyRecord, KeyType
+from grantkey.domain.rate_limits import rate_from_document
 from grantkey.domain.secrets_box import scram_verifier
 
 _COLUMNS = (
     "id, name, type, role, token_digest, sealed_token, apis, services, table_metadata, "
     "created_at, updated_at, expires_at, sql_timeout, token_rotated_at, grace_digest, "
-    "grace_until, grace_password"
+    "grace_until, grace_password, rate_limit"
 )
 ORDERABLE = {"type": "type", "name": "name", "updated_at": "updated_at"}
 
@@ -44,6 +46,7 @@ def record_from_row(row: dict[str, Any]) -> KeyRecord:
         expires_at=row["expires_at"], sql_timeout=row["sql_timeout"],
         token_rotated_at=row["token_rotated_at"], grace_digest=_bytes(row["grace_digest"]),
         grace_until=row["grace_until"], grace_password=_bytes(row["grace_password"]),
+        rate_limit=rate_from_document(row["rate_limit"]),
     )
 
 
@@ -54,11 +57,11 @@ def _bytes(value: Any) -> bytes | None:
 async def insert_key(conn: AdminConnection, key: KeyRecord) -> None:
     await conn.execute(
         "INSERT INTO grantkey_meta.api_keys (id, name, type, role, token_digest, sealed_token, "
-        "apis, services, table_metadata, expires_at, sql_timeout) "
-        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        "apis, services, table_metadata, expires_at, sql_timeout, rate_limit) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
         [key.id, key.name, key.type.value, key.role, key.token_digest, key.sealed_token,
          list(key.apis), list(key.services), key.table_metadata, key.expires_at,
-         key.sql_timeout],
+         key.sql_timeout, None if key.rate_limit is None else Jsonb(key.rate_limit.document())],
     )
 
 

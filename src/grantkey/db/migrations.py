@@ -210,6 +210,10 @@ async def _key_lifetime(conn: AdminConnection) -> None:
         "ADD COLUMN grace_password bytea")
 
 
+async def _key_rate_limit(conn: AdminConnection) -> None:
+    await conn.execute("ALTER TABLE grantkey_meta.api_keys ADD COLUMN rate_limit jsonb")
+
+
 QUOTA_VERSION = 5  # from this version on, a user database can hold a storage quota
 USER_MIGRATIONS = [
     Migration(2, "guard: keys create tables, never code", _install_guard, needs_superuser=True),
@@ -231,6 +235,7 @@ USER_MIGRATIONS = [
               _postgis, needs_superuser=True),
     Migration(10, "keys: an expiry, a SQL time limit of their own, the old token's grace",
               _key_lifetime),
+    Migration(11, "keys: a rate limit of their own", _key_rate_limit),
 ]
 USER_BASELINE = 1  # what users.harden_database makes
 

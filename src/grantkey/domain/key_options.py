@@ -1,5 +1,5 @@
-"""What a regular key's creator may choose besides its name and grants (its expiry and a
-SQL time limit of its own), and a regeneration's grace for the old token: read from the
+"""What a regular key's creator may choose besides its name and grants (its expiry, a
+SQL time limit and a rate limit of its own), and a regeneration's grace for the old token: read from the
 Auth API's JSON, each mistake a validation message in CARTO's style."""
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from grantkey.domain.rate_limits import Rate, read_rate_limit
+
 LIMIT_NAMES = ("sql_timeout_seconds",)
 EXPIRY_FORMAT = ("Expires at must be a date and time in ISO 8601 with its time zone, "
                  "e.g. 2027-01-31T12:00:00Z")
@@ -19,6 +21,7 @@ EXPIRY_FORMAT = ("Expires at must be a date and time in ISO 8601 with its time z
 class KeyOptions:
     expires_at: datetime | None = None
     sql_timeout: float | None = None
+    rate_limit: Rate | None = None
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,8 @@ def read_options(body: Mapping[str, Any], now: datetime,
     """The options in a create request's body, and what is wrong with them."""
     expires_at, problems = _expiry(body.get("expires_at"), now, rules)
     sql_timeout, limit_problems = _limits(body.get("limits"), rules.sql_timeout)
-    return KeyOptions(expires_at, sql_timeout), problems + limit_problems
+    rate, rate_problems = read_rate_limit(body.get("rate_limit"))
+    return KeyOptions(expires_at, sql_timeout, rate), problems + limit_problems + rate_problems
 
 
 def _expiry(raw: object, now: datetime, rules: OptionRules) -> tuple[datetime | None, list[str]]:

@@ -8,6 +8,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from grantkey.domain.rate_limits import Rate
+
 
 class KeyType(StrEnum):
     MASTER = "master"
@@ -52,6 +54,7 @@ class KeyRecord:
     # chosen when the key is made (docs/http-api.md "Key lifetime and limits")
     expires_at: datetime | None = None
     sql_timeout: float | None = None  # seconds; None: the server's limit for its type
+    rate_limit: Rate | None = None  # the key's own, on every API
     # the last regeneration, and the old token's grace (`domain/key_options.py`)
     token_rotated_at: datetime | None = None
     grace_digest: bytes | None = None

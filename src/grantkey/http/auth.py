@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 from dataclasses import dataclass
 
 from starlette.requests import Request
@@ -83,6 +84,22 @@ async def resolve_principal(
         token = DEFAULT_PUBLIC_TOKEN
     elif is_tile_token(token):
         token = services.tile_tokens.open(user.id, tiles_of, token)
+    async def before_lookup() -> None:
+        await services.rates.check_lookup(client_address(request))
+
     # The Auth API always asks the database; data APIs may use the cache because
     # PostgreSQL itself refuses a revoked key's login.
-    return await services.resolver.resolve(user, token, fresh=not data_api)
+    return await services.resolver.resolve(user, token, fresh=not data_api,
+                                           before_lookup=before_lookup)
+
+
+def client_address(request: Request) -> str:
+    """The client's address (uvicorn's view: its --forwarded-allow-ips decides which
+    proxies' X-Forwarded-For it believes), or `unknown`: only an IP address is ever used, so
+    no request passes for the command line (`cli`) or writes free text anywhere."""
+    client = request.client
+    host = client.host if client is not None else ""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return "unknown"

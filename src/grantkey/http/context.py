@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -10,8 +9,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from grantkey.domain.keys import Principal, User
+from grantkey.domain.rate_limits import Decision
 from grantkey.errors import GrantkeyError
-from grantkey.http.auth import resolve_principal
+from grantkey.http.auth import client_address, resolve_principal
 from grantkey.http.errors import Family, render_error, render_unexpected
 from grantkey.http.params import Params, read_params
 from grantkey.services.container import Services
@@ -27,17 +27,8 @@ class Call:
 
     @property
     def client(self) -> str:
-        """The client's address, as the audit log records it (uvicorn's view: its
-        --forwarded-allow-ips decides which proxies' X-Forwarded-For it believes). uvicorn
-        takes any text a trusted proxy's header holds (by default any local client's):
-        only an IP address is recorded, so no request passes for the command line (`cli`)
-        or writes free text into the log."""
-        client = self.request.client
-        host = client.host if client is not None else ""
-        try:
-            return str(ipaddress.ip_address(host))
-        except ValueError:
-            return "unknown"
+        """The client's address, as the audit log records it (`auth.client_address`)."""
+        return client_address(self.request)
 
 
 def services_of(request: Request) -> Services:
@@ -64,14 +55,17 @@ RequestHandler = Callable[[Request], Awaitable[Response]]
 def endpoint(
     family: Family, handler: Handler, on_error: ErrorRenderer | None = None,
     tiles_of: Callable[[Request], str | None] | None = None, read_body: bool = True,
+    limits: str | None = None,
 ) -> RequestHandler:
-    """Wrap a handler: resolve who calls, and render any error in `family`'s shape (a bug
-    as its 500). `tiles_of`: for tile routes, the layergroup asked for (where its tile
-    tokens are credentials). `read_body=False`: the body is the handler's to stream
-    (an upload), parameters come from the query string only."""
+    """Wrap a handler: resolve who calls, apply the rate limits of the API group `limits`
+    (`services/rate_limits.py`; their headers on the answer), and render any error in
+    `family`'s shape (a bug as its 500). `tiles_of`: for tile routes, the layergroup asked
+    for (where its tile tokens are credentials). `read_body=False`: the body is the
+    handler's to stream (an upload), parameters come from the query string only."""
 
     async def run(request: Request) -> Response:
         services = services_of(request)
+        decision: Decision | None = None
         try:
             data_api = family in (Family.DATA, Family.MAPS)
             # data APIs may trust the cache: PostgreSQL refuses a deleted user's key logins
@@ -81,12 +75,31 @@ def endpoint(
             principal = await resolve_principal(
                 request, services, user, params, data_api=data_api,
                 tiles_of=None if tiles_of is None else tiles_of(request))
-            return await handler(Call(request, services, user, params, principal))
-        except GrantkeyError as error:
-            if on_error is not None:
-                return on_error(request, error)
-            return render_error(family, error)
+            if limits is not None:
+                decision = await services.rates.check(principal, limits)
+            response = await handler(Call(request, services, user, params, principal))
+            return response if decision is None else with_headers(response, decision.headers())
+        except GrantkeyError as error:  # a limit's headers on the failure too
+            response = (on_error(request, error) if on_error is not None
+                        else render_error(family, error))
+            return with_headers(response, error.headers() or (
+                {} if decision is None else decision.headers()))
         except Exception as error:  # a bug: the family's own 500 shape
             return render_unexpected(family, request, error)
 
     return run
+
+
+RATE_HEADERS = ("Carto-Rate-Limit-Limit, Carto-Rate-Limit-Remaining, Carto-Rate-Limit-Reset, "
+                "Retry-After")
+
+
+def with_headers(response: Response, headers: dict[str, str]) -> Response:
+    """`response` with a rate limit's headers, which browsers may read (CORS)."""
+    if headers:
+        response.headers.update(headers)
+        exposed = response.headers.get("Access-Control-Expose-Headers")
+        if exposed is None or "Carto-Rate-Limit-Limit" not in exposed:
+            response.headers["Access-Control-Expose-Headers"] = (
+                RATE_HEADERS if not exposed else f"{exposed}, {RATE_HEADERS}")
+    return response

@@ -181,8 +181,8 @@ async def copy_to(call: Call) -> Response:
 
 
 def routes() -> list[Route]:
-    upload = endpoint(Family.DATA, copy_from, read_body=False)
-    download = endpoint(Family.DATA, copy_to)
+    upload = endpoint(Family.DATA, copy_from, read_body=False, limits="copy")
+    download = endpoint(Family.DATA, copy_to, limits="copy")
     return [*(Route(path, upload, methods=["POST"]) for path in UPLOAD_PATHS),
             *(Route(f"/api/{version}/sql/copyto", download, methods=["GET", "POST"])
               for version in ("v2", "v1"))]

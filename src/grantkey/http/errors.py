@@ -16,6 +16,7 @@ from grantkey.errors import (
     Forbidden,
     GrantkeyError,
     LayerFailed,
+    RateLimited,
     SqlError,
     Unauthorized,
 )
@@ -49,7 +50,7 @@ def render_error(family: Family, error: GrantkeyError) -> Response:
     if family is Family.AUTH and isinstance(error, Unauthorized):
         return Response(status_code=401)  # CARTO: empty body on any Auth API 401
     # the database is back within seconds (or being restarted): tell clients when to retry
-    headers = {"Retry-After": RETRY_AFTER} if status == 503 else None
+    headers = {"Retry-After": RETRY_AFTER} if status == 503 else error.headers() or None
     if family in (Family.AUTH, Family.V4):
         document: dict[str, object] = {"errors": message, "errors_cause": None}
         if error.hint:
@@ -86,6 +87,8 @@ def _maps_context(error: GrantkeyError, message: str) -> dict[str, object]:
         return {"type": "auth", "subtype": "api-key-does-not-grant-access", "message": message}
     if isinstance(error, SqlError) and message == TIMEOUT_MESSAGE:
         return {"type": "limit", "subtype": "datasource", "message": message}
+    if isinstance(error, RateLimited):
+        return {"type": "limit", "subtype": "rate-limit", "message": message}
     if isinstance(error, LayerFailed):
         return {"type": "layer", "message": message,
                 "layer": {"id": error.layer_id, "index": error.index, "type": "mapnik"}}

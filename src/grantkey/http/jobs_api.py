@@ -81,9 +81,10 @@ async def update_job(call: Call) -> Response:
 
 
 def routes() -> list[Route]:
-    collection = endpoint(Family.DATA, _by_method({"POST": create_job, "GET": list_jobs}))
+    collection = endpoint(Family.DATA, _by_method({"POST": create_job, "GET": list_jobs}),
+                          limits="jobs")
     item = endpoint(Family.DATA, _by_method({"GET": read_job, "DELETE": cancel_job,
-                                             "PUT": update_job}))
+                                             "PUT": update_job}), limits="jobs")
     return [route for version in ("v2", "v1") for route in (
         Route(f"/api/{version}/sql/job", collection, methods=["GET", "POST"]),
         Route(f"/api/{version}/sql/job/{{job_id}}", item, methods=["GET", "DELETE", "PUT"]))]

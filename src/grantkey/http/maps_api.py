@@ -197,11 +197,12 @@ def maps_errors(request: Request, error: GrantkeyError) -> Response:
 
 
 def routes() -> list[Route]:
-    create: RequestHandler = endpoint(Family.MAPS, create_map, on_error=maps_errors)
+    create: RequestHandler = endpoint(Family.MAPS, create_map, on_error=maps_errors,
+                                      limits="maps")
     tile: RequestHandler = endpoint(Family.MAPS, get_tile, on_error=maps_errors,
-                                    tiles_of=_layergroup_asked)
+                                    tiles_of=_layergroup_asked, limits="tiles")
     shown: RequestHandler = endpoint(Family.MAPS, preview, on_error=preview_errors,
-                                     tiles_of=_layergroup_asked)
+                                     tiles_of=_layergroup_asked, limits="maps")
     return [
         Route("/api/v1/map", create, methods=["GET", "POST"]),
         Route("/api/v1/map/{lgid}/preview", shown, methods=["GET"]),

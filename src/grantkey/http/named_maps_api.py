@@ -72,8 +72,8 @@ async def named_tile(call: Call) -> Response:
 
 
 def routes() -> list[Route]:
-    def handle(handler: Handler) -> RequestHandler:
-        return endpoint(Family.MAPS, handler, on_error=maps_errors)
+    def handle(handler: Handler, limits: str = "maps") -> RequestHandler:
+        return endpoint(Family.MAPS, handler, on_error=maps_errors, limits=limits)
 
     return [
         Route("/api/v1/map/named", handle(list_templates), methods=["GET"]),
@@ -82,8 +82,8 @@ def routes() -> list[Route]:
         Route("/api/v1/map/named/{name}", handle(update_template), methods=["PUT"]),
         Route("/api/v1/map/named/{name}", handle(delete_template), methods=["DELETE"]),
         Route("/api/v1/map/named/{name}", handle(instantiate), methods=["POST"]),
-        FastRoute("/api/v1/map/named/{name}/{z}/{x}/{tile}", handle(named_tile),
+        FastRoute("/api/v1/map/named/{name}/{z}/{x}/{tile}", handle(named_tile, "tiles"),
                   methods=["GET"]),
-        FastRoute("/api/v1/map/named/{name}/{layers}/{z}/{x}/{tile}", handle(named_tile),
+        FastRoute("/api/v1/map/named/{name}/{layers}/{z}/{x}/{tile}", handle(named_tile, "tiles"),
                   methods=["GET"]),
     ]

@@ -217,7 +217,8 @@ SQL_RESPONSES = {
     "403": _data_error("No `sql` grant, Basic user mismatch, or permission denied."),
     "404": _data_error("Unknown user."),
     "413": _data_error("Request body too large."),
-    "429": _data_error("Time limit reached, or no database connection became free."),
+    "429": _data_error("Time limit reached, no database connection became free, or a rate "
+                       "limit (with Retry-After and the Carto-Rate-Limit-* headers)."),
     "503": _data_error("PostgreSQL is unavailable."),
 }
 
@@ -299,7 +300,8 @@ MAPS_ERRORS = {
     "403": _maps_error("No `maps` grant (Forbidden), Basic user mismatch, or permission denied."),
     "404": _maps_error("Unknown user or layergroup, or a relation that does not exist."),
     "413": _maps_error("Request body too large."),
-    "429": _maps_error("Time limit reached, or no database connection became free."),
+    "429": _maps_error("Time limit reached, no database connection became free, or a rate "
+                       "limit (with Retry-After and the Carto-Rate-Limit-* headers)."),
     "503": _maps_error("PostgreSQL is unavailable."),
 }
 MAP_CREATED = {"200": {"description": "The layergroup (JSONP with `callback`).",

@@ -17,6 +17,9 @@ from grantkey.domain.keys import KEY_TYPES
 
 TIMESTAMP = {"type": "string", "pattern": r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \+0000$"}
 OPTIONAL_TIMESTAMP = {"oneOf": [{"type": "null"}, TIMESTAMP]}
+RATE_LIMIT = {"type": "object", "required": ["requests", "per"], "properties": {
+    "requests": {"type": "integer", "minimum": 1}, "per": {"type": "number", "exclusiveMinimum": 0},
+    "burst": {"type": "integer", "minimum": 0}}}
 LIMITS = {"type": "object", "additionalProperties": False,
           "properties": {name: {"type": "number", "exclusiveMinimum": 0} for name in LIMIT_NAMES}}
 
@@ -24,7 +27,7 @@ KEY_SCHEMAS: dict[str, Any] = {
     "ApiKey": {
         "type": "object",
         "required": ["name", "user", "type", "token", "grants", "created_at", "updated_at",
-                     "expires_at", "expired", "limits", "token_rotated_at",
+                     "expires_at", "expired", "limits", "rate_limit", "token_rotated_at",
                      "old_token_stops_at"],
         "properties": {
             "name": {"type": "string"},
@@ -38,6 +41,7 @@ KEY_SCHEMAS: dict[str, Any] = {
             "expires_at": {**OPTIONAL_TIMESTAMP, "description": "When the key stops working."},
             "expired": {"type": "boolean"},
             "limits": LIMITS,
+            "rate_limit": {"oneOf": [{"type": "null"}, RATE_LIMIT]},
             "token_rotated_at": {**OPTIONAL_TIMESTAMP,
                                  "description": "The token's last regeneration."},
             "old_token_stops_at": {**OPTIONAL_TIMESTAMP,
@@ -74,7 +78,7 @@ KEY_SCHEMAS: dict[str, Any] = {
                        "api_key": {"type": "string"},
                        "expires_at": {"type": "string", "format": "date-time",
                                       "description": "ISO 8601 with its offset, in the future."},
-                       "limits": LIMITS},
+                       "limits": LIMITS, "rate_limit": RATE_LIMIT},
     },
     "Regeneration": {
         "type": "object",

@@ -207,7 +207,7 @@ def jsonp_errors(request: Request, error: GrantkeyError) -> Response:
 
 
 def handler() -> RequestHandler:
-    return endpoint(Family.DATA, run_sql, on_error=jsonp_errors)
+    return endpoint(Family.DATA, run_sql, on_error=jsonp_errors, limits="sql")
 
 
 def routes(sql_handler: RequestHandler) -> list[Route]:

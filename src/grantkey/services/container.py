@@ -15,6 +15,9 @@ from grantkey.services.keyed_locks import KeyedLocks
 from grantkey.services.keys import KeyService
 from grantkey.services.maps import MapsService
 from grantkey.services.named_maps import NamedMaps
+from grantkey.services.rate_limits import RateLimits
+from grantkey.services.rate_store import FILE_NAME as RATE_FILE
+from grantkey.services.rate_store import RedisBuckets, SharedBuckets
 from grantkey.services.repair import RoleRepair
 from grantkey.services.resolver import KeyResolver
 from grantkey.services.revocation import KeyCache, Revoker
@@ -72,6 +75,13 @@ class Services:
                                     self.sql, max_sql_bytes=settings.max_query_bytes,
                                     max_templates=settings.max_templates_per_user,
                                     cache_size=settings.key_cache_size)
+        self.rates = RateLimits(
+            RedisBuckets(settings.redis_url) if settings.redis_url
+            else SharedBuckets(settings.data_dir / RATE_FILE),
+            {"sql": settings.rate_limit_sql, "copy": settings.rate_limit_copy,
+             "jobs": settings.rate_limit_jobs, "tiles": settings.rate_limit_tiles,
+             "maps": settings.rate_limit_maps},
+            settings.rate_limit_lookups)
         self.datasets = DatasetService(self.cluster, self.events)
         self.repair = RoleRepair(self.cluster, box, key_queue)
         self.sql.repair = self.repair
@@ -112,6 +122,7 @@ class Services:
 
     async def close(self) -> None:
         self.sql.expiry.close()
+        await self.rates.close()
         await self.sql.quota.close()
         await self.revoker.drain()
         await self.pools.close()

@@ -227,7 +227,7 @@ class KeyService:
                 token_digest=digest(token), sealed_token=self._seal(token, key_id),
                 apis=plan.apis, services=plan.services, table_metadata=plan.table_metadata,
                 created_at=now, updated_at=now, expires_at=chosen.expires_at,
-                sql_timeout=chosen.sql_timeout,
+                sql_timeout=chosen.sql_timeout, rate_limit=chosen.rate_limit,
             )
             await key_store.insert_key(conn, record)
             created = KeyCreated(user, Actor.of(principal, client), record,

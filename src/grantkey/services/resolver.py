@@ -8,6 +8,7 @@ request, cached or not, by every process against its own clock: they end everywh
 from __future__ import annotations
 
 import hmac
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from cryptography.exceptions import InvalidTag
@@ -27,13 +28,20 @@ class KeyResolver:
         self.cache = cache
         self.box = box
 
-    async def resolve(self, user: User, token: str, *, fresh: bool) -> Principal:
-        """`fresh` skips the cache: the Auth API always asks the database."""
+    async def resolve(self, user: User, token: str, *, fresh: bool,
+                      before_lookup: Callable[[], Awaitable[None]] | None = None) -> Principal:
+        """`fresh` skips the cache: the Auth API always asks the database. `before_lookup`
+        runs before any database work (a client address's rate limit), also for a token
+        that is not even well formed."""
         if not is_well_formed(token):
+            if before_lookup is not None:
+                await before_lookup()
             raise Unauthorized("unknown token")
         token_digest = digest(token)
         principal = None if fresh else self.cache.get(user.id, token_digest)
         if principal is None:
+            if before_lookup is not None:
+                await before_lookup()
             async with self.cluster.user_database(user.database) as conn:
                 record = await key_store.find_by_digest(conn, token_digest)
             principal = self._principal(user, record, token, token_digest)
