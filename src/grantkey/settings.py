@@ -9,6 +9,7 @@ each of them (`tests/unit/test_settings_documented.py`). `SETTINGS` lists them.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -118,7 +119,20 @@ def _rate(raw: str) -> str:
     return raw.strip() or "0"
 
 
+def _proxies(raw: str) -> str:
+    """Addresses or CIDR networks, comma-separated."""
+    entries = [item.strip() for item in raw.split(",") if item.strip()]
+    for item in entries:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"must be IP addresses or CIDR networks separated by commas, "
+                             f"not {item[:40]!r}") from None
+    return ",".join(entries)
+
+
 TEXT = Parser("TEXT", _text)
+PROXIES = Parser("ADDRESSES", _proxies)
 RATE = Parser("RATE", _rate)
 DIRECTORY = Parser("DIRECTORY", _directory)
 BOOLEAN = Parser("BOOLEAN", _boolean)
@@ -224,6 +238,10 @@ class Settings:
         "GRANTKEY_RATE_LIMIT_LOOKUPS", RATE,
         "Token look-ups in the database per client address (unknown tokens, the Auth API), as "
         "REQUESTS/SECONDS[/BURST]; 0 for no limit."))
+    trusted_proxies: str | None = field(default=None, metadata=row(
+        "GRANTKEY_TRUSTED_PROXIES", PROXIES,
+        "Proxies whose X-Forwarded-For names the client (addresses or CIDR networks, "
+        "comma-separated); none by default.", for_workers=False))
     redis_url: str | None = field(default=None, repr=False, metadata=row(
         "GRANTKEY_REDIS_URL", TEXT,
         "Keep rate-limit buckets in this Redis (redis://…), shared by several servers."))

@@ -32,7 +32,8 @@ def test_create_regular_key_answers_201_with_the_key_object(
     key = response.json()
     assert set(key) == {"name", "user", "type", "token", "grants", "created_at", "updated_at",
                         # grantkey's additions (carto-compat §4 allows them)
-                        "expires_at", "expired", "limits", "rate_limit", "token_rotated_at",
+                        "expires_at", "expired", "limits", "rate_limit", "restrictions",
+                        "token_rotated_at",
                         "old_token_stops_at"}
     assert key["name"] == "app" and key["type"] == "regular"
     assert key["user"] == {"username": account.username}

@@ -65,7 +65,8 @@ def test_each_setting_reads_its_variable_and_reads_back_what_it_hands_workers(
 ) -> None:
     example = {"GRANTKEY_DATABASE_URL": "dbname=x", "GRANTKEY_SECRET": "s" * 40,
                "GRANTKEY_SUPERUSER_URL": "dbname=y", "GRANTKEY_PG_SHARED_BUFFERS": "2GB",
-               "GRANTKEY_PG_MAX_CONNECTIONS": "40", "GRANTKEY_SQL_MAX_CONNECTIONS": "9"}
+               "GRANTKEY_PG_MAX_CONNECTIONS": "40", "GRANTKEY_SQL_MAX_CONNECTIONS": "9",
+               "GRANTKEY_TRUSTED_PROXIES": "10.0.0.1,192.168.0.0/16"}
     default = Settings.from_env({})
     assert getattr(default, row.name) == row.default
     value = row.parse(example.get(row.env) or row.text(row.default))

@@ -198,6 +198,10 @@ def serve(host: str | None, port: int | None, workers: int | None, data_dir: Pat
             port=settings.port, workers=settings.workers, access_log=False,
             log_level=settings.log_level,
             server_header=False, http="grantkey.http.protocol:BoundedHttpProtocol",
+            # a client's address is the peer's, unless the peer is a proxy the operator
+            # trusts (uvicorn would believe any local client's X-Forwarded-For)
+            proxy_headers=bool(settings.trusted_proxies),
+            forwarded_allow_ips=settings.trusted_proxies or None,
             # a client that holds a connection open cannot hold up the shutdown for long
             timeout_graceful_shutdown=int(max(settings.sql_timeout,
                                               settings.sql_master_timeout)) + 5,

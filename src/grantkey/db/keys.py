@@ -14,12 +14,13 @@ from grantkey.db.managers import Managers, acting_as, as_admin
 from grantkey.db.users import LOGIN_ROLE_OPTIONS
 from grantkey.domain.keys import KeyRecord, KeyType
 from grantkey.domain.rate_limits import rate_from_document
+from grantkey.domain.restrictions import restrictions_from_document
 from grantkey.domain.secrets_box import scram_verifier
 
 _COLUMNS = (
     "id, name, type, role, token_digest, sealed_token, apis, services, table_metadata, "
     "created_at, updated_at, expires_at, sql_timeout, token_rotated_at, grace_digest, "
-    "grace_until, grace_password, rate_limit"
+    "grace_until, grace_password, rate_limit, restrictions"
 )
 ORDERABLE = {"type": "type", "name": "name", "updated_at": "updated_at"}
 
@@ -47,6 +48,7 @@ def record_from_row(row: dict[str, Any]) -> KeyRecord:
         token_rotated_at=row["token_rotated_at"], grace_digest=_bytes(row["grace_digest"]),
         grace_until=row["grace_until"], grace_password=_bytes(row["grace_password"]),
         rate_limit=rate_from_document(row["rate_limit"]),
+        restrictions=restrictions_from_document(row["restrictions"]),
     )
 
 
@@ -57,11 +59,12 @@ def _bytes(value: Any) -> bytes | None:
 async def insert_key(conn: AdminConnection, key: KeyRecord) -> None:
     await conn.execute(
         "INSERT INTO grantkey_meta.api_keys (id, name, type, role, token_digest, sealed_token, "
-        "apis, services, table_metadata, expires_at, sql_timeout, rate_limit) "
-        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        "apis, services, table_metadata, expires_at, sql_timeout, rate_limit, restrictions) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
         [key.id, key.name, key.type.value, key.role, key.token_digest, key.sealed_token,
          list(key.apis), list(key.services), key.table_metadata, key.expires_at,
-         key.sql_timeout, None if key.rate_limit is None else Jsonb(key.rate_limit.document())],
+         key.sql_timeout, None if key.rate_limit is None else Jsonb(key.rate_limit.document()),
+         None if key.restrictions is None else Jsonb(key.restrictions.document())],
     )
 
 

@@ -210,6 +210,10 @@ async def _key_lifetime(conn: AdminConnection) -> None:
         "ADD COLUMN grace_password bytea")
 
 
+async def _key_restrictions(conn: AdminConnection) -> None:
+    await conn.execute("ALTER TABLE grantkey_meta.api_keys ADD COLUMN restrictions jsonb")
+
+
 async def _key_rate_limit(conn: AdminConnection) -> None:
     await conn.execute("ALTER TABLE grantkey_meta.api_keys ADD COLUMN rate_limit jsonb")
 
@@ -236,6 +240,8 @@ USER_MIGRATIONS = [
     Migration(10, "keys: an expiry, a SQL time limit of their own, the old token's grace",
               _key_lifetime),
     Migration(11, "keys: a rate limit of their own", _key_rate_limit),
+    Migration(12, "keys: the client addresses and web origins they may be used from",
+              _key_restrictions),
 ]
 USER_BASELINE = 1  # what users.harden_database makes
 

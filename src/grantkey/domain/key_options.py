@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from grantkey.domain.rate_limits import Rate, read_rate_limit
+from grantkey.domain.restrictions import Restrictions, read_restrictions
 
 LIMIT_NAMES = ("sql_timeout_seconds",)
 EXPIRY_FORMAT = ("Expires at must be a date and time in ISO 8601 with its time zone, "
@@ -22,6 +23,7 @@ class KeyOptions:
     expires_at: datetime | None = None
     sql_timeout: float | None = None
     rate_limit: Rate | None = None
+    restrictions: Restrictions | None = None
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,9 @@ def read_options(body: Mapping[str, Any], now: datetime,
     expires_at, problems = _expiry(body.get("expires_at"), now, rules)
     sql_timeout, limit_problems = _limits(body.get("limits"), rules.sql_timeout)
     rate, rate_problems = read_rate_limit(body.get("rate_limit"))
-    return KeyOptions(expires_at, sql_timeout, rate), problems + limit_problems + rate_problems
+    restrictions, where_problems = read_restrictions(body.get("restrictions"))
+    return (KeyOptions(expires_at, sql_timeout, rate, restrictions),
+            problems + limit_problems + rate_problems + where_problems)
 
 
 def _expiry(raw: object, now: datetime, rules: OptionRules) -> tuple[datetime | None, list[str]]:

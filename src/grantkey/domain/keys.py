@@ -9,6 +9,7 @@ from enum import StrEnum
 from typing import Any
 
 from grantkey.domain.rate_limits import Rate
+from grantkey.domain.restrictions import Restrictions
 
 
 class KeyType(StrEnum):
@@ -55,6 +56,7 @@ class KeyRecord:
     expires_at: datetime | None = None
     sql_timeout: float | None = None  # seconds; None: the server's limit for its type
     rate_limit: Rate | None = None  # the key's own, on every API
+    restrictions: Restrictions | None = None  # client addresses and web origins allowed
     # the last regeneration, and the old token's grace (`domain/key_options.py`)
     token_rotated_at: datetime | None = None
     grace_digest: bytes | None = None

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from grantkey.domain.keys import Principal, User
+from grantkey.domain.restrictions import Restrictions, request_origin
 from grantkey.domain.tokens import DEFAULT_PUBLIC_TOKEN
-from grantkey.errors import BasicUserMismatch, Unauthorized
+from grantkey.errors import BasicUserMismatch, Forbidden, Unauthorized
 from grantkey.http.params import Params, header
 from grantkey.services.container import Services
 from grantkey.services.tile_tokens import is_tile_token
@@ -89,8 +90,27 @@ async def resolve_principal(
 
     # The Auth API always asks the database; data APIs may use the cache because
     # PostgreSQL itself refuses a revoked key's login.
-    return await services.resolver.resolve(user, token, fresh=not data_api,
-                                           before_lookup=before_lookup)
+    principal = await services.resolver.resolve(user, token, fresh=not data_api,
+                                                before_lookup=before_lookup)
+    if principal.key.restrictions is not None:
+        refuse_outside(principal, principal.key.restrictions, request)
+    return principal
+
+
+def refuse_outside(principal: Principal, restrictions: Restrictions, request: Request) -> None:
+    """403 for a request from a client address or web page the key is not for (before any
+    work as the key)."""
+    name = principal.key.name[:100]
+    address = client_address(request)
+    if not restrictions.allows_address(address):
+        raise Forbidden(f'key "{name}" may not be used from {address}: its restrictions '
+                        f"allow {', '.join(str(n) for n in restrictions.ips)}")
+    origin = request_origin(header(request, b"origin"), header(request, b"referer"))
+    if not restrictions.allows_origin(origin):
+        where = (f"from {origin}" if origin is not None
+                 else "with no Origin or Referer header (not from a web page)")
+        raise Forbidden(f'key "{name}" may be used only from web pages of '
+                        f"{', '.join(restrictions.origins)}; this request comes {where}")
 
 
 def client_address(request: Request) -> str:

@@ -10,6 +10,7 @@ from starlette.responses import Response
 
 from grantkey.domain.keys import Principal, User
 from grantkey.domain.rate_limits import Decision
+from grantkey.domain.restrictions import request_origin
 from grantkey.errors import GrantkeyError
 from grantkey.http.auth import client_address, resolve_principal
 from grantkey.http.errors import Family, render_error, render_unexpected
@@ -78,6 +79,8 @@ def endpoint(
             if limits is not None:
                 decision = await services.rates.check(principal, limits)
             response = await handler(Call(request, services, user, params, principal))
+            if principal.key.restrictions is not None and principal.key.restrictions.origins:
+                answer_origin(request, response)
             return response if decision is None else with_headers(response, decision.headers())
         except GrantkeyError as error:  # a limit's headers on the failure too
             response = (on_error(request, error) if on_error is not None
@@ -88,6 +91,15 @@ def endpoint(
             return render_unexpected(family, request, error)
 
     return run
+
+
+def answer_origin(request: Request, response: Response) -> None:
+    """A key restricted to web origins: CORS allows only the page the request came from
+    (it matched), not every page."""
+    origin = request_origin(request.headers.get("origin"), request.headers.get("referer"))
+    if origin is not None:  # always, once the restriction let the request in
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Vary"] = "Origin"
 
 
 RATE_HEADERS = ("Carto-Rate-Limit-Limit, Carto-Rate-Limit-Remaining, Carto-Rate-Limit-Reset, "

@@ -1,4 +1,5 @@
-"""CORS for every answer (`Access-Control-Allow-Origin: *`); any OPTIONS request is 200."""
+"""CORS for every answer (`Access-Control-Allow-Origin: *`, unless the answer names its
+origin: a key restricted to web origins, `context.endpoint`); any OPTIONS request is 200."""
 
 from __future__ import annotations
 
@@ -7,6 +8,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 ALLOW_HEADERS = "Authorization, Content-Type, X-Requested-With"
 ALLOW_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
 ALLOW_ORIGIN = (b"access-control-allow-origin", b"*")
+
+
+def with_allow_origin(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """`headers` with `Access-Control-Allow-Origin: *` unless they name an origin already."""
+    if not any(name.lower() == ALLOW_ORIGIN[0] for name, _ in headers):
+        headers.append(ALLOW_ORIGIN)
+    return headers
 
 
 class CorsMiddleware:
@@ -29,7 +37,7 @@ class CorsMiddleware:
 
         async def with_cors(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), ALLOW_ORIGIN]
+                message["headers"] = with_allow_origin(list(message.get("headers", [])))
             await send(message)
 
         await self.app(scope, receive, with_cors)

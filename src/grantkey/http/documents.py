@@ -36,6 +36,8 @@ def lifetime_document(record: KeyRecord, now: datetime) -> dict[str, Any]:
         "limits": {} if record.sql_timeout is None else {
             "sql_timeout_seconds": _number(record.sql_timeout)},
         "rate_limit": None if record.rate_limit is None else record.rate_limit.document(),
+        "restrictions": (None if record.restrictions is None
+                         else record.restrictions.document()),
         "token_rotated_at": optional_timestamp(record.token_rotated_at),
         "old_token_stops_at": (optional_timestamp(record.grace_until)
                                if record.in_grace(now) else None),

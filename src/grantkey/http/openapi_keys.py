@@ -20,6 +20,11 @@ OPTIONAL_TIMESTAMP = {"oneOf": [{"type": "null"}, TIMESTAMP]}
 RATE_LIMIT = {"type": "object", "required": ["requests", "per"], "properties": {
     "requests": {"type": "integer", "minimum": 1}, "per": {"type": "number", "exclusiveMinimum": 0},
     "burst": {"type": "integer", "minimum": 0}}}
+RESTRICTIONS = {"type": "object", "additionalProperties": False, "properties": {
+    "ips": {"type": "array", "items": {"type": "string"}, "maxItems": 100,
+            "description": "Client addresses or CIDR networks."},
+    "origins": {"type": "array", "items": {"type": "string"}, "maxItems": 100,
+                "description": "Web page origins: scheme://host[:port], host may start `*.`."}}}
 LIMITS = {"type": "object", "additionalProperties": False,
           "properties": {name: {"type": "number", "exclusiveMinimum": 0} for name in LIMIT_NAMES}}
 
@@ -27,7 +32,8 @@ KEY_SCHEMAS: dict[str, Any] = {
     "ApiKey": {
         "type": "object",
         "required": ["name", "user", "type", "token", "grants", "created_at", "updated_at",
-                     "expires_at", "expired", "limits", "rate_limit", "token_rotated_at",
+                     "expires_at", "expired", "limits", "rate_limit", "restrictions",
+                     "token_rotated_at",
                      "old_token_stops_at"],
         "properties": {
             "name": {"type": "string"},
@@ -42,6 +48,7 @@ KEY_SCHEMAS: dict[str, Any] = {
             "expired": {"type": "boolean"},
             "limits": LIMITS,
             "rate_limit": {"oneOf": [{"type": "null"}, RATE_LIMIT]},
+            "restrictions": {"oneOf": [{"type": "null"}, RESTRICTIONS]},
             "token_rotated_at": {**OPTIONAL_TIMESTAMP,
                                  "description": "The token's last regeneration."},
             "old_token_stops_at": {**OPTIONAL_TIMESTAMP,
@@ -78,7 +85,8 @@ KEY_SCHEMAS: dict[str, Any] = {
                        "api_key": {"type": "string"},
                        "expires_at": {"type": "string", "format": "date-time",
                                       "description": "ISO 8601 with its offset, in the future."},
-                       "limits": LIMITS, "rate_limit": RATE_LIMIT},
+                       "limits": LIMITS, "rate_limit": RATE_LIMIT,
+                       "restrictions": RESTRICTIONS},
     },
     "Regeneration": {
         "type": "object",

@@ -228,6 +228,7 @@ class KeyService:
                 apis=plan.apis, services=plan.services, table_metadata=plan.table_metadata,
                 created_at=now, updated_at=now, expires_at=chosen.expires_at,
                 sql_timeout=chosen.sql_timeout, rate_limit=chosen.rate_limit,
+                restrictions=chosen.restrictions,
             )
             await key_store.insert_key(conn, record)
             created = KeyCreated(user, Actor.of(principal, client), record,
