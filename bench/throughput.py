@@ -101,6 +101,12 @@ def setup(server: BenchServer, keys: int) -> dict[str, object]:
 
     with ThreadPoolExecutor(4) as pool:
         tokens = list(pool.map(create, range(keys)))
+    # issue 15: an expiry, an IP restriction and a rate limit high enough never to trigger
+    expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 365 * 86400))
+    guarded = str(http.post(url, params={"api_key": master}, json={
+        "name": "guarded", "grants": grants, "expires_at": expires,
+        "restrictions": {"ips": ["127.0.0.0/8"]},
+        "rate_limit": {"requests": 1_000_000_000, "per": 1, "burst": 1_000_000}}).json()["token"])
     embedded = EmbeddedPostgres(server.data_dir)
     with psycopg.connect(embedded.admin_url, dbname="grantkey") as conn:
         database, owner = conn.execute(
@@ -110,7 +116,7 @@ def setup(server: BenchServer, keys: int) -> dict[str, object]:
     floor_conninfo = (f"host={embedded.socket_dir} port=5432 dbname={database} user={owner} "
                       f"password={password}")
     return {"master": master, "tokens": tokens, "sql": sql, "floor": floor_conninfo,
-            "admin": embedded.admin_url}
+            "admin": embedded.admin_url, "guarded": guarded}
 
 
 def start_floor(conninfo: str, workers: int) -> tuple[subprocess.Popen[bytes], str]:
@@ -155,6 +161,10 @@ def main() -> None:
                              "throughput-cap<N>-<date>.md)")
     parser.add_argument("--zipf", type=float, default=1.1,
                         help="popularity exponent of the Zipf configurations")
+    parser.add_argument("--key-features", action="store_true",
+                        help="only the floor, a regular key and a key with an expiry, an IP "
+                             "restriction and a rate limit (issue 15; reported to "
+                             "throughput-key-features-<date>.md)")
     parser.add_argument("--workers", type=int, default=2,
                         help="worker processes of both servers (grantkey serve's default is 1; "
                              "other counts than 2 report to throughput-workers<N>-<date>.md)")
@@ -183,14 +193,20 @@ def main() -> None:
                     (f"{len(tokens)} keys Zipf {args.zipf:g}", sql,
                      zipf_script(tokens, urlpath(sql), args.zipf)),
                 ]
-                if args.big_keys > args.keys:
+                guarded = ("key with expiry, IP restriction, rate limit, query string",
+                           f"{sql}&api_key={ready['guarded']}", None)
+                if args.key_features:
+                    configs = [configs[0], configs[3], guarded]
+                else:
+                    configs.insert(4, guarded)
+                if args.big_keys > args.keys and not args.key_features:
                     configs.append((f"{len(everyone)} keys Zipf {args.zipf:g}", sql,
                                     zipf_script(everyone, urlpath(sql), args.zipf)))
                 rows.extend(rounds(label, configs, args, str(ready["admin"])))
         finally:
             floor.terminate()
             floor.wait(30)
-    report(rows, order_check(args, env), args)
+    report(rows, "" if args.key_features else order_check(args, env), args)
 
 
 def round_robin_script(tokens: list[str], sql: str) -> str:
@@ -320,6 +336,9 @@ def report(rows: list[tuple[str, str, dict[str, float]]], order: str,
                      f"{r['p99_ms']:.2f} | {r['p99_ratio']:.2f} | "
                      f"{r['non2xx']:.0f} | {sessions} | {r['logins_per_s']:,.0f} | "
                      f"{r['steal_pct']:.0f}% |")
+    if not order:
+        write_result("throughput-key-features", lines)
+        return
     lines += ["", "Order check, a fresh server (10 rows, 1 run each, req/s): round-robin on an "
               "empty pool (cold), after warm-up (fresh), then Zipf after warm-up, then round-robin "
               "straight after it (after); "

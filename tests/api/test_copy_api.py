@@ -170,14 +170,18 @@ def test_copyfrom_a_permission_error_after_the_first_byte_is_403_and_writes_noth
     assert count(http, account) == 0
 
 
+NO_SQL = ('key "maps" has no grant for the sql API (its APIs: maps); create a key with "sql" in '
+          "its apis")
+
+
 def test_copyfrom_without_the_sql_grant_is_403_forbidden(
         account: Account, make_key: Callable[..., KeyHandle], http: httpx.Client) -> None:
     maps_only = make_key(account, "maps", [{"type": "apis", "apis": ["maps"]}])
     answer = copy_from(http, account, CSV_IN, b"Lima,10\n", maps_only.token)
-    assert (answer.status_code, answer.json()) == (403, {"error": ["forbidden"]})
+    assert (answer.status_code, answer.json()) == (403, {"error": ["forbidden"], "hint": NO_SQL})
     answer = http.get(copy_url(account, "to"), params={
         "api_key": maps_only.token, "q": "COPY (SELECT 1) TO STDOUT"})
-    assert (answer.status_code, answer.json()) == (403, {"error": ["forbidden"]})
+    assert (answer.status_code, answer.json()) == (403, {"error": ["forbidden"], "hint": NO_SQL})
 
 
 def test_copy_with_an_unknown_key_is_401(account: Account, http: httpx.Client) -> None:

@@ -191,7 +191,9 @@ def test_the_default_public_key_and_keys_without_sql_cannot_use_jobs(
     maps = make_key(account, "maps", [{"type": "apis", "apis": ["maps"]}])
     for answer in (create(http, account, maps.token, "SELECT 1"),
                    http.get(jobs_url(account), params={"api_key": maps.token})):
-        assert (answer.status_code, answer.json()) == (403, {"error": ["forbidden"]})
+        assert (answer.status_code, answer.json()) == (403, {"error": ["forbidden"], "hint": (
+            'key "maps" has no grant for the sql API (its APIs: maps); create a key with "sql" '
+            "in its apis")})
     unknown = create(http, account, "gkr" + "0" * 38, "SELECT 1")
     assert (unknown.status_code, unknown.json()) == (401, {"error": ["Unauthorized"]})
 

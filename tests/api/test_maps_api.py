@@ -206,7 +206,9 @@ def test_create_layer_sql_permission_error_names_the_layer(http: httpx.Client, g
     assert body["errors"] == ["permission denied for table secrets"]
     assert body["errors_with_context"][0] == {
         "type": "layer", "message": "permission denied for table secrets",
-        "layer": {"id": "hidden", "index": 1, "type": "mapnik"}}
+        "layer": {"id": "hidden", "index": 1, "type": "mapnik"},
+        "hint": 'key "Default public" has no permission on public.secrets. Keys are immutable: '
+                "create a key with the permission the statement needs"}
 
 
 def test_create_layer_sql_missing_table_is_404(http: httpx.Client, geo: Account) -> None:
@@ -435,7 +437,9 @@ def test_maps_key_without_maps_grant_403(http: httpx.Client, geo: Account,
     maps = make_key(geo, "maps", table_grants([("public", "places", ["select"])], ("maps",)))
     lgid = made(http, geo, ALL_PLACES, maps.token)
     expected = {"errors": ["Forbidden"], "errors_with_context": [
-        {"type": "auth", "subtype": "api-key-does-not-grant-access", "message": "Forbidden"}]}
+        {"type": "auth", "subtype": "api-key-does-not-grant-access", "message": "Forbidden",
+         "hint": 'key "sql-only" has no grant for the maps API (its APIs: sql); create a key '
+                 'with "maps" in its apis'}]}
     assert error_of(create(http, geo, ALL_PLACES, sql_only.token), 403) == expected
     assert error_of(tile(http, geo, lgid, "0/0/0.mvt", sql_only.token), 403) == expected
 

@@ -185,7 +185,9 @@ def test_no_key_uses_default_public_public_table_200(http: httpx.Client, city: A
 def test_no_key_private_table_is_403_permission_denied(http: httpx.Client, city: Account) -> None:
     response = city.sql(http, "SELECT * FROM private_notes")
     assert response.status_code == 403
-    assert response.json() == {"error": ["permission denied for table private_notes"]}
+    assert response.json() == {"error": ["permission denied for table private_notes"], "hint": (
+        'key "Default public" has no permission on public.private_notes. Keys are immutable: '
+        "create a key with the permission the statement needs")}
 
 
 def test_no_key_drop_public_table_is_400_must_be_owner(http: httpx.Client, city: Account) -> None:
@@ -204,7 +206,9 @@ def test_key_without_sql_grant_is_403_forbidden(
 ) -> None:
     key = make_key(city, "maps-only", apis_only("maps"))
     response = city.sql(http, "SELECT 1", key.token)
-    assert response.status_code == 403 and response.json() == {"error": ["forbidden"]}
+    assert response.status_code == 403 and response.json() == {"error": ["forbidden"], "hint": (
+        'key "maps-only" has no grant for the sql API (its APIs: maps); create a key with '
+        '"sql" in its apis')}
 
 
 def test_basic_user_mismatch_is_403_permission_denied(

@@ -302,3 +302,34 @@ async def read_live_grants(conn: AdminConnection, roles: Iterable[str]) -> dict[
             {"name": row["name"], "permissions": sorted(row["permissions"])}
         )
     return result
+
+
+TABLE_PRIVILEGES = ("select", "insert", "update", "delete")
+_HELD_ON_RELATIONS = """
+SELECT n.nspname::text AS schema, c.relname::text AS name,
+       ARRAY(SELECT p FROM pg_catalog.unnest(%(privileges)s::text[]) AS p
+             WHERE pg_catalog.has_table_privilege(%(role)s::text, c.oid, p)) AS held
+  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+ WHERE c.relname OPERATOR(pg_catalog.=) %(name)s::text AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+   AND n.nspname OPERATOR(pg_catalog.<>) ALL (ARRAY['pg_catalog', 'information_schema', 'grantkey_meta'])
+   AND n.nspname NOT LIKE 'pg\\_%%'
+ ORDER BY n.nspname OPERATOR(pg_catalog.<>) 'public', 1 LIMIT 5
+"""
+_HELD_ON_SCHEMAS = """
+SELECT n.nspname::text AS schema, NULL::text AS name,
+       ARRAY(SELECT p FROM pg_catalog.unnest(ARRAY['usage', 'create']) AS p
+             WHERE pg_catalog.has_schema_privilege(%(role)s::text, n.oid, p)) AS held
+  FROM pg_catalog.pg_namespace n WHERE n.nspname OPERATOR(pg_catalog.=) %(name)s::text
+"""
+
+
+async def held_privileges(conn: AdminConnection, role: str, kind: str,
+                          name: str) -> list[tuple[str, str | None, list[str]]]:
+    """What `role` holds (its own grants and what it inherits) on the relations named `name`
+    in the user's schemas, or on the schema `name` (`kind` "schema"): (schema, relation or
+    None, privileges). Built-in functions on OIDs only: no name is resolved, no tenant code
+    runs."""
+    query = _HELD_ON_SCHEMAS if kind == "schema" else _HELD_ON_RELATIONS
+    cur = await conn.execute(query, {"role": role, "name": name,
+                                     "privileges": list(TABLE_PRIVILEGES)})
+    return [(row["schema"], row["name"], list(row["held"])) for row in await cur.fetchall()]

@@ -94,6 +94,12 @@ class Principal:
     def allows_api(self, api: str) -> bool:
         return self.is_master or api in self.key.apis
 
+    def api_hint(self, api: str) -> str:
+        """Why a request of an API the key has no grant for is refused ("why denied")."""
+        has = ", ".join(self.key.apis) or "none"
+        return (f'key "{self.key.name[:100]}" has no grant for the {api} API (its APIs: '
+                f'{has}); create a key with "{api}" in its apis')
+
 
 def key_name_messages(name: object) -> list[str]:
     """CARTO's validation messages for a new regular key's name (empty when valid)."""

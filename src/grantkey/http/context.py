@@ -11,7 +11,7 @@ from starlette.responses import Response
 from grantkey.domain.keys import Principal, User
 from grantkey.domain.rate_limits import Decision
 from grantkey.domain.restrictions import request_origin
-from grantkey.errors import GrantkeyError
+from grantkey.errors import Forbidden, GrantkeyError
 from grantkey.http.auth import client_address, resolve_principal
 from grantkey.http.errors import Family, render_error, render_unexpected
 from grantkey.http.params import Params, read_params
@@ -91,6 +91,14 @@ def endpoint(
             return render_unexpected(family, request, error)
 
     return run
+
+
+def require_api(call: Call, api: str, message: str = "forbidden") -> None:
+    """403 unless the key has the API's grant, with a hint saying what it has."""
+    if not call.principal.allows_api(api):
+        refused = Forbidden(message)
+        refused.hint = call.principal.api_hint(api)
+        raise refused
 
 
 def answer_origin(request: Request, response: Response) -> None:

@@ -25,8 +25,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from grantkey.errors import BadInput, Forbidden
-from grantkey.http.context import Call, endpoint
+from grantkey.errors import BadInput
+from grantkey.http.context import Call, endpoint, require_api
 from grantkey.http.errors import Family, json_response
 from grantkey.http.params import header
 from grantkey.http.routing import UPLOAD_PATHS
@@ -114,8 +114,7 @@ def _encoding(request: Request) -> str:
 
 
 async def copy_from(call: Call) -> Response:
-    if not call.principal.allows_api("sql"):
-        raise Forbidden("forbidden")
+    require_api(call, "sql")
     statement = copy_statement(call, call.params.query.get("q"))
     encoding = _encoding(call.request)
     settings = call.services.settings
@@ -162,8 +161,7 @@ async def unless_client_leaves(request: Request, work: Awaitable[RunningCopy]) -
 async def copy_to(call: Call) -> Response:
     if call.request.method == "HEAD":  # a COPY run for no reader: never
         return Response(status_code=405, headers={"Allow": "GET, POST"})
-    if not call.principal.allows_api("sql"):
-        raise Forbidden("forbidden")
+    require_api(call, "sql")
     statement = copy_statement(call, call.params.get("q"))
     filename = call.params.get("filename")
     name = filename if isinstance(filename, str) and filename else DEFAULT_FILENAME

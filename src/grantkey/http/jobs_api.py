@@ -12,16 +12,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from grantkey.domain.jobs import INVALID
-from grantkey.errors import BadInput, Forbidden
+from grantkey.errors import BadInput
 from grantkey.http.auth_api import parse_list_query
-from grantkey.http.context import Call, Handler, endpoint
+from grantkey.http.context import Call, Handler, endpoint, require_api
 from grantkey.http.errors import Family, json_response
 from grantkey.http.paging import pagination_links
 
 
 def _allowed(call: Call) -> None:
-    if not call.principal.allows_api("sql"):
-        raise Forbidden("forbidden")
+    require_api(call, "sql")
 
 
 def _measure(value: object) -> int:

@@ -13,9 +13,9 @@ from starlette.routing import Route
 from grantkey.domain.keys import Principal
 from grantkey.domain.mapconfig import parse_mapconfig
 from grantkey.domain.tiles import TileCoord, parse_layergroup_id, parse_tile, select_layers
-from grantkey.errors import BadInput, Forbidden, GrantkeyError, LayergroupNotFound
+from grantkey.errors import BadInput, GrantkeyError, LayergroupNotFound
 from grantkey.http import maps_preview
-from grantkey.http.context import Call, RequestHandler, endpoint, services_of
+from grantkey.http.context import Call, RequestHandler, endpoint, require_api, services_of
 from grantkey.http.errors import JSON_TYPE, Family, render_error
 from grantkey.http.routing import FastRoute
 from grantkey.http.sql_api import CALLBACK
@@ -28,8 +28,7 @@ EXPOSED = "X-Layergroup-Id, Carto-Rate-Limit-Limit, Carto-Rate-Limit-Remaining, 
 
 
 def require_maps(call: Call) -> None:
-    if not call.principal.allows_api("maps"):
-        raise Forbidden("Forbidden")
+    require_api(call, "maps", "Forbidden")
 
 
 def _callback(request: Request) -> str | None:

@@ -16,8 +16,8 @@ from starlette.types import Message, Receive, Scope, Send
 
 from grantkey.domain.numbers import strict_int
 from grantkey.domain.sql_text import COPY_REFUSED, starts_a_copy
-from grantkey.errors import BadInput, Forbidden, GrantkeyError
-from grantkey.http.context import Call, RequestHandler, endpoint
+from grantkey.errors import BadInput, GrantkeyError
+from grantkey.http.context import Call, RequestHandler, endpoint, require_api
 from grantkey.http.errors import Family, render_error
 from grantkey.http.formats import EXTENSIONS, MEDIA_TYPES, WRITERS
 from grantkey.http.protocol import ABORT_EXTENSION
@@ -171,8 +171,7 @@ class QueryResponse(StreamingResponse):
 
 
 async def run_sql(call: Call) -> Response:
-    if not call.principal.allows_api("sql"):
-        raise Forbidden("forbidden")
+    require_api(call, "sql")
     options = parse_sql_params(call)
     page = None if options.rows_per_page is None else Page(options.rows_per_page, options.page)
     geojson_digits = options.dp if options.format == "geojson" else None

@@ -17,14 +17,15 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
-from grantkey.db import postgis, sessions, storage_quota
+from grantkey.db import postgis, privileges, sessions, storage_quota
 from grantkey.db.cluster import Cluster
-from grantkey.db.failures import DatabaseError
+from grantkey.db.failures import CLEANUP_ERRORS, DatabaseError
 from grantkey.db.pg_wire import CopyRefused
 from grantkey.db.role_pools import RoleConnection, RolePools, RoleTarget, left_busy
 from grantkey.db.sql_errors import connection_lost, translate
 from grantkey.db.sql_exec import Column, Execution, QueryTimedOut
 from grantkey.db.wrapping import wrap
+from grantkey.domain.denials import denial_hint, denied_object
 from grantkey.domain.keys import Principal, User
 from grantkey.domain.secrets_box import SecretBox
 from grantkey.domain.tokens import digest
@@ -33,6 +34,7 @@ from grantkey.errors import (
     DatabaseUnavailable,
     LoginRefused,
     QueryInterrupted,
+    SqlError,
     Unauthorized,
 )
 from grantkey.services.expiry import ExpiryWatch
@@ -288,7 +290,7 @@ class SqlService:
                 raise QueryInterrupted from None
             if principal.stops_at() is not None:  # cut because the key expired: 401
                 usable(principal, datetime.now(UTC))
-            raise translate(error) from None
+            raise await self.explained(principal, translate(error)) from None
         except BaseException:  # cancelled: the client went away mid-query
             await run_shielded(_release(self.pools, execution, target, conn))
             raise
@@ -334,6 +336,22 @@ class SqlService:
                 await self._lost(principal, target)  # a login cut short by a revocation: 401
                 raise
         raise AssertionError("unreachable")
+
+    async def explained(self, principal: Principal, error: SqlError) -> SqlError:
+        """A permission-denied error with a hint of what the key holds on the object it
+        names (PostgreSQL's own hint, if any, kept first). Never fails the answer."""
+        named = denied_object(error.message) if error.status == 403 else None
+        if named is None or principal.is_master:
+            return error
+        try:
+            async with self.cluster.user_database(principal.user.database) as conn:
+                held = await privileges.held_privileges(conn, principal.key.role, *named)
+        except CLEANUP_ERRORS:
+            return error
+        hint = denial_hint(principal.key.name, named[0], held)
+        if hint is not None:
+            error.hint = hint if not error.hint else f"{error.hint} {hint}"
+        return error
 
     async def _rotated(self, principal: Principal) -> Principal | None:
         """The token as the key's row sees it now, if it logs in with another password
