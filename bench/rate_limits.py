@@ -26,7 +26,7 @@ from grantkey.services.rate_limits import RateLimits
 from grantkey.services.rate_store import BucketStore, RedisBuckets, SharedBuckets
 from grantkey.services.resolver import usable
 
-NEVER = Rate(1_000_000_000, 1, 1_000_000)  # never refuses: every call is a full decision
+NEVER = Rate(1_000_000, 1, 1_000_000)  # never refuses: every call is a full decision
 
 
 def principal() -> Principal:

@@ -106,7 +106,7 @@ def setup(server: BenchServer, keys: int) -> dict[str, object]:
     guarded = str(http.post(url, params={"api_key": master}, json={
         "name": "guarded", "grants": grants, "expires_at": expires,
         "restrictions": {"ips": ["127.0.0.0/8"]},
-        "rate_limit": {"requests": 1_000_000_000, "per": 1, "burst": 1_000_000}}).json()["token"])
+        "rate_limit": {"requests": 1_000_000, "per": 1, "burst": 1_000_000}}).json()["token"])
     embedded = EmbeddedPostgres(server.data_dir)
     with psycopg.connect(embedded.admin_url, dbname="grantkey") as conn:
         database, owner = conn.execute(

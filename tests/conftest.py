@@ -29,6 +29,7 @@ from grantkey.db.bootstrap import bootstrap
 from grantkey.domain.keys import User
 from grantkey.domain.secrets_box import SecretBox
 from grantkey.services.container import Services
+from grantkey.services.rate_store import table_path
 from grantkey.services.upgrade import prepare_routine_admin
 from grantkey.settings import Settings
 from tests.in_process import IN_PROCESS_URL, InProcessApp
@@ -108,6 +109,7 @@ def data_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="gkt-", dir=scratch_root()))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+    table_path(path).unlink(missing_ok=True)  # the servers' rate-limit buckets
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 MAX_PER_SECONDS = 86_400.0
 MAX_REQUESTS = 1_000_000_000
+MAX_PER_SECOND = 1_000_000  # one request a microsecond: finer, the clocks cannot tell
 
 
 def rate_parts(text: str) -> tuple[int, float, int] | None:
@@ -35,4 +36,6 @@ def rate_problem(requests: int, per: float, burst: int) -> str | None:
         return f"per must be a number of seconds above 0 and at most {MAX_PER_SECONDS:g}"
     if not 0 <= burst <= MAX_REQUESTS:
         return f"burst must be from 0 to {MAX_REQUESTS}"
+    if requests / per > MAX_PER_SECOND:
+        return f"may allow at most {MAX_PER_SECOND} requests per second"
     return None

@@ -33,7 +33,7 @@ def test_create_regular_key_answers_201_with_the_key_object(
     assert set(key) == {"name", "user", "type", "token", "grants", "created_at", "updated_at",
                         # grantkey's additions (carto-compat §4 allows them)
                         "expires_at", "expired", "limits", "rate_limit", "restrictions",
-                        "token_rotated_at",
+                        "last_used_at", "token_rotated_at",
                         "old_token_stops_at"}
     assert key["name"] == "app" and key["type"] == "regular"
     assert key["user"] == {"username": account.username}

@@ -115,7 +115,9 @@ def test_the_key_object_shows_its_limit_and_others_are_not_limited(
     ({"requests": 0, "per": 1}, "Rate limit requests must be from 1 to 1000000000"),
     ({"requests": 1, "per": 0}, "Rate limit per must be a number of seconds above 0 and at "
                                 "most 86400"),
-    ({"requests": 1, "per": 1, "burst": -1}, "Rate limit burst must be from 0 to 1000000000")])
+    ({"requests": 1, "per": 1, "burst": -1}, "Rate limit burst must be from 0 to 1000000000"),
+    ({"requests": 2_000_000, "per": 1}, "Rate limit may allow at most 1000000 requests per "
+                                        "second")])
 def test_a_wrong_rate_limit_is_a_validation_failure(
         http: httpx.Client, things: Account, limit: object, message: str) -> None:
     answer = http.post(things.keys_url, params=things.master(),

@@ -415,6 +415,8 @@ def test_copy_with_a_key_without_the_sql_grant_is_forbidden(
                        params={"api_key": maps_only.token, "q": "COPY cities TO STDOUT"})
     for answer in (upload, download, posted):
         assert answer.status_code == 403
-        assert answer.json() == {"error": ["forbidden"]}
+        assert answer.json() == {"error": ["forbidden"], "hint": (
+            'key "maps-only" has no grant for the sql API (its APIs: maps); create a key with '
+            '"sql" in its apis')}
     assert rows_of(account, http, "SELECT count(*) AS n FROM cities",
                    account.master_token) == [{"n": 0}]

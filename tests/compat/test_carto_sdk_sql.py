@@ -48,4 +48,6 @@ def test_sql_client_with_a_regular_key_and_permission_denied(sdk_account: Accoun
     # ...while the answer the SDK received names the problem, per carto-compat §5:
     raw = auth.send("api/v2/sql", "GET", params={"q": "SELECT * FROM hidden"})  # type: ignore[attr-defined]
     assert raw.status_code == 403
-    assert raw.json() == {"error": ["permission denied for table hidden"]}
+    assert raw.json() == {"error": ["permission denied for table hidden"], "hint": (
+        'key "sdk-sql" has no permission on public.hidden. Keys are immutable: create a key '
+        "with the permission the statement needs")}

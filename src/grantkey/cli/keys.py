@@ -17,11 +17,13 @@ from grantkey.cli.common import (
     print_table,
     run_with_services,
 )
+from grantkey.domain.key_options import parse_duration
 from grantkey.domain.keys import KEY_TYPES, KeyType
 from grantkey.domain.tokens import DEFAULT_PUBLIC_TOKEN, is_well_formed
-from grantkey.http.documents import key_document
+from grantkey.http.documents import key_document, usage_document
 from grantkey.services.container import Services
 from grantkey.services.keys import KeyView, ListQuery, TokenOwner
+from grantkey.services.usage import KeyUsage
 
 ALL_TYPES = list(KEY_TYPES)
 
@@ -68,19 +70,36 @@ def keys() -> None:
     """Manage a user's API keys, acting as that user's master key."""
 
 
+def _duration(raw: str | None, option: str) -> float | None:
+    if raw is None:
+        return None
+    seconds = parse_duration(raw)
+    if seconds is None:
+        fail(f"{option} {raw!r}: use a duration such as 30d, 12h, 90m or 3600s", 2)
+    return seconds
+
+
 @keys.command("list")
 @click.argument("username")
+@click.option("--unused-for", metavar="DURATION",
+              help="Only keys not used (nor made) in that long, e.g. 30d.")
+@click.option("--expiring-within", metavar="DURATION",
+              help="Only keys that expire within that long from now, e.g. 7d.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of key objects.")
 @cluster_options
-def list_(username: str, as_json: bool, data_dir: Path | None, database_url: str | None) -> None:
+def list_(username: str, unused_for: str | None, expiring_within: str | None, as_json: bool,
+          data_dir: Path | None, database_url: str | None) -> None:
     """List USERNAME's keys (master, default public, then regular keys)."""
+    unused = _duration(unused_for, "--unused-for")
+    expiring = _duration(expiring_within, "--expiring-within")
 
     async def work(services: Services) -> list[KeyView]:
         user = await services.users.get(username)
         master = await services.keys.master_principal(user)
         async def fetch(page: int) -> tuple[list[KeyView], int]:
-            found = await services.keys.list(master, ListQuery(types=ALL_TYPES, page=page,
-                                                               per_page=1000))
+            found = await services.keys.list(master, ListQuery(
+                types=ALL_TYPES, page=page, per_page=1000, unused_for=unused,
+                expiring_within=expiring))
             return found.keys, found.total
 
         return await every_page(fetch)
@@ -167,6 +186,35 @@ def regenerate(username: str, name: str, grace: int, as_json: bool, data_dir: Pa
     click.echo(f"regenerated key {name}\ntoken: {view.token}")
     if grace:
         click.echo(f"the old token works until {key_document(view)['old_token_stops_at']}")
+
+
+@keys.command("usage")
+@click.argument("username")
+@click.argument("name")
+@click.option("--days", type=click.IntRange(1, 366), default=30, show_default=True,
+              help="How many days back, today included.")
+@click.option("--json", "as_json", is_flag=True, help="Print the Auth API's usage document.")
+@cluster_options
+def usage(username: str, name: str, days: int, as_json: bool, data_dir: Path | None,
+          database_url: str | None) -> None:
+    """USERNAME's key NAME: requests per day and API, and when it was last used (written by
+    the server once a minute: the last minute is not there yet)."""
+
+    async def work(services: Services) -> KeyUsage:
+        user = await services.users.get(username)
+        return await services.usage.report(await services.keys.master_principal(user), name,
+                                           days)
+
+    document = usage_document(run_with_services(load_settings(data_dir, database_url), work))
+    if as_json:
+        click.echo(json.dumps(document))
+        return
+    click.echo(f"key {name}: last used {document['last_used_at'] or 'never'}")
+    apis = sorted(document["total"])
+    rows = [[day["date"], *(str(day["requests"].get(api, 0)) for api in apis)]
+            for day in document["days"]]
+    rows.append(["total", *(str(document["total"][api]) for api in apis)])
+    print_table(["day", *apis], rows)
 
 
 @keys.command("find")

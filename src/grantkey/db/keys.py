@@ -20,7 +20,7 @@ from grantkey.domain.secrets_box import scram_verifier
 _COLUMNS = (
     "id, name, type, role, token_digest, sealed_token, apis, services, table_metadata, "
     "created_at, updated_at, expires_at, sql_timeout, token_rotated_at, grace_digest, "
-    "grace_until, grace_password, rate_limit, restrictions"
+    "grace_until, grace_password, rate_limit, restrictions, last_used_at"
 )
 ORDERABLE = {"type": "type", "name": "name", "updated_at": "updated_at"}
 
@@ -49,6 +49,7 @@ def record_from_row(row: dict[str, Any]) -> KeyRecord:
         grace_until=row["grace_until"], grace_password=_bytes(row["grace_password"]),
         rate_limit=rate_from_document(row["rate_limit"]),
         restrictions=restrictions_from_document(row["restrictions"]),
+        last_used_at=row["last_used_at"],
     )
 
 
@@ -99,12 +100,22 @@ async def count_regular(conn: AdminConnection) -> int:
 async def list_keys(
     conn: AdminConnection, *, types: list[str], only_id: str | None,
     order: str, descending: bool, limit: int, offset: int,
+    unused_for: float | None = None, expiring_within: float | None = None,
 ) -> tuple[int, list[KeyRecord]]:
-    """One page of keys, master first, then default, then regular; and the exact total."""
+    """One page of keys, master first, then default, then regular; and the exact total.
+    `unused_for`: only keys not used (nor made) in that many seconds; `expiring_within`:
+    only keys that expire in that many seconds from now (not those expired already)."""
     where: sql.Composable = sql.SQL("type = ANY(%(types)s::text[])")
     if only_id is not None:
         where = sql.SQL("{} AND id = %(only_id)s").format(where)
-    params = {"types": types, "only_id": only_id, "limit": limit, "offset": offset}
+    if unused_for is not None:
+        where = sql.SQL("{} AND coalesce(last_used_at, created_at) < "
+                        "now() - make_interval(secs => %(unused_for)s)").format(where)
+    if expiring_within is not None:
+        where = sql.SQL("{} AND expires_at > now() AND expires_at <= "
+                        "now() + make_interval(secs => %(expiring_within)s)").format(where)
+    params = {"types": types, "only_id": only_id, "limit": limit, "offset": offset,
+              "unused_for": unused_for, "expiring_within": expiring_within}
     cur = await conn.execute(
         sql.SQL("SELECT count(*) AS n FROM grantkey_meta.api_keys WHERE {}").format(where), params
     )
@@ -125,6 +136,7 @@ async def list_keys(
 
 async def delete_key_row(conn: AdminConnection, key_id: str) -> None:
     await conn.execute("DELETE FROM grantkey_meta.api_keys WHERE id = %s", [key_id])
+    await conn.execute("DELETE FROM grantkey_meta.key_usage WHERE key_id = %s", [key_id])
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from psycopg import sql
 
-from grantkey.db import postgis, storage_quota
+from grantkey.db import postgis, storage_quota, usage
 from grantkey.db.cluster import AdminConnection
 from grantkey.domain import names
 
@@ -210,6 +210,11 @@ async def _key_lifetime(conn: AdminConnection) -> None:
         "ADD COLUMN grace_password bytea")
 
 
+async def _key_usage(conn: AdminConnection) -> None:
+    await conn.execute("ALTER TABLE grantkey_meta.api_keys ADD COLUMN last_used_at timestamptz")
+    await conn.execute(usage.TABLE)
+
+
 async def _key_restrictions(conn: AdminConnection) -> None:
     await conn.execute("ALTER TABLE grantkey_meta.api_keys ADD COLUMN restrictions jsonb")
 
@@ -242,6 +247,7 @@ USER_MIGRATIONS = [
     Migration(11, "keys: a rate limit of their own", _key_rate_limit),
     Migration(12, "keys: the client addresses and web origins they may be used from",
               _key_restrictions),
+    Migration(13, "keys: when last used, and requests per day and API", _key_usage),
 ]
 USER_BASELINE = 1  # what users.harden_database makes
 

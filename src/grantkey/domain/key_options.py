@@ -5,9 +5,10 @@ Auth API's JSON, each mistake a validation message in CARTO's style."""
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from grantkey.domain.rate_limits import Rate, read_rate_limit
@@ -75,6 +76,10 @@ def parse_moment(raw: object) -> datetime | None:
         return None
     if moment.tzinfo is None or moment.utcoffset() is None:
         return None
+    try:
+        moment.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:59-12:00 is past the last moment Python knows
+        return None
     return moment
 
 
@@ -112,3 +117,15 @@ def read_grace(body: object, max_grace: int) -> tuple[int, list[str]]:
 def grace_message(max_grace: int) -> str:
     return (f"Grace seconds must be a whole number from 0 to {max_grace} (this server's "
             "longest grace)")
+
+
+_DURATION = re.compile(r"([0-9]{1,7})([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+
+def parse_duration(text: str) -> float | None:
+    """`30d`, `12h`, `90m`, `3600s` in seconds; None if it is not one."""
+    found = _DURATION.fullmatch(text.strip())
+    if found is None:
+        return None
+    return float(int(found.group(1)) * _UNIT_SECONDS[found.group(2)])

@@ -57,6 +57,7 @@ class KeyRecord:
     sql_timeout: float | None = None  # seconds; None: the server's limit for its type
     rate_limit: Rate | None = None  # the key's own, on every API
     restrictions: Restrictions | None = None  # client addresses and web origins allowed
+    last_used_at: datetime | None = None  # coarse: written once a minute (services/usage.py)
     # the last regeneration, and the old token's grace (`domain/key_options.py`)
     token_rotated_at: datetime | None = None
     grace_digest: bytes | None = None

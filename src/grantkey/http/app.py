@@ -105,7 +105,8 @@ def create_app(settings: Settings | None = None) -> GrantkeyApp:
                  asyncio.create_task(services.pools.reap_forever(), name="reap"),
                  asyncio.create_task(services.revoker.retry_forever(), name="retry"),
                  asyncio.create_task(services.maps.expire_forever(), name="expire-maps"),
-                 asyncio.create_task(services.jobs.purge_forever(), name="purge-jobs")]
+                 asyncio.create_task(services.jobs.purge_forever(), name="purge-jobs"),
+                 asyncio.create_task(services.usage.flush_forever(), name="usage")]
         if settings.job_runners > 0:
             tasks.append(asyncio.create_task(services.job_runner.run_forever(), name="jobs"))
         try:

@@ -8,12 +8,12 @@ import orjson
 from starlette.responses import Response
 from starlette.routing import Route
 
-from grantkey.domain.key_options import read_grace
+from grantkey.domain.key_options import parse_duration, read_grace
 from grantkey.domain.keys import KEY_TYPES
 from grantkey.domain.numbers import strict_int
 from grantkey.errors import BadInput, BadListParameter, ValidationFailed
 from grantkey.http.context import Call, endpoint
-from grantkey.http.documents import key_document
+from grantkey.http.documents import key_document, usage_document
 from grantkey.http.errors import Family, json_response
 from grantkey.http.paging import pagination_links
 from grantkey.services.keys import KeyView, ListQuery
@@ -23,6 +23,7 @@ TYPES = list(KEY_TYPES)
 ORDERS = ["type", "name", "updated_at"]
 DIRECTIONS = ["asc", "desc"]
 MAX_PER_PAGE = 1000
+MAX_USAGE_DAYS = 366
 
 
 def wrong_parameter(name: str, valid: list[str] | None = None) -> BadListParameter:
@@ -54,7 +55,19 @@ def parse_list_query(query: dict[str, str]) -> ListQuery:
     if any(item not in TYPES for item in types):
         raise wrong_parameter("type", TYPES)
     return ListQuery(types=types or TYPES, order=order, descending=direction == "desc",
-                     page=page, per_page=per_page)
+                     page=page, per_page=per_page,
+                     unused_for=_duration(query.get("unused_for"), "unused_for"),
+                     expiring_within=_duration(query.get("expiring_within"), "expiring_within"))
+
+
+def _duration(raw: str | None, name: str) -> float | None:
+    if raw is None:
+        return None
+    seconds = parse_duration(raw)
+    if seconds is None:
+        raise BadListParameter(f"Wrong '{name}' parameter value. Use a duration such as 30d, "
+                               "12h, 90m or 3600s")
+    return seconds
 
 
 def _key_url(call: Call, view: KeyView) -> str:
@@ -91,6 +104,14 @@ async def show_key(call: Call) -> Response:
     return json_response(key_document(view))
 
 
+async def key_usage(call: Call) -> Response:
+    """Requests per day and API over the last `days` days (default 30, at most 366)."""
+    days = _positive(call.params.query.get("days"), "days", 30, MAX_USAGE_DAYS)
+    usage = await call.services.usage.report(call.principal, call.request.path_params["name"],
+                                             days)
+    return json_response(usage_document(usage))
+
+
 async def delete_key(call: Call) -> Response:
     await call.services.keys.delete(call.principal, call.request.path_params["name"],
                                     client=call.client)
@@ -101,6 +122,9 @@ async def regenerate_token(call: Call) -> Response:
     """CARTO's regeneration (no body) or, with `{"grace_seconds": N}`, one whose old token
     keeps working N seconds (and `"token"`, the current one, where tokens are not kept)."""
     body = call.params.json_body
+    if body is None and call.params.body:  # a form: its values are text
+        body = {name: int(value) if name == "grace_seconds" and value.isdecimal() else value
+                for name, value in call.params.body.items() if isinstance(value, str)}
     grace, problems = read_grace(body, call.services.keys.max_grace)
     if problems:
         raise ValidationFailed(problems)
@@ -119,6 +143,7 @@ def routes() -> list[Route]:
         Route(COLLECTION, endpoint(Family.AUTH, list_keys), methods=["GET"]),
         Route(COLLECTION, endpoint(Family.AUTH, create_key), methods=["POST"]),
         Route(COLLECTION + "/{name}", endpoint(Family.AUTH, show_key), methods=["GET"]),
+        Route(COLLECTION + "/{name}/usage", endpoint(Family.AUTH, key_usage), methods=["GET"]),
         Route(COLLECTION + "/{name}", endpoint(Family.AUTH, delete_key), methods=["DELETE"]),
         Route(COLLECTION + "/{name}/token/regenerate", endpoint(Family.AUTH, regenerate_token),
               methods=["POST"]),

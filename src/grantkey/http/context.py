@@ -47,6 +47,9 @@ def target_username(request: Request) -> str:
 
 
 Handler = Callable[[Call], Awaitable[Response]]
+# a key's usage is counted per API group: the rate-limit groups, and these
+USAGE_API = {Family.AUTH: "auth", Family.V4: "datasets", Family.DATA: "sql",
+             Family.MAPS: "maps", Family.PLAIN: "other"}
 
 
 ErrorRenderer = Callable[[Request, GrantkeyError], Response]
@@ -78,6 +81,7 @@ def endpoint(
                 tiles_of=None if tiles_of is None else tiles_of(request))
             if limits is not None:
                 decision = await services.rates.check(principal, limits)
+            services.usage.count(principal, limits or USAGE_API[family])
             response = await handler(Call(request, services, user, params, principal))
             if principal.key.restrictions is not None and principal.key.restrictions.origins:
                 answer_origin(request, response)

@@ -10,6 +10,7 @@ from typing import Any
 from grantkey.domain.audit import AuditEntry
 from grantkey.domain.keys import KeyRecord, KeyType, LiveGrants
 from grantkey.services.keys import KeyView
+from grantkey.services.usage import KeyUsage
 
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S +0000"
 
@@ -38,8 +39,10 @@ def lifetime_document(record: KeyRecord, now: datetime) -> dict[str, Any]:
         "rate_limit": None if record.rate_limit is None else record.rate_limit.document(),
         "restrictions": (None if record.restrictions is None
                          else record.restrictions.document()),
+        "last_used_at": optional_timestamp(record.last_used_at),
         "token_rotated_at": optional_timestamp(record.token_rotated_at),
-        "old_token_stops_at": (optional_timestamp(record.grace_until)
+        "old_token_stops_at": (optional_timestamp(_earliest(record.grace_until,
+                                                            record.expires_at))
                                if record.in_grace(now) else None),
     }
 
@@ -85,3 +88,24 @@ def audit_document(entry: AuditEntry) -> dict[str, Any]:
 
 def _number(value: float) -> float | int:
     return int(value) if value.is_integer() else value
+
+
+def usage_document(usage: KeyUsage) -> dict[str, Any]:
+    """A key's usage: requests per day (UTC) and API, days without any left out; totals;
+    when the key was last used (coarse: within a minute or two)."""
+    totals: dict[str, int] = {}
+    for apis in usage.days.values():
+        for api, requests in apis.items():
+            totals[api] = totals.get(api, 0) + requests
+    return {"name": usage.record.name, "user": {"username": usage.user.username},
+            "since": usage.since.isoformat(),
+            "last_used_at": optional_timestamp(usage.record.last_used_at),
+            "days": [{"date": day.isoformat(), "requests": dict(sorted(apis.items()))}
+                     for day, apis in usage.days.items()],
+            "total": dict(sorted(totals.items()))}
+
+
+def _earliest(first: datetime | None, second: datetime | None) -> datetime | None:
+    """Both tokens stop at the key's expiry, whatever the grace."""
+    moments = [m for m in (first, second) if m is not None]
+    return min(moments) if moments else None

@@ -18,7 +18,7 @@ from grantkey import __version__
 from grantkey.domain.keys import KEY_TYPES, PRIVACIES
 from grantkey.http.auth_api import DIRECTIONS, ORDERS
 from grantkey.http.errors import json_response
-from grantkey.http.openapi_keys import KEY_SCHEMAS
+from grantkey.http.openapi_keys import DURATION, KEY_SCHEMAS
 from grantkey.http.routing import CANONICAL_PREFIX, HOST_FORM, USER_PREFIXES
 from grantkey.services.events import EVENT_TYPES
 
@@ -334,7 +334,9 @@ OPERATIONS: list[tuple[str, str, dict[str, Any]]] = [
                        _query("order", {"enum": ORDERS}),
                        _query("order_direction", {"enum": DIRECTIONS}),
                        _query("type", {"type": "string"},
-                              "Comma-separated subset of master, default, regular.")],
+                              "Comma-separated subset of master, default, regular."),
+                       _query("unused_for", DURATION, "Only keys unused that long (30d)."),
+                       _query("expiring_within", DURATION, "Only keys expiring within it.")],
         "responses": {"200": _json(_ref("ApiKeyList"), "A page of keys."),
                       "400": _auth_error("Wrong list parameter."), "401": EMPTY_401,
                       **COMMON_AUTH}}),
@@ -352,6 +354,12 @@ OPERATIONS: list[tuple[str, str, dict[str, Any]]] = [
         "parameters": [KEY_NAME, API_KEY],
         "responses": {"200": _json(_ref("ApiKey"), "The key."), "401": EMPTY_401,
                       **COMMON_AUTH}}),
+    ("/api/v3/api_keys/{name}/usage", "get", {
+        "summary": "A key's requests per day and API (the master, or the key itself).",
+        "parameters": [KEY_NAME, API_KEY, _query("days", {"type": "integer", "minimum": 1,
+                                                          "maximum": 366})],
+        "responses": {"200": _json(_ref("KeyUsage"), "Its usage."),
+                      "400": _auth_error("Wrong days."), "401": EMPTY_401, **COMMON_AUTH}}),
     ("/api/v3/api_keys/{name}", "delete", {
         "summary": "Delete a regular key (E4), master key only.",
         "parameters": [KEY_NAME, API_KEY],

@@ -25,6 +25,7 @@ RESTRICTIONS = {"type": "object", "additionalProperties": False, "properties": {
             "description": "Client addresses or CIDR networks."},
     "origins": {"type": "array", "items": {"type": "string"}, "maxItems": 100,
                 "description": "Web page origins: scheme://host[:port], host may start `*.`."}}}
+DURATION = {"type": "string", "pattern": "^[0-9]{1,7}[smhd]$"}
 LIMITS = {"type": "object", "additionalProperties": False,
           "properties": {name: {"type": "number", "exclusiveMinimum": 0} for name in LIMIT_NAMES}}
 
@@ -33,7 +34,7 @@ KEY_SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["name", "user", "type", "token", "grants", "created_at", "updated_at",
                      "expires_at", "expired", "limits", "rate_limit", "restrictions",
-                     "token_rotated_at",
+                     "last_used_at", "token_rotated_at",
                      "old_token_stops_at"],
         "properties": {
             "name": {"type": "string"},
@@ -49,6 +50,7 @@ KEY_SCHEMAS: dict[str, Any] = {
             "limits": LIMITS,
             "rate_limit": {"oneOf": [{"type": "null"}, RATE_LIMIT]},
             "restrictions": {"oneOf": [{"type": "null"}, RESTRICTIONS]},
+            "last_used_at": {**OPTIONAL_TIMESTAMP, "description": "Coarse: within minutes."},
             "token_rotated_at": {**OPTIONAL_TIMESTAMP,
                                  "description": "The token's last regeneration."},
             "old_token_stops_at": {**OPTIONAL_TIMESTAMP,
@@ -88,6 +90,18 @@ KEY_SCHEMAS: dict[str, Any] = {
                        "limits": LIMITS, "rate_limit": RATE_LIMIT,
                        "restrictions": RESTRICTIONS},
     },
+    "KeyUsage": {
+        "type": "object", "required": ["name", "user", "since", "last_used_at", "days", "total"],
+        "properties": {
+            "name": {"type": "string"}, "user": {"type": "object"},
+            "since": {"type": "string", "format": "date"},
+            "last_used_at": OPTIONAL_TIMESTAMP,
+            "days": {"type": "array", "items": {
+                "type": "object", "required": ["date", "requests"],
+                "properties": {"date": {"type": "string", "format": "date"},
+                               "requests": {"type": "object",
+                                            "additionalProperties": {"type": "integer"}}}}},
+            "total": {"type": "object", "additionalProperties": {"type": "integer"}}}},
     "Regeneration": {
         "type": "object",
         "properties": {"grace_seconds": {"type": "integer", "minimum": 0,

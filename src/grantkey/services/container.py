@@ -16,14 +16,14 @@ from grantkey.services.keys import KeyService
 from grantkey.services.maps import MapsService
 from grantkey.services.named_maps import NamedMaps
 from grantkey.services.rate_limits import RateLimits
-from grantkey.services.rate_store import FILE_NAME as RATE_FILE
-from grantkey.services.rate_store import RedisBuckets, SharedBuckets
+from grantkey.services.rate_store import RedisBuckets, SharedBuckets, table_path
 from grantkey.services.repair import RoleRepair
 from grantkey.services.resolver import KeyResolver
 from grantkey.services.revocation import KeyCache, Revoker
 from grantkey.services.runtime import load_secret
 from grantkey.services.sql import SqlService
 from grantkey.services.tile_tokens import TileTokens
+from grantkey.services.usage import Usage
 from grantkey.services.users import UserService
 from grantkey.settings import DEFAULT_SQL_MAX_CONNECTIONS, Settings
 
@@ -77,11 +77,12 @@ class Services:
                                     cache_size=settings.key_cache_size)
         self.rates = RateLimits(
             RedisBuckets(settings.redis_url) if settings.redis_url
-            else SharedBuckets(settings.data_dir / RATE_FILE),
+            else SharedBuckets(table_path(settings.data_dir)),
             {"sql": settings.rate_limit_sql, "copy": settings.rate_limit_copy,
              "jobs": settings.rate_limit_jobs, "tiles": settings.rate_limit_tiles,
              "maps": settings.rate_limit_maps},
             settings.rate_limit_lookups)
+        self.usage = Usage(self.cluster)
         self.datasets = DatasetService(self.cluster, self.events)
         self.repair = RoleRepair(self.cluster, box, key_queue)
         self.sql.repair = self.repair

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from types import TracebackType
 
 from grantkey.db.copy import (
@@ -24,6 +25,7 @@ from grantkey.db.copy import (
 from grantkey.db.copy import Tally as Tally  # what a finished export reports (the CLI's)
 from grantkey.domain.keys import Principal
 from grantkey.errors import BadInput, SqlError
+from grantkey.services.resolver import usable
 from grantkey.services.sql import SqlService, run_shielded
 
 QUOTA_CHECK_BYTES = 4 * 2**20
@@ -97,8 +99,9 @@ class CopyService:
         user = principal.user
         if user.storage_quota != "-1":
             source = self._within_quota(user.database, source)
-        async with self.sql.session(principal) as conn:
-            with Deadline(conn, self.time_limit, self.sql.terminate, cancel_task=True), \
+        limit = self.sql.until_stop(principal, self.time_limit)  # its token may stop sooner
+        async with self._stop_said(principal), self.sql.session(principal) as conn:
+            with Deadline(conn, limit, self.sql.terminate, cancel_task=True), \
                     Deadline(conn, self.start_limit, self.sql.terminate,
                              cancel_task=True) as starting:
                 try:
@@ -120,23 +123,37 @@ class CopyService:
                     raise SqlError(400, QUOTA_MESSAGE, hint=over)
             yield block
 
+    @contextlib.asynccontextmanager
+    async def _stop_said(self, principal: Principal) -> AsyncIterator[None]:
+        try:
+            yield
+        except SqlError as error:
+            _stopped(principal, error)
+            raise
+
     async def copy_to(self, principal: Principal, statement: str,
                       tally: Tally | None = None) -> RunningCopy:
         """Start the client's COPY … TO STDOUT, up to its first data (or its end): errors
         until then have a status. Once its blocks are all read, `tally` has its rows."""
         stack = contextlib.AsyncExitStack()
         conn = await stack.enter_async_context(self.sql.session(principal))
-        stack.enter_context(Deadline(conn, self.time_limit, self.sql.terminate,
-                                     cancel_task=False))
+        limit = self.sql.until_stop(principal, self.time_limit)  # its token may stop sooner
+        stack.enter_context(Deadline(conn, limit, self.sql.terminate, cancel_task=False))
         blocks = copy_out(conn, statement, tally)
         try:
             try:
                 first = await anext(blocks, b"")
             except WrongDirection as error:
                 raise BadInput(WRONG_WAY[error.endpoint]) from None
-        except BaseException:
+        except BaseException as error:
             await blocks.aclose()
-            if not await stack.__aexit__(*sys.exc_info()):
+            try:
+                suppressed = await stack.__aexit__(*sys.exc_info())
+            except SqlError as translated:  # the session's translation of the failure
+                _stopped(principal, translated)
+                raise
+            if not suppressed:
+                _stopped(principal, error)
                 raise
             raise AssertionError("unreachable") from None
         return RunningCopy(stack, blocks, first)
@@ -155,3 +172,10 @@ class CopyService:
                      tally: Tally | None = None) -> RunningCopy:
         """A query's rows or a table as CSV with a header (the CLI's export)."""
         return await self.copy_to(principal, export_statement(query=query, table=table), tally)
+
+
+def _stopped(principal: Principal, error: BaseException) -> None:
+    """A COPY cut at the moment its token stopped working (its key's expiry, an old
+    token's grace) answers as that token now would: 401, not the time limit's 429."""
+    if isinstance(error, SqlError) and error.status == 429 and principal.stops_at() is not None:
+        usable(principal, datetime.now(UTC))

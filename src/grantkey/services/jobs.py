@@ -16,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from grantkey.db import jobs as job_store
@@ -42,7 +44,7 @@ from grantkey.errors import (
     SqlError,
     Unauthorized,
 )
-from grantkey.services.resolver import KeyResolver
+from grantkey.services.resolver import KeyResolver, usable
 from grantkey.services.sql import SqlService
 
 log = logging.getLogger("grantkey.jobs")
@@ -391,6 +393,7 @@ class JobRun:
         limit = self.deadline - time.monotonic()
         if timeout_ms is not None:
             limit = min(limit, timeout_ms / 1000)
+        limit = min(limit, self._until_key_stops())
         if limit <= 0:
             return self._past_limit()
         ends = time.monotonic() + limit
@@ -402,6 +405,7 @@ class JobRun:
             if await self._cancelled():
                 return _CANCELLED
             if error.status == 429:
+                self._until_key_stops()  # cut because the key expired: the job fails so
                 return self._timed_out(timeout_ms)
             return _shortened(error.message)
         except QueryInterrupted:  # also the time limit's terminate of a cancel-proof query
@@ -409,6 +413,16 @@ class JobRun:
                 return _CANCELLED
             return self._timed_out(timeout_ms) if time.monotonic() >= ends else INTERRUPTED
         return _CANCELLED if await self._cancelled() else None
+
+    def _until_key_stops(self) -> float:
+        """Seconds until the job's token stops working (its key's expiry, an old token's
+        grace); Unauthorized once it has (the job fails as revoked while running)."""
+        assert self.principal is not None
+        stops = self.principal.stops_at()
+        if stops is None:
+            return math.inf
+        usable(self.principal, datetime.now(UTC))
+        return (stops - datetime.now(UTC)).total_seconds()
 
     def _timed_out(self, timeout_ms: float | None) -> str:
         if timeout_ms is None:

@@ -86,6 +86,8 @@ class ListQuery:
     descending: bool = False
     page: int = 1
     per_page: int = 20
+    unused_for: float | None = None  # seconds
+    expiring_within: float | None = None  # seconds
 
 
 def readable_token(box: SecretBox, record: KeyRecord) -> str | None:
@@ -114,13 +116,17 @@ class KeyService:
         self.rules = rules if rules is not None else OptionRules()
         self.max_grace = max_grace
 
-    def _token_of(self, record: KeyRecord) -> str | None:
+    def _token_of(self, record: KeyRecord, principal: Principal | None = None) -> str | None:
+        """A key's token, never shown to an old token in its grace (it would outlive it)."""
+        if principal is not None and principal.token_until is not None:
+            return None
         return readable_token(self.box, record)
 
     def _seal(self, token: str, key_id: str) -> bytes | None:
         return self.box.encrypt_token(token, key_id.encode()) if self.store_tokens else None
 
-    async def _views(self, user: User, records: list[KeyRecord]) -> list[KeyView]:
+    async def _views(self, user: User, records: list[KeyRecord],
+                     principal: Principal | None = None) -> list[KeyView]:
         # Only regular keys show tables and schemas; the owner role, a member of every key
         # role, would make reading the master's grants scan every membership.
         regular = [r.role for r in records if r.type is KeyType.REGULAR]
@@ -128,7 +134,7 @@ class KeyService:
         if regular:
             async with self.cluster.user_database(user.database) as conn:
                 live = await privileges.read_live_grants(conn, regular)
-        return [KeyView(user, r, self._token_of(r), live.get(r.role, LiveGrants()))
+        return [KeyView(user, r, self._token_of(r, principal), live.get(r.role, LiveGrants()))
                 for r in records]
 
     async def find_token(self, users: list[User], token: str) -> TokenOwner | None:
@@ -139,9 +145,12 @@ class KeyService:
         for user in users:
             async with self.cluster.user_database(user.database) as conn:
                 record = await key_store.find_by_digest(conn, token_digest)
-            if record is not None:
-                current = hmac.compare_digest(record.token_digest, token_digest)
+            if record is None:
+                continue
+            current = hmac.compare_digest(record.token_digest, token_digest)
+            if current or record.in_grace(datetime.now(UTC)):
                 return TokenOwner(user, record, current)
+            return None  # an old token whose grace ended: it works nowhere
         return None
 
     async def master_principal(self, user: User) -> Principal:
@@ -162,8 +171,9 @@ class KeyService:
                 only_id=None if principal.is_master else principal.key.id,
                 order=query.order, descending=query.descending,
                 limit=query.per_page, offset=(query.page - 1) * query.per_page,
+                unused_for=query.unused_for, expiring_within=query.expiring_within,
             )
-        return KeyPage(total=total, keys=await self._views(principal.user, records))
+        return KeyPage(total=total, keys=await self._views(principal.user, records, principal))
 
     async def show(self, principal: Principal, name: str) -> KeyView:
         if not principal.is_master and name != principal.key.name:
@@ -172,7 +182,7 @@ class KeyService:
             record = await key_store.find_by_name(conn, name)
         if record is None:
             raise KeyNotFound(name)
-        return (await self._views(principal.user, [record]))[0]
+        return (await self._views(principal.user, [record], principal))[0]
 
     async def create(self, principal: Principal, name: Any, grants: Any, *,
                      options: Mapping[str, Any] | None = None, client: str = CLI,
@@ -364,5 +374,7 @@ async def _find_key(conn: AdminConnection, name: str, allowed: tuple[KeyType, ..
 
 
 def _require_master(principal: Principal) -> None:
-    if not principal.is_master:
-        raise Unauthorized("only the master key can manage keys")
+    """The master key's current token: an old one in its grace manages nothing (else whoever
+    holds a leaked old token could keep the key past the grace)."""
+    if not principal.is_master or principal.token_until is not None:
+        raise Unauthorized("only the master key's current token can manage keys")

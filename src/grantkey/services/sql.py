@@ -244,6 +244,12 @@ class SqlService:
             self.quota.enter(database)
         try:
             conn, target = await self._acquire(principal, target)
+            if principal.stops_at() is not None:
+                try:
+                    usable(principal, datetime.now(UTC))
+                except Unauthorized:
+                    await run_shielded(self.pools.release(target, conn, reusable=True))
+                    raise
             released = False
             try:
                 yield conn
@@ -278,6 +284,12 @@ class SqlService:
                      quota: tuple[QuotaKeeper, str] | None) -> RunningQuery:
         target = self.target_for(principal)
         conn, target = await self._acquire(principal, target)
+        if principal.stops_at() is not None:  # it may have stopped while a session was found
+            try:
+                usable(principal, datetime.now(UTC))
+            except Unauthorized:
+                await run_shielded(self.pools.release(target, conn, reusable=True))
+                raise
         limit = self.limit_for(principal)
         execution = Execution(conn, query, limit, self.terminate, params)
         started = time.monotonic()
@@ -301,6 +313,14 @@ class SqlService:
             raise
         return RunningQuery(execution, self.pools, target, conn, names, started, quota)
 
+    @staticmethod
+    def until_stop(principal: Principal, limit: float) -> float:
+        """`limit`, or the seconds until the principal's token stops working if sooner."""
+        stops = principal.stops_at()
+        if stops is None:
+            return limit
+        return min(limit, max((stops - datetime.now(UTC)).total_seconds(), 0.001))
+
     def limit_for(self, principal: Principal, server_limit: float | None = None) -> float:
         """Seconds a statement of `principal` may run: the server's limit for its key type
         (or `server_limit`), the key's own if lower, and never past the moment its token
@@ -308,11 +328,8 @@ class SqlService:
         limit."""
         if server_limit is None:
             server_limit = self.master_time_limit if principal.is_master else self.time_limit
-        limit = min(server_limit, principal.key.sql_timeout or server_limit)
-        stops = principal.stops_at()
-        if stops is not None:
-            limit = min(limit, max((stops - datetime.now(UTC)).total_seconds(), 0.001))
-        return limit
+        return self.until_stop(principal, min(server_limit,
+                                              principal.key.sql_timeout or server_limit))
 
     async def _acquire(self, principal: Principal,
                        target: RoleTarget) -> tuple[RoleConnection, RoleTarget]:

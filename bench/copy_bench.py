@@ -1,7 +1,7 @@
 """COPY through grantkey against psql's \\copy, side by side in one run (issue 14, speed and
 memory).
 
-Run: python bench/copy.py [--rows 10000000] [--runs 3]
+Run: python bench/copy_bench.py [--rows 10000000] [--runs 3]
 Needs psql (Debian: postgresql-client, installed with the server) and curl.
 
 One CSV file of `--rows` rows (about 100 bytes each: 10,000,000 rows make about 1 GB) and
