@@ -17,6 +17,8 @@ from pathlib import Path
 
 import httpx
 
+from grantkey.services.rate_store import table_path
+
 
 def machine() -> dict[str, str]:
     cpu = "unknown"
@@ -83,6 +85,7 @@ class BenchServer:
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(60)
         self.log.close()
+        table_path(self.data_dir).unlink(missing_ok=True)  # its rate-limit buckets
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def __enter__(self) -> BenchServer:

@@ -80,6 +80,10 @@ def test_a_key_for_some_web_pages_answers_only_them_in_cors(
     token = create(http, things, "map", {"origins": ["https://maps.example.com",
                                                      "https://*.example.org"]}).json()["token"]
     sql = {"q": "SELECT count(*) FROM things", "api_key": token}
+    for _ in range(3):  # refused before any session of the key's role
+        assert http.get(things.sql_url, params=sql,
+                        headers={"Origin": "https://evil.example.com"}).status_code == 403
+    assert role_sessions(admin_url, things, "map") == 0
     allowed = http.get(things.sql_url, params=sql, headers={"Origin": "https://maps.example.com"})
     assert allowed.status_code == 200
     assert allowed.headers["access-control-allow-origin"] == "https://maps.example.com"

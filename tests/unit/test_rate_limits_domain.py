@@ -97,3 +97,9 @@ def test_a_full_table_forgets_a_bucket_rather_than_refusing_wrongly(tmp_path: Pa
     rate = Rate(1, 3600)
     assert all(buckets.take_now(f"k{i}".encode(), rate, 50.0).allowed for i in range(20_000))
     assert not buckets.take_now(b"k19999", rate, 50.0).allowed  # still remembered
+
+
+def test_raw_headers_say_what_headers_say() -> None:
+    for decision in run(Rate(3, 7, 2), [0.0, 0.5, 0.9]):
+        assert {name.decode(): value.decode() for name, value in decision.raw_headers()} == {
+            name.lower(): value for name, value in decision.headers().items()}

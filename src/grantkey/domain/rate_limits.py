@@ -61,6 +61,13 @@ class Decision(NamedTuple):  # a tuple: made on every request, cheaper than a da
             headers["Retry-After"] = str(max(math.ceil(self.retry_after), 1))
         return headers
 
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        """`headers()` as an answer's raw header lines (an allowed request's: on the hot
+        path, so built straight away)."""
+        return [(b"carto-rate-limit-limit", b"%d" % self.limit),
+                (b"carto-rate-limit-remaining", b"%d" % self.remaining),
+                (b"carto-rate-limit-reset", b"%d" % math.ceil(self.reset_after))]
+
 
 def gcra(tat: float | None, now: float, rate: Rate) -> tuple[float | None, Decision]:
     """The decision on one request at `now` for a bucket whose TAT is `tat` (None: a new or

@@ -8,6 +8,7 @@ checks stop other web pages from using a key, not scripts (as Google Maps keys d
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -29,13 +30,8 @@ class Restrictions:
     def allows_address(self, address: str) -> bool:
         if not self.ips:
             return True
-        try:
-            client = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        if isinstance(client, ipaddress.IPv6Address) and client.ipv4_mapped is not None:
-            client = client.ipv4_mapped
-        return any(client in network for network in self.ips)
+        client = _address(address)
+        return client is not None and any(client in network for network in self.ips)
 
     def allows_origin(self, origin: str | None) -> bool:
         if not self.origins:
@@ -44,6 +40,18 @@ class Restrictions:
 
     def document(self) -> dict[str, Any]:
         return {"ips": [str(network) for network in self.ips], "origins": list(self.origins)}
+
+
+@functools.lru_cache(maxsize=4096)
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A client address parsed once (an IPv4-mapped IPv6 address as its IPv4 one)."""
+    try:
+        client = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(client, ipaddress.IPv6Address) and client.ipv4_mapped is not None:
+        return client.ipv4_mapped
+    return client
 
 
 def _matches(pattern: str, origin: str) -> bool:

@@ -85,7 +85,9 @@ def endpoint(
             response = await handler(Call(request, services, user, params, principal))
             if principal.key.restrictions is not None and principal.key.restrictions.origins:
                 answer_origin(request, response)
-            return response if decision is None else with_headers(response, decision.headers())
+            if decision is not None:
+                _add_rate_headers(response, decision.raw_headers())
+            return response
         except GrantkeyError as error:  # a limit's headers on the failure too
             response = (on_error(request, error) if on_error is not None
                         else render_error(family, error))
@@ -116,6 +118,17 @@ def answer_origin(request: Request, response: Response) -> None:
 
 RATE_HEADERS = ("Carto-Rate-Limit-Limit, Carto-Rate-Limit-Remaining, Carto-Rate-Limit-Reset, "
                 "Retry-After")
+
+
+_EXPOSE = (b"access-control-expose-headers", RATE_HEADERS.encode())
+
+
+def _add_rate_headers(response: Response, lines: list[tuple[bytes, bytes]]) -> None:
+    """An allowed request's rate-limit headers, appended as raw lines (the hot path)."""
+    raw = response.raw_headers
+    if not any(name == b"access-control-expose-headers" for name, _ in raw):
+        lines.append(_EXPOSE)
+    raw.extend(lines)
 
 
 def with_headers(response: Response, headers: dict[str, str]) -> Response:
