@@ -107,8 +107,10 @@ def test_hygiene_filters_list_unused_and_soon_expiring_keys(
     assert names(http, account, unused_for="30d") == ["Default public", "stale"]
     assert names(http, account, expiring_within="7d") == ["soon"]
     assert names(http, account, expiring_within="60d", order="name") == ["later", "soon"]
-    for name, value in (("unused_for", "30"), ("expiring_within", "1w"), ("unused_for", "")):
+    for name, value in (("unused_for", "30"), ("expiring_within", "1w"), ("unused_for", ""),
+                        ("unused_for", "36601d"), ("expiring_within", "9999999d")):
         wrong = http.get(account.keys_url, params={**account.master(), name: value})
         assert wrong.status_code == 400
         assert wrong.json()["errors"] == (f"Wrong '{name}' parameter value. Use a duration such "
-                                          "as 30d, 12h, 90m or 3600s")
+                                          "as 30d, 12h, 90m or 3600s (at most 36600d)")
+    assert names(http, account, unused_for="36600d") == []

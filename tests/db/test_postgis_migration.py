@@ -10,6 +10,7 @@ import psycopg
 import psycopg.rows
 import pytest
 
+from grantkey.db.migrations import USER_LATEST
 from grantkey.services.container import Services
 from grantkey.services.upgrade import upgrade_user_databases
 from tests.conftest import Account, KeyHandle
@@ -29,7 +30,7 @@ def test_an_older_user_database_gets_postgis_at_start_up(
     with psycopg.connect(admin_url, dbname="grantkey", autocommit=True) as conn:
         conn.execute("UPDATE users SET schema_version = 8 WHERE id = %s", [account.user.id])
     upgraded = run(upgrade_user_databases(services.cluster))
-    assert upgraded.get(account.username) == 9
+    assert upgraded.get(account.username) == USER_LATEST
     with psycopg.connect(admin_url, dbname=database, autocommit=True) as conn:
         assert conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'postgis'"
                             ).fetchone() is not None
@@ -103,7 +104,7 @@ def test_postgis_is_not_installed_over_code_the_master_planted_in_public(
                                 ).fetchone() is None
         owner_sql(account, "DROP FUNCTION public.lower(text) CASCADE" if "lower" in planted
                   else "DROP FUNCTION public.f(int, int) CASCADE")
-    assert run(upgrade_user_databases(services.cluster)).get(account.username) == 9
+    assert run(upgrade_user_databases(services.cluster)).get(account.username) == USER_LATEST
     with psycopg.connect(admin_url, dbname=database) as conn:
         assert conn.execute("SELECT FROM pg_extension WHERE extname = 'postgis'"
                             ).fetchone() is not None

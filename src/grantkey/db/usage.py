@@ -39,3 +39,11 @@ async def days(conn: AdminConnection, key_id: str, since: date) -> list[dict[str
         "WHERE key_id OPERATOR(pg_catalog.=) %s AND day OPERATOR(pg_catalog.>=) %s "
         "ORDER BY day, api", [key_id, since])
     return list(await cur.fetchall())
+
+
+async def existing_databases(meta: AdminConnection, names: list[str]) -> set[str]:
+    """Which of these databases still exist (a user deleted meanwhile: no longer)."""
+    cur = await meta.execute(
+        "SELECT datname::text AS name FROM pg_catalog.pg_database "
+        "WHERE datname OPERATOR(pg_catalog.=) ANY(%s::text[])", [names])
+    return {row["name"] for row in await cur.fetchall()}

@@ -121,6 +121,7 @@ def grace_message(max_grace: int) -> str:
 
 _DURATION = re.compile(r"([0-9]{1,7})([smhd])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+MAX_DURATION_SECONDS = 36_600 * 86_400.0  # a century: further back than any key
 
 
 def parse_duration(text: str) -> float | None:
@@ -128,4 +129,5 @@ def parse_duration(text: str) -> float | None:
     found = _DURATION.fullmatch(text.strip())
     if found is None:
         return None
-    return float(int(found.group(1)) * _UNIT_SECONDS[found.group(2)])
+    seconds = float(int(found.group(1)) * _UNIT_SECONDS[found.group(2)])
+    return seconds if seconds <= MAX_DURATION_SECONDS else None

@@ -114,10 +114,19 @@ def _networks(raw: object) -> tuple[tuple[IpNetwork, ...], list[str]]:
     networks = []
     for item in items:
         try:
-            networks.append(ipaddress.ip_network(item.strip(), strict=False))
+            networks.append(_unmapped(ipaddress.ip_network(item.strip(), strict=False)))
         except ValueError:
             problems.append(f"Restrictions ips {item[:64]!r} is not an IP address or CIDR network")
     return tuple(dict.fromkeys(networks)), problems
+
+
+def _unmapped(network: IpNetwork) -> IpNetwork:
+    """`::ffff:a.b.c.d/n` as the IPv4 network it names (clients are compared as IPv4)."""
+    mapped = (network.network_address.ipv4_mapped
+              if isinstance(network, ipaddress.IPv6Network) else None)
+    if mapped is not None and network.prefixlen >= 96:
+        return ipaddress.IPv4Network(f"{mapped}/{network.prefixlen - 96}", strict=False)
+    return network
 
 
 def _origins(raw: object) -> tuple[tuple[str, ...], list[str]]:

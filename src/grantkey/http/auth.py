@@ -69,9 +69,24 @@ def extract_credential(
     return Credential(None, "none")
 
 
+class LookupCharge:
+    """A request's one charge to its client address's look-up bucket, taken before its
+    first database look-up (of the user or of the token), if any."""
+
+    def __init__(self, services: Services, request: Request) -> None:
+        self.services = services
+        self.request = request
+        self.taken = False
+
+    async def __call__(self) -> None:
+        if not self.taken:
+            self.taken = True
+            await self.services.rates.check_lookup(client_address(self.request))
+
+
 async def resolve_principal(
     request: Request, services: Services, user: User, params: Params, *, data_api: bool,
-    tiles_of: str | None = None,
+    tiles_of: str | None = None, charge: LookupCharge | None = None,
 ) -> Principal:
     """`tiles_of`: the layergroup whose tiles the request asks for; there (only) a tile
     token stands for the key it was issued for (`services/tile_tokens.py`)."""
@@ -85,9 +100,7 @@ async def resolve_principal(
         token = DEFAULT_PUBLIC_TOKEN
     elif is_tile_token(token):
         token = services.tile_tokens.open(user.id, tiles_of, token)
-    async def before_lookup() -> None:
-        await services.rates.check_lookup(client_address(request))
-
+    before_lookup = charge if charge is not None else LookupCharge(services, request)
     # The Auth API always asks the database; data APIs may use the cache because
     # PostgreSQL itself refuses a revoked key's login.
     principal = await services.resolver.resolve(user, token, fresh=not data_api,

@@ -66,7 +66,7 @@ def _duration(raw: str | None, name: str) -> float | None:
     seconds = parse_duration(raw)
     if seconds is None:
         raise BadListParameter(f"Wrong '{name}' parameter value. Use a duration such as 30d, "
-                               "12h, 90m or 3600s")
+                               "12h, 90m or 3600s (at most 36600d)")
     return seconds
 
 

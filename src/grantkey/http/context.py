@@ -12,7 +12,7 @@ from grantkey.domain.keys import Principal, User
 from grantkey.domain.rate_limits import Decision
 from grantkey.domain.restrictions import request_origin
 from grantkey.errors import Forbidden, GrantkeyError
-from grantkey.http.auth import client_address, resolve_principal
+from grantkey.http.auth import LookupCharge, client_address, resolve_principal
 from grantkey.http.errors import Family, render_error, render_unexpected
 from grantkey.http.params import Params, read_params
 from grantkey.services.container import Services
@@ -73,14 +73,15 @@ def endpoint(
         try:
             data_api = family in (Family.DATA, Family.MAPS)
             # data APIs may trust the cache: PostgreSQL refuses a deleted user's key logins
-            user = await services.users.get(target_username(request), cached=data_api)
+            charge = LookupCharge(services, request)
+            user = await services.users.get(target_username(request), cached=data_api,
+                                            before_lookup=charge)
             params = await read_params(request, services.settings.max_body_bytes,
                                        read_body=read_body)
             principal = await resolve_principal(
                 request, services, user, params, data_api=data_api,
-                tiles_of=None if tiles_of is None else tiles_of(request))
-            if limits is not None:
-                decision = await services.rates.check(principal, limits)
+                tiles_of=None if tiles_of is None else tiles_of(request), charge=charge)
+            decision = await services.rates.check(principal, limits)
             services.usage.count(principal, limits or USAGE_API[family])
             response = await handler(Call(request, services, user, params, principal))
             if principal.key.restrictions is not None and principal.key.restrictions.origins:

@@ -6,7 +6,9 @@ from __future__ import annotations
 from starlette.responses import Response
 from starlette.routing import Route
 
+from grantkey.domain.keys import Principal
 from grantkey.domain.tiles import parse_tile
+from grantkey.http.auth import refuse_outside
 from grantkey.http.context import Call, Handler, RequestHandler, endpoint
 from grantkey.http.errors import Family, json_response
 from grantkey.http.maps_api import (
@@ -18,6 +20,7 @@ from grantkey.http.maps_api import (
     tile_answer,
 )
 from grantkey.http.routing import FastRoute
+from grantkey.services.named_maps import Admit
 
 
 def _name(call: Call) -> str:
@@ -52,12 +55,24 @@ async def delete_template(call: Call) -> Response:
     return Response(status_code=204)
 
 
+def admit(call: Call, group: str) -> Admit:
+    """A request that acts as a template's publishing key meets that key's restrictions and
+    its rate limit (the map draws with the key's authority, so the key's bounds follow)."""
+    async def check(publisher: Principal) -> None:
+        if publisher.key.restrictions is not None:
+            refuse_outside(publisher, publisher.key.restrictions, call.request)
+        if publisher.key.rate_limit is not None:
+            await call.services.rates.check(publisher, None)
+
+    return check
+
+
 async def instantiate(call: Call) -> Response:
     """A layergroup of the template, made as its publishing key; the request's own key is
     not what draws it (CARTO: open templates need none)."""
     params = call.params.json_body if call.params.json_body is not None else {}
     layergroup, publisher = await call.services.named_maps.instantiate(
-        call.user, _name(call), params, _auth_token(call))
+        call.user, _name(call), params, _auth_token(call), admit(call, "maps"))
     answer = layergroup_answer(call, layergroup, publisher, _auth_token(call))
     return created(call, answer, layergroup)
 
@@ -67,7 +82,7 @@ async def named_tile(call: Call) -> Response:
     params = call.request.path_params
     coord = parse_tile(str(params["z"]), str(params["x"]), str(params["tile"]))
     layergroup, publisher = await call.services.named_maps.default_layergroup(
-        call.user, _name(call), _auth_token(call))
+        call.user, _name(call), _auth_token(call), admit(call, "tiles"))
     return await tile_answer(call, publisher, layergroup, params.get("layers"), coord)
 
 

@@ -115,6 +115,7 @@ class Services:
         self.cache.clear()  # rare: simpler than finding that user's keys
         self.sql.forget_all()
         self.maps.forget_user(event.user.id)
+        self.usage.forget(event.user.database)
 
     async def open(self, *, migrate: bool = True) -> None:
         if migrate:

@@ -14,6 +14,7 @@ the old one, and deleting the template deletes its key (a revocation).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from grantkey.db import named_maps as store
@@ -57,6 +58,9 @@ def _generation(row: dict[str, Any]) -> str:
     is `<name>/<generation>`)."""
     return str(row["updated_at"].timestamp())
 
+
+# lets a request act as a template's publishing key, or raises (http: restrictions, limits)
+Admit = Callable[[Principal], Awaitable[None]]
 
 class NamedMaps:
     def __init__(self, cluster: Cluster, keys: KeyService, maps: MapsService,
@@ -227,11 +231,15 @@ class NamedMaps:
             raise Forbidden(PUBLISHER_GONE) from None
 
     async def instantiate(self, user: User, name: str, params: object,
-                          auth_token: str | None) -> tuple[Layergroup, Principal]:
-        """The layergroup of the template with `params`, made as its publishing key."""
+                          auth_token: str | None,
+                          admit: Admit | None = None) -> tuple[Layergroup, Principal]:
+        """The layergroup of the template with `params`, made as its publishing key (once
+        `admit` let the request act as that key: its restrictions and rate limit)."""
         template, row = await self._template(user, name)
         check_token(template, auth_token)
         publisher = await self.publisher(user, row)
+        if admit is not None:
+            await admit(publisher)
         config = self._config(template, params)
         layergroup = await self.maps.create(publisher, config,
                                             template=f"{name}/{_generation(row)}")
@@ -239,13 +247,16 @@ class NamedMaps:
             self._defaults.put((user.id, name, str(row["updated_at"])), layergroup)
         return layergroup, publisher
 
-    async def default_layergroup(self, user: User, name: str,
-                                 auth_token: str | None) -> tuple[Layergroup, Principal]:
+    async def default_layergroup(self, user: User, name: str, auth_token: str | None,
+                                 admit: Admit | None = None) -> tuple[Layergroup, Principal]:
         """For direct tiles of a template: the layergroup of its defaults (made once)."""
         template, row = await self._template(user, name)
         check_token(template, auth_token)
         cached = self._defaults.get((user.id, name, str(row["updated_at"])))
         if cached is not None:
-            return cached, await self.publisher(user, row)
-        return await self.instantiate(user, name, {}, auth_token)
+            publisher = await self.publisher(user, row)
+            if admit is not None:
+                await admit(publisher)
+            return cached, publisher
+        return await self.instantiate(user, name, {}, auth_token, admit)
 

@@ -43,6 +43,9 @@ def _forget_everything(services: Services) -> None:
 async def _apply(services: Services, payload: str) -> None:
     username = deleted_username(payload)
     if username is not None:
+        known = services.users.known(username)
+        if known is not None:  # what this process counted of its keys has nowhere to go
+            services.usage.forget(known.database)
         services.users.forget(username)
         services.cache.clear()  # rare: simpler than finding that user's keys
         services.sql.forget_all()

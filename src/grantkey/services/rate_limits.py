@@ -26,8 +26,9 @@ class RateLimits:
                 self.per_user[group] = rate
         self.lookups = parse_rate(lookups)
 
-    async def check(self, principal: Principal, group: str) -> Decision | None:
-        """The decision to report (None: no limit applies); RateLimited when over one."""
+    async def check(self, principal: Principal, group: str | None) -> Decision | None:
+        """The decision to report (None: no limit applies); RateLimited when over one. The
+        key's own limit on every API; the user's, for an API group that has one."""
         decision = None
         rate = principal.key.rate_limit
         if rate is not None:
@@ -37,7 +38,7 @@ class RateLimits:
                 raise RateLimited(decision.headers(), (
                     f'key "{principal.key.name[:100]}" may make {rate.describe()}; retry '
                     f"in {decision.headers()['Retry-After']} s"))
-        rate = self.per_user.get(group)
+        rate = None if group is None else self.per_user.get(group)
         if rate is not None:
             bucket = f"u:{principal.user.id}:{group}".encode()
             mine = await self.store.take(bucket, rate)

@@ -21,6 +21,7 @@ import fcntl
 import functools
 import hashlib
 import logging
+import math
 import mmap
 import os
 import stat
@@ -36,8 +37,8 @@ SLOT = struct.Struct("<Qd")
 # TATs are seconds since this moment (2025-01-01): small numbers keep sub-microsecond
 # precision in a double, which seconds since 1970 (about 1.7e9) do not
 EPOCH = 1_735_689_600.0
-SLOTS = 1 << 16  # 1 MiB
-PROBES = 8
+SLOTS = 1 << 17  # 2 MiB
+PROBES = 16
 FILE_NAME = "rate-limits.bin"
 SHARED_MEMORY = Path("/dev/shm")  # noqa: S108 - opened O_NOFOLLOW, owner checked
 
@@ -102,8 +103,9 @@ class SharedBuckets:
 
     @staticmethod
     def _find(table: mmap.mmap, print_: int, start: int, now: float) -> tuple[int, float | None]:
-        """The bucket's slot and TAT, or a free slot (or the fullest one) and None."""
-        free, fullest, fullest_tat = -1, -1, -1.0
+        """The bucket's slot and TAT, or a free slot (or the fullest bucket's: the one
+        nearest to refilled, the smallest TAT, whose loss gives away the least) and None."""
+        free, fullest, fullest_tat = -1, -1, math.inf
         for probe in range(PROBES):
             offset = ((start + probe) % SLOTS) * SLOT.size
             found, tat = SLOT.unpack_from(table, offset)
@@ -111,7 +113,7 @@ class SharedBuckets:
                 return offset, tat
             if free < 0 and (found == 0 or tat <= now):
                 free = offset
-            elif tat > fullest_tat:
+            elif tat < fullest_tat:
                 fullest, fullest_tat = offset, tat
         return (free if free >= 0 else fullest), None
 

@@ -34,12 +34,26 @@ class Usage:
     def count(self, principal: Principal, api: str) -> None:
         self._counts[principal.user.database][(principal.key.id, api)] += 1
 
+    def forget(self, database: str) -> None:
+        """A deleted user's counts: nowhere to write them."""
+        self._counts.pop(database, None)
+
     async def flush(self) -> None:
         """Write what was counted (each database apart: one that fails keeps its counts
         for the next try)."""
         pending, self._counts = self._counts, defaultdict(lambda: defaultdict(int))
+        if not pending:
+            return
         day = datetime.now(UTC).date()
+        try:
+            async with self.cluster.metadata() as meta:
+                existing = await store.existing_databases(meta, sorted(pending))
+        except CLEANUP_ERRORS as error:
+            log.warning("key usage not written yet: %s", error)
+            existing = set(pending)
         for database, counts in pending.items():
+            if database not in existing:
+                continue  # its user was deleted: nowhere to write them
             try:
                 async with self.cluster.user_database(database) as conn:
                     await store.add(conn, day, dict(counts))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -43,20 +44,28 @@ class UserService:
         self._known: Lru[str, User] = Lru(cache_size)
         self._postgis_template: str | None = None
 
-    async def get(self, username: str, *, cached: bool = False) -> User:
+    async def get(self, username: str, *, cached: bool = False,
+                  before_lookup: Callable[[], Awaitable[None]] | None = None) -> User:
         """A ready user. `cached` may answer from this process's memory: a deletion
         reaches every process through NOTIFY (see `forget`); an unknown name is never cached,
-        so a user created elsewhere is found at once."""
+        so a user created elsewhere is found at once. `before_lookup` runs before the
+        database is asked (a client address's rate limit)."""
         if cached:
             known = self._known.get(username)
             if known is not None:
                 return known
+        if before_lookup is not None:
+            await before_lookup()
         async with self.cluster.metadata() as conn:
             user = await user_store.find_user(conn, username)
         if user is None:
             raise UserNotFound(username)
         self._known.put(username, user)
         return user
+
+    def known(self, username: str) -> User | None:
+        """The user as this process's memory has it, if it does."""
+        return self._known.get(username)
 
     def forget(self, username: str | None = None) -> None:
         """Drop one user (or, with None, every user) from this process's memory."""
