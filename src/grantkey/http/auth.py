@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -114,10 +115,13 @@ def refuse_outside(principal: Principal, restrictions: Restrictions, request: Re
     """403 for a request from a client address or web page the key is not for (before any
     work as the key)."""
     name = principal.key.name[:100]
-    address = client_address(request)
-    if not restrictions.allows_address(address):
-        raise Forbidden(f'key "{name}" may not be used from {address}: its restrictions '
-                        f"allow {', '.join(str(n) for n in restrictions.ips)}")
+    if restrictions.ips:
+        address = client_address(request)
+        if not restrictions.allows_address(address):
+            raise Forbidden(f'key "{name}" may not be used from {address}: its restrictions '
+                            f"allow {', '.join(str(n) for n in restrictions.ips)}")
+    if not restrictions.origins:
+        return
     origin = request_origin(header(request, b"origin"), header(request, b"referer"))
     if not restrictions.allows_origin(origin):
         where = (f"from {origin}" if origin is not None
@@ -131,7 +135,11 @@ def client_address(request: Request) -> str:
     proxies' X-Forwarded-For it believes), or `unknown`: only an IP address is ever used, so
     no request passes for the command line (`cli`) or writes free text anywhere."""
     client = request.client
-    host = client.host if client is not None else ""
+    return _canonical(client.host if client is not None else "")
+
+
+@functools.lru_cache(maxsize=4096)
+def _canonical(host: str) -> str:
     try:
         return str(ipaddress.ip_address(host))
     except ValueError:

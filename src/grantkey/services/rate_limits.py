@@ -5,6 +5,7 @@ stricter reported; and, before any database work to resolve a token, its client 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 from grantkey.domain.keys import Principal
@@ -32,7 +33,7 @@ class RateLimits:
         decision = None
         rate = principal.key.rate_limit
         if rate is not None:
-            bucket = f"k:{principal.user.id}:{principal.key.id}".encode()
+            bucket = _bucket("k", principal.user.id, principal.key.id)
             decision = await self.store.take(bucket, rate)
             if not decision.allowed:
                 raise RateLimited(decision.headers(), (
@@ -40,7 +41,7 @@ class RateLimits:
                     f"in {decision.headers()['Retry-After']} s"))
         rate = None if group is None else self.per_user.get(group)
         if rate is not None:
-            bucket = f"u:{principal.user.id}:{group}".encode()
+            bucket = _bucket("u", principal.user.id, group)
             mine = await self.store.take(bucket, rate)
             if not mine.allowed:
                 raise RateLimited(mine.headers(), (
@@ -63,3 +64,9 @@ class RateLimits:
 
     async def close(self) -> None:
         await self.store.close()
+
+
+@functools.lru_cache(maxsize=65_536)
+def _bucket(kind: str, owner: str, name: str) -> bytes:
+    """A bucket's name: `k:<user id>:<key id>`, `u:<user id>:<group>` (ids are hex)."""
+    return f"{kind}:{owner}:{name}".encode()
