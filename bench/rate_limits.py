@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import statistics
 import tempfile
 import time
@@ -77,8 +78,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--redis-port", type=int, default=None)
     args = parser.parse_args()
-    path = Path(tempfile.mkdtemp(prefix="gkbench-")) / "rate-limits.bin"
-    shared = asyncio.run(measure(SharedBuckets(path), 200))
+    folder = Path(tempfile.mkdtemp(prefix="gkbench-", dir="/dev/shm"))  # as the server keeps it
+    try:
+        shared = asyncio.run(measure(SharedBuckets(folder / "rate-limits.bin"), 200))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     redis = None
     if args.redis_port is not None:
         redis = asyncio.run(measure(RedisBuckets(f"redis://127.0.0.1:{args.redis_port}/0"), 20))
