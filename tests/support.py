@@ -88,6 +88,15 @@ class ServerProcess:
             time.sleep(0.1)
         raise RuntimeError(f"server not healthy in {timeout}s: {self.log_path.read_text()[-3000:]}")
 
+    def started(self) -> ServerProcess:
+        """This server once healthy; stopped (and the error raised) if it never is."""
+        try:
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
     def children(self) -> list[int]:
         """The server's child processes (its uvicorn workers, and any helper)."""
         found = []

@@ -161,14 +161,8 @@ def test_the_carto_sdk_sees_a_time_limit_as_a_plain_error(
 
 
 def own_server(data_dir: Path, login: Login, name: str, **env: str) -> ServerProcess:
-    server = ServerProcess([*login.args(data_dir), "--workers", "2"],
-                           data_dir / f"{name}.log", {**login.env, **env})
-    try:
-        server.wait_healthy()
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    return ServerProcess([*login.args(data_dir), "--workers", "2"],
+                         data_dir / f"{name}.log", {**login.env, **env}).started()
 
 
 @pytest.fixture(scope="module")

@@ -54,14 +54,9 @@ def on(server: ServerProcess, account: Account) -> Account:
 
 
 def start_server(data_dir: Path, login: Login, workers: int, **env: str) -> ServerProcess:
-    server = ServerProcess([*login.args(data_dir), "--workers", str(workers)],
-                           data_dir / f"jobs-attack-{uuid.uuid4().hex[:8]}.log", {**login.env, **env})
-    try:
-        server.wait_healthy()
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    return ServerProcess([*login.args(data_dir), "--workers", str(workers)],
+                         data_dir / f"jobs-attack-{uuid.uuid4().hex[:8]}.log",
+                         {**login.env, **env}).started()
 
 
 @pytest.fixture(scope="module")

@@ -244,12 +244,7 @@ class SqlService:
             self.quota.enter(database)
         try:
             conn, target = await self._acquire(principal, target)
-            if principal.stops_at() is not None:
-                try:
-                    usable(principal, datetime.now(UTC))
-                except Unauthorized:
-                    await run_shielded(self.pools.release(target, conn, reusable=True))
-                    raise
+            await self._still_usable(principal, target, conn)
             released = False
             try:
                 yield conn
@@ -284,12 +279,7 @@ class SqlService:
                      quota: tuple[QuotaKeeper, str] | None) -> RunningQuery:
         target = self.target_for(principal)
         conn, target = await self._acquire(principal, target)
-        if principal.stops_at() is not None:  # it may have stopped while a session was found
-            try:
-                usable(principal, datetime.now(UTC))
-            except Unauthorized:
-                await run_shielded(self.pools.release(target, conn, reusable=True))
-                raise
+        await self._still_usable(principal, target, conn)
         limit = self.limit_for(principal)
         execution = Execution(conn, query, limit, self.terminate, params)
         started = time.monotonic()
@@ -369,6 +359,18 @@ class SqlService:
         if hint is not None:
             error.hint = hint if not error.hint else f"{error.hint} {hint}"
         return error
+
+    async def _still_usable(self, principal: Principal, target: RoleTarget,
+                            conn: RoleConnection) -> None:
+        """The token may have stopped (expiry, grace) while a session was found for it:
+        then the session goes back unused and the answer is the token's 401."""
+        if principal.stops_at() is None:
+            return
+        try:
+            usable(principal, datetime.now(UTC))
+        except Unauthorized:
+            await run_shielded(self.pools.release(target, conn, reusable=True))
+            raise
 
     async def _rotated(self, principal: Principal) -> Principal | None:
         """The token as the key's row sees it now, if it logs in with another password
