@@ -1,6 +1,7 @@
 """The cost of issue 15's per-request checks, in-process, measured like key resolution:
-a rate-limit decision (one bucket: the key's; two: the key's and its user's group), in the
-file every worker maps and, for comparison, in Redis; an expiry and IP restriction check.
+a rate-limit decision (one bucket: the key's; two: the key's and its user's group), from
+a process's lease and from the store itself (the file every worker maps and, for
+comparison, Redis); an expiry and IP restriction check.
 
 Run: python bench/rate_limits.py [--redis-port N]  (with a redis-server on 127.0.0.1:N for
 the Redis figures; Debian: apt-get install redis-server)
@@ -53,11 +54,19 @@ async def timed(call: object, rounds: int = 200, per_round: int = 200) -> float:
 
 
 async def measure(store: BucketStore, rounds: int) -> dict[str, float]:
+    """RateLimits.check on a roomy bucket (mostly spent from this process's lease), and
+    the store's own decision, which every request of a bucket near its limit takes."""
     who = principal()
     one = RateLimits(store, {}, "0")
     both = RateLimits(store, {"sql": str(NEVER)}, "0")
+    key_only = ((b"k:bench", NEVER, 1),)
+    key_and_user = (*key_only, (b"u:bench", NEVER, 1))
     return {"key bucket": await timed(lambda: one.check(who, "sql"), rounds),
-            "key and user buckets": await timed(lambda: both.check(who, "sql"), rounds)}
+            "key and user buckets": await timed(lambda: both.check(who, "sql"), rounds),
+            "key bucket, the store's decision (no lease)":
+                await timed(lambda: store.take(key_only), rounds),
+            "key and user buckets, the store's decision (no lease)":
+                await timed(lambda: store.take(key_and_user), rounds)}
 
 
 def checks() -> float:
@@ -68,7 +77,7 @@ def checks() -> float:
     for _ in range(200):
         started = time.perf_counter_ns()
         for _ in range(200):
-            usable(who, datetime.now(UTC))
+            usable(who)
             restrictions.allows_address("127.0.0.1")
         samples.append((time.perf_counter_ns() - started) / 200 / 1000)
     return statistics.median(samples)
@@ -89,7 +98,9 @@ def main() -> None:
     lines = ["# Per-request key checks (issue 15), in-process", "",
              *(f"- {k}: {v}" for k, v in machine().items()), "",
              "Median µs per call (200 rounds of 200 calls; Redis: 20 rounds), a rate that "
-             "never refuses so that every call is a whole decision:", "",
+             "never refuses. `RateLimits.check` on such a roomy bucket is mostly a spend from "
+             "the process's lease (services/rate_leases.py); the store's decision is what "
+             "every request of a bucket near its limit costs:", "",
              "| check | shared file (one server) | Redis (several servers) |", "|---|---|---|"]
     for name in shared:
         theirs = "—" if redis is None else f"{redis[name]:.1f}"

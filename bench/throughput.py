@@ -16,6 +16,13 @@ clients reversed every other round), and each ratio is taken against the floor o
 round: on a virtual machine whose CPU time is partly stolen by the host, runs made minutes
 apart are not comparable. The report gives the median of those paired ratios and the share
 of CPU time the host stole during the runs.
+
+`--key-features` (issue 15) adds the comparison its target is about, closer still: the
+key with an expiry, an IP restriction and a rate limit against the regular key in quads of
+short runs back to back (regular, guarded, guarded, regular), each quad's ratio the sum of
+the guarded runs over the sum of the regular ones (a steady drift of the host's speed
+cancels). A control does the same with two regular keys of the same grants: its spread is
+the method's own noise.
 """
 
 from __future__ import annotations
@@ -165,14 +172,20 @@ def main() -> None:
                         help="only the floor, a regular key and a key with an expiry, an IP "
                              "restriction and a rate limit (issue 15; reported to "
                              "throughput-key-features-<date>.md)")
+    parser.add_argument("--quads", type=int, default=16,
+                        help="--key-features: quads of runs per paired comparison")
+    parser.add_argument("--quad-duration", type=int, default=3,
+                        help="--key-features: seconds of each run of a quad")
     parser.add_argument("--workers", type=int, default=2,
                         help="worker processes of both servers (grantkey serve's default is 1; "
                              "other counts than 2 report to throughput-workers<N>-<date>.md)")
     args = parser.parse_args()
     env = {} if args.cap is None else {"GRANTKEY_SQL_MAX_CONNECTIONS": str(args.cap)}
     rows: list[tuple[str, str, dict[str, float]]] = []
+    pairs: list[tuple[str, str, list[float]]] = []
     with BenchServer(workers=args.workers, env=env) as server:
-        ready = setup(server, max(args.keys, args.big_keys))
+        # --key-features: a second regular key, for the paired comparisons' control
+        ready = setup(server, max(args.keys, args.big_keys, 2 if args.key_features else 0))
         floor, floor_url = start_floor(str(ready["floor"]), args.workers)
         try:
             everyone = list(ready["tokens"])  # type: ignore[call-overload]
@@ -203,10 +216,28 @@ def main() -> None:
                     configs.append((f"{len(everyone)} keys Zipf {args.zipf:g}", sql,
                                     zipf_script(everyone, urlpath(sql), args.zipf)))
                 rows.extend(rounds(label, configs, args, str(ready["admin"])))
+                if args.key_features:
+                    plain, other = (f"{sql}&api_key={t}" for t in everyone[:2])
+                    pairs.append((label, "guarded key / regular key",
+                                  paired(plain, guarded[1], args)))
+                    pairs.append((label, "regular key / another regular key (control)",
+                                  paired(plain, other, args)))
         finally:
             floor.terminate()
             floor.wait(30)
-    report(rows, "" if args.key_features else order_check(args, env), args)
+    report(rows, "" if args.key_features else order_check(args, env), args, pairs)
+
+
+def paired(regular: str, other: str, args: argparse.Namespace) -> list[float]:
+    """`other`'s req/s over `regular`'s, a ratio per quad of runs back to back (regular,
+    other, other, regular): (o1 + o2) / (r1 + r2) cancels a steady drift within the quad."""
+    ratios = []
+    for _ in range(args.quads):
+        r1, o1, o2, r2 = (wrk(url, args.quad_duration)["rps"]
+                          for url in (regular, other, other, regular))
+        ratios.append((o1 + o2) / (r1 + r2))
+        print("quad", f"{r1:.0f} {o1:.0f} {o2:.0f} {r2:.0f} -> {ratios[-1]:.3f}", flush=True)
+    return ratios
 
 
 def round_robin_script(tokens: list[str], sql: str) -> str:
@@ -316,7 +347,7 @@ def urlpath(url: str) -> str:
 
 
 def report(rows: list[tuple[str, str, dict[str, float]]], order: str,
-           args: argparse.Namespace) -> None:
+           args: argparse.Namespace, pairs: list[tuple[str, str, list[float]]]) -> None:
     lines = ["# SQL API throughput against the floor", "",
              *(f"- {k}: {v}" for k, v in machine().items()),
              f"- wrk -t2 -c64 -d{args.duration}s, {args.runs} rounds; req/s and p99 are medians "
@@ -337,7 +368,7 @@ def report(rows: list[tuple[str, str, dict[str, float]]], order: str,
                      f"{r['non2xx']:.0f} | {sessions} | {r['logins_per_s']:,.0f} | "
                      f"{r['steal_pct']:.0f}% |")
     if not order:
-        write_result("throughput-key-features", lines)
+        write_result("throughput-key-features", lines + paired_lines(pairs, args))
         return
     lines += ["", "Order check, a fresh server (10 rows, 1 run each, req/s): round-robin on an "
               "empty pool (cold), after warm-up (fresh), then Zipf after warm-up, then round-robin "
@@ -347,6 +378,22 @@ def report(rows: list[tuple[str, str, dict[str, float]]], order: str,
               "after / fresh |", "|---|---|---|---|---|---|---|---|---|", order]
     name = "throughput" if args.cap is None else f"throughput-cap{args.cap}"
     write_result(name if args.workers == 2 else f"{name}-workers{args.workers}", lines)
+
+
+def paired_lines(pairs: list[tuple[str, str, list[float]]], args: argparse.Namespace) -> list[str]:
+    """The paired comparisons' table: each one's median ratio and quartiles."""
+    lines = ["", f"Paired, req/s ratio (issue 15's target: guarded key / regular key >= 0.95): "
+             f"{args.quads} quads of {args.quad_duration} s runs back to back (regular, other, "
+             "other, regular), each quad's ratio (o1 + o2) / (r1 + r2); the control's spread "
+             "is the method's noise", "",
+             "| query | comparison | median ratio | quartiles | lowest | highest |",
+             "|---|---|---|---|---|---|"]
+    for label, name, ratios in pairs:
+        low, _, high = (statistics.quantiles(ratios, n=4) if len(ratios) > 1
+                        else (ratios[0],) * 3)
+        lines.append(f"| {label} | {name} | {statistics.median(ratios):.3f} | "
+                     f"{low:.3f}–{high:.3f} | {min(ratios):.3f} | {max(ratios):.3f} |")
+    return lines
 
 
 if __name__ == "__main__":

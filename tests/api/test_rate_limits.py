@@ -7,6 +7,8 @@ client address."""
 
 from __future__ import annotations
 
+import asyncio
+import secrets
 import shutil
 import subprocess
 import time
@@ -17,6 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
+from grantkey.domain.rate_limits import Rate
+from grantkey.services.rate_store import RedisBuckets
 from tests.conftest import Account, Login
 from tests.support import ServerProcess, free_port, table_grants
 
@@ -270,3 +274,22 @@ def test_two_servers_on_redis_share_a_keys_bucket(
     finally:
         for server in servers:
             server.stop()
+
+
+def test_on_redis_a_request_one_bucket_refuses_costs_the_other_nothing(redis_url: str) -> None:
+    async def scenario() -> list[list[tuple[bool, int]]]:
+        store = RedisBuckets(redis_url)
+        roomy, strict = Rate(10, 60, 9), Rate(1, 3600)
+        tag = secrets.token_hex(4).encode()  # buckets of this run only
+        both = [(b"roomy" + tag, roomy, 1), (b"strict" + tag, strict, 1)]
+        try:
+            return [[(d.allowed, d.remaining) for d in await store.take(takes)]
+                    for takes in (both, both, both[::-1], both[:1])]
+        finally:
+            await store.close()
+
+    first, refused, strict_first, roomy = asyncio.run(scenario())
+    assert first == [(True, 9), (True, 0)]
+    assert refused == [(True, 8), (False, 0)]  # what it would have left: nothing taken
+    assert strict_first == [(False, 0), (True, 8)]
+    assert roomy == [(True, 8)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import unicodedata
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -83,10 +84,18 @@ class Principal:
     password: str | None = None
     token_until: datetime | None = None
 
-    def stops_at(self) -> datetime | None:
-        """When this token stops working (its key's expiry, or its grace's end)."""
-        moments = [m for m in (self.key.expires_at, self.token_until) if m is not None]
+    @functools.cached_property
+    def stop_time(self) -> float | None:
+        """When this token stops working (its key's expiry, or its grace's end), in seconds
+        since 1970; worked out once, as every request compares it with `time.time()`."""
+        moments = [m.timestamp() for m in (self.key.expires_at, self.token_until)
+                   if m is not None]
         return min(moments) if moments else None
+
+    @functools.cached_property
+    def rate_bucket(self) -> bytes:
+        """The name of the key's rate-limit bucket: `k:<user id>:<key id>` (ids are hex)."""
+        return f"k:{self.user.id}:{self.key.id}".encode()
 
     @property
     def is_master(self) -> bool:

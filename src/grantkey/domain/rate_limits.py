@@ -10,7 +10,7 @@ left now, the seconds until one more is allowed (on a refusal) and until the buc
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from grantkey.rate_text import rate_parts, rate_problem
@@ -21,14 +21,15 @@ class Rate:
     requests: int
     per: float  # seconds
     burst: int = 0
+    # worked out once (every request's decision reads them): the seconds between two
+    # requests, and how far ahead of now a bucket's TAT may be
+    emission: float = field(init=False, repr=False, compare=False)
+    tolerance: float = field(init=False, repr=False, compare=False)
 
-    @property
-    def emission(self) -> float:
-        return self.per / self.requests
-
-    @property
-    def tolerance(self) -> float:
-        return self.emission * (self.burst + 1)
+    def __post_init__(self) -> None:
+        emission = self.per / self.requests
+        object.__setattr__(self, "emission", emission)
+        object.__setattr__(self, "tolerance", emission * (self.burst + 1))
 
     @property
     def limit(self) -> int:
@@ -50,6 +51,7 @@ class Decision(NamedTuple):  # a tuple: made on every request, cheaper than a da
     remaining: int
     retry_after: float  # seconds until one more is allowed; -1 when allowed
     reset_after: float  # seconds until the bucket is full again
+    taken: int = 1  # requests taken at once (a process's lease, `services/rate_leases.py`)
 
     def headers(self) -> dict[str, str]:
         """CARTO's headers (integers: the SDK reads them with int()); Retry-After only on
@@ -69,22 +71,33 @@ class Decision(NamedTuple):  # a tuple: made on every request, cheaper than a da
                 (b"carto-rate-limit-reset", b"%d" % math.ceil(self.reset_after))]
 
 
-def gcra(tat: float | None, now: float, rate: Rate) -> tuple[float | None, Decision]:
-    """The decision on one request at `now` for a bucket whose TAT is `tat` (None: a new or
-    forgotten bucket), and the TAT to store (None: unchanged, on a refusal). A TAT further
-    ahead than the rate allows (a clock that went back) counts as a full bucket's."""
-    emission = rate.per / rate.requests
-    tolerance = emission * (rate.burst + 1)
+def gcra(tat: float | None, now: float, rate: Rate,
+         count: int = 1) -> tuple[float | None, Decision]:
+    """The decision on `count` requests at once at `now` for a bucket whose TAT is `tat`
+    (None: a new or forgotten bucket), and the TAT to store (None: unchanged, on a refusal).
+    A TAT further ahead than the rate allows (a clock that went back) counts as a full
+    bucket's."""
+    emission, tolerance = rate.emission, rate.tolerance
     if tat is None or tat < now or tat > now + tolerance + emission:
         tat = now
-    new_tat = tat + emission
+    new_tat = tat + emission * count
     wait = (new_tat - tolerance) - now
     if wait > 0:
         ttl = tat - now
         return None, Decision(False, rate.burst + 1, _remaining(tolerance - ttl, emission),
-                              wait, ttl)
+                              wait, ttl, 0)
     ttl = new_tat - now
-    return new_tat, Decision(True, rate.burst + 1, _remaining(tolerance - ttl, emission), -1, ttl)
+    return new_tat, Decision(True, rate.burst + 1, _remaining(tolerance - ttl, emission), -1,
+                             ttl, count)
+
+
+def gcra_up_to(tat: float | None, now: float, rate: Rate,
+               count: int) -> tuple[float | None, Decision]:
+    """`count` requests at once if the bucket has room for them, else one (its decision)."""
+    new_tat, decision = gcra(tat, now, rate, count)
+    if new_tat is None and count > 1:
+        return gcra(tat, now, rate, 1)
+    return new_tat, decision
 
 
 def _remaining(room: float, emission: float) -> int:

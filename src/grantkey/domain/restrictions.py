@@ -11,11 +11,12 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 MAX_ENTRIES = 100
+VERDICTS_KEPT = 1024
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _HOST = r"(?:\*\.)?[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*"
 _PATTERN = re.compile(rf"(https?)://({_HOST})(?::([0-9]{{1,5}}))?")
@@ -26,12 +27,22 @@ _EXAMPLE = '{"ips": ["203.0.113.0/24"], "origins": ["https://maps.example.com"]}
 class Restrictions:
     ips: tuple[IpNetwork, ...] = ()
     origins: tuple[str, ...] = ()
+    # each client address's verdict, worked out once (a key's requests mostly come from a
+    # few addresses; forgotten all at once past VERDICTS_KEPT)
+    _verdicts: dict[str, bool] = field(default_factory=dict, init=False, repr=False,
+                                       compare=False)
 
     def allows_address(self, address: str) -> bool:
         if not self.ips:
             return True
-        client = _address(address)
-        return client is not None and any(client in network for network in self.ips)
+        verdict = self._verdicts.get(address)
+        if verdict is None:
+            client = _address(address)
+            verdict = client is not None and any(client in network for network in self.ips)
+            if len(self._verdicts) >= VERDICTS_KEPT:
+                self._verdicts.clear()
+            self._verdicts[address] = verdict
+        return verdict
 
     def allows_origin(self, origin: str | None) -> bool:
         if not self.origins:

@@ -114,16 +114,17 @@ async def resolve_principal(
 def refuse_outside(principal: Principal, restrictions: Restrictions, request: Request) -> None:
     """403 for a request from a client address or web page the key is not for (before any
     work as the key)."""
-    name = principal.key.name[:100]
     if restrictions.ips:
         address = client_address(request)
         if not restrictions.allows_address(address):
+            name = principal.key.name[:100]
             raise Forbidden(f'key "{name}" may not be used from {address}: its restrictions '
                             f"allow {', '.join(str(n) for n in restrictions.ips)}")
     if not restrictions.origins:
         return
     origin = request_origin(header(request, b"origin"), header(request, b"referer"))
     if not restrictions.allows_origin(origin):
+        name = principal.key.name[:100]
         where = (f"from {origin}" if origin is not None
                  else "with no Origin or Referer header (not from a web page)")
         raise Forbidden(f'key "{name}" may be used only from web pages of '
@@ -134,8 +135,8 @@ def client_address(request: Request) -> str:
     """The client's address (uvicorn's view: its --forwarded-allow-ips decides which
     proxies' X-Forwarded-For it believes), or `unknown`: only an IP address is ever used, so
     no request passes for the command line (`cli`) or writes free text anywhere."""
-    client = request.client
-    return _canonical(client.host if client is not None else "")
+    client = request.scope.get("client")  # (host, port), as Starlette's request.client
+    return _canonical(client[0] if client else "")
 
 
 @functools.lru_cache(maxsize=4096)

@@ -86,8 +86,8 @@ def endpoint(
             response = await handler(Call(request, services, user, params, principal))
             if principal.key.restrictions is not None and principal.key.restrictions.origins:
                 answer_origin(request, response)
-            if decision is not None:
-                _add_rate_headers(response, decision.raw_headers())
+            if decision is not None:  # exposed to browsers by `cors.with_cors_headers`
+                response.raw_headers.extend(decision.raw_headers())
             return response
         except GrantkeyError as error:  # a limit's headers on the failure too
             response = (on_error(request, error) if on_error is not None
@@ -117,27 +117,8 @@ def answer_origin(request: Request, response: Response) -> None:
         response.headers["Vary"] = "Origin"
 
 
-RATE_HEADERS = ("Carto-Rate-Limit-Limit, Carto-Rate-Limit-Remaining, Carto-Rate-Limit-Reset, "
-                "Retry-After")
-
-
-_EXPOSE = (b"access-control-expose-headers", RATE_HEADERS.encode())
-
-
-def _add_rate_headers(response: Response, lines: list[tuple[bytes, bytes]]) -> None:
-    """An allowed request's rate-limit headers, appended as raw lines (the hot path)."""
-    raw = response.raw_headers
-    if not any(name == b"access-control-expose-headers" for name, _ in raw):
-        lines.append(_EXPOSE)
-    raw.extend(lines)
-
-
 def with_headers(response: Response, headers: dict[str, str]) -> Response:
-    """`response` with a rate limit's headers, which browsers may read (CORS)."""
-    if headers:
-        response.headers.update(headers)
-        exposed = response.headers.get("Access-Control-Expose-Headers")
-        if exposed is None or "Carto-Rate-Limit-Limit" not in exposed:
-            response.headers["Access-Control-Expose-Headers"] = (
-                RATE_HEADERS if not exposed else f"{exposed}, {RATE_HEADERS}")
+    """`response` with a rate limit's headers (which `cors.with_cors_headers` exposes to
+    browsers' scripts)."""
+    response.headers.update(headers)
     return response

@@ -25,7 +25,7 @@ from starlette.routing import PARAM_REGEX, BaseRoute
 from starlette.types import Message, Receive, Scope, Send
 
 from grantkey.http.context import RequestHandler
-from grantkey.http.cors import ALLOW_ORIGIN, with_allow_origin
+from grantkey.http.cors import ALLOW_ORIGIN, with_cors_headers
 from grantkey.http.errors import unexpected_error
 from grantkey.http.routing import FastRoute, served_routes
 
@@ -154,7 +154,7 @@ class GrantkeyApp(Starlette):
 
         try:
             response = await handler(request)
-            with_allow_origin(response.raw_headers)
+            with_cors_headers(response.raw_headers)
             await response(scope, receive, tracked)
         except Exception as error:
             if started:  # the status line is gone: nothing better than ending the answer

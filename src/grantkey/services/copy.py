@@ -10,7 +10,6 @@ import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from types import TracebackType
 
 from grantkey.db.copy import (
@@ -177,5 +176,5 @@ class CopyService:
 def _stopped(principal: Principal, error: BaseException) -> None:
     """A COPY cut at the moment its token stopped working (its key's expiry, an old
     token's grace) answers as that token now would: 401, not the time limit's 429."""
-    if isinstance(error, SqlError) and error.status == 429 and principal.stops_at() is not None:
-        usable(principal, datetime.now(UTC))
+    if isinstance(error, SqlError) and error.status == 429 and principal.stop_time is not None:
+        usable(principal)

@@ -20,7 +20,6 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from grantkey.db import jobs as job_store
@@ -418,11 +417,11 @@ class JobRun:
         """Seconds until the job's token stops working (its key's expiry, an old token's
         grace); Unauthorized once it has (the job fails as revoked while running)."""
         assert self.principal is not None
-        stops = self.principal.stops_at()
+        stops = self.principal.stop_time
         if stops is None:
             return math.inf
-        usable(self.principal, datetime.now(UTC))
-        return (stops - datetime.now(UTC)).total_seconds()
+        usable(self.principal)
+        return stops - time.time()
 
     def _timed_out(self, timeout_ms: float | None) -> str:
         if timeout_ms is None:

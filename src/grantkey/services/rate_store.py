@@ -27,10 +27,11 @@ import os
 import stat
 import struct
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from grantkey.domain.rate_limits import Decision, Rate, gcra
+from grantkey.domain.rate_limits import Decision, Rate, gcra_up_to
 
 log = logging.getLogger("grantkey.rate_limits")
 SLOT = struct.Struct("<Qd")
@@ -52,8 +53,16 @@ def table_path(data_dir: Path) -> Path:
     return data_dir / FILE_NAME
 
 
+# the buckets one request takes from: each one's name, the rate it is held to, and how
+# many requests to take at once if it has room for them (else one: `gcra_up_to`)
+Takes = Sequence[tuple[bytes, Rate, int]]
+
+
 class BucketStore(Protocol):
-    async def take(self, key: bytes, rate: Rate) -> Decision: ...
+    async def take(self, takes: Takes) -> list[Decision]:
+        """Each bucket's decision; the buckets are charged only when every one allows (a
+        request one of them refuses costs the others nothing)."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -84,22 +93,36 @@ class SharedBuckets:
         self._fd, self._map = fd, mmap.mmap(fd, size)
         return self._map
 
-    async def take(self, key: bytes, rate: Rate) -> Decision:
-        return self.take_now(key, rate, time.time() - EPOCH)
+    async def take(self, takes: Takes) -> list[Decision]:
+        return self.take_all_now(takes, time.time() - EPOCH)
 
     def take_now(self, key: bytes, rate: Rate, now: float) -> Decision:
+        """One request's decision on one bucket at `now` (seconds since EPOCH)."""
+        return self.take_all_now(((key, rate, 1),), now)[0]
+
+    def take_all_now(self, takes: Takes, now: float) -> list[Decision]:
+        """`take` at `now`, under one lock: every bucket decided, then written if all
+        allow."""
         table = self._map if self._map is not None else self._open()
-        print_ = fingerprint(key)
-        start = print_ % SLOTS
+        decisions: list[Decision] = []
+        found: list[tuple[int, int, float | None]] = []
         fcntl.flock(self._fd, fcntl.LOCK_EX)  # type: ignore[arg-type]
         try:
-            offset, tat = self._find(table, print_, start, now)
-            new_tat, decision = gcra(tat, now, rate)
-            if new_tat is not None:
-                SLOT.pack_into(table, offset, print_, new_tat)
+            for key, rate, count in takes:
+                print_ = fingerprint(key)
+                offset, tat = self._find(table, print_, print_ % SLOTS, now)
+                new_tat, decision = gcra_up_to(tat, now, rate, count)
+                decisions.append(decision)
+                found.append((offset, print_, new_tat))
+            if len(found) == 1 and found[0][2] is not None:
+                SLOT.pack_into(table, found[0][0], found[0][1], found[0][2])
+            elif all(new_tat is not None for _, _, new_tat in found):
+                for _, print_, new_tat in found:  # found again: two new buckets may have
+                    offset, _ = self._find(table, print_, print_ % SLOTS, now)  # one slot
+                    SLOT.pack_into(table, offset, print_, new_tat)
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)  # type: ignore[arg-type]
-        return decision
+        return decisions
 
     @staticmethod
     def _find(table: mmap.mmap, print_: int, start: int, now: float) -> tuple[int, float | None]:
@@ -126,22 +149,37 @@ class SharedBuckets:
             self._fd = None
 
 
-# GCRA in Redis, on Redis's clock (servers' clocks may differ): KEYS[1] the bucket,
-# ARGV emission interval and tolerance in seconds. Returns {allowed, ttl, wait} as strings.
+# GCRA in Redis, on Redis's clock (servers' clocks may differ): KEYS the buckets, ARGV
+# each one's emission interval and tolerance in seconds and how many requests to take at
+# once if it has room (else one). Returns {allowed, ttl, wait, taken} of strings per bucket;
+# writes only when every bucket allows.
 _SCRIPT = """
-local emission = tonumber(ARGV[1])
-local tolerance = tonumber(ARGV[2])
 local clock = redis.call('TIME')
 local now = (tonumber(clock[1]) - 1735689600) + tonumber(clock[2]) / 1000000
-local tat = tonumber(redis.call('GET', KEYS[1]))
-if not tat or tat < now or tat > now + tolerance + emission then tat = now end
-local new_tat = tat + emission
-local wait = (new_tat - tolerance) - now
-if wait > 0 then
-  return {'0', tostring(tat - now), tostring(wait)}
+local answers, writes, allowed = {}, {}, true
+for i, key in ipairs(KEYS) do
+  local emission = tonumber(ARGV[3 * i - 2])
+  local tolerance = tonumber(ARGV[3 * i - 1])
+  local count = tonumber(ARGV[3 * i])
+  local tat = tonumber(redis.call('GET', key))
+  if not tat or tat < now or tat > now + tolerance + emission then tat = now end
+  if count > 1 and (tat + emission * count - tolerance) - now > 0 then count = 1 end
+  local new_tat = tat + emission * count
+  local wait = (new_tat - tolerance) - now
+  if wait > 0 then
+    answers[i] = {'0', tostring(tat - now), tostring(wait), '0'}
+    allowed = false
+  else
+    answers[i] = {'1', tostring(new_tat - now), '-1', tostring(count)}
+    writes[i] = new_tat
+  end
 end
-redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 1)
-return {'1', tostring(new_tat - now), '-1'}
+if allowed then
+  for i, key in ipairs(KEYS) do
+    redis.call('SET', key, tostring(writes[i]), 'PX', math.ceil((writes[i] - now) * 1000) + 1)
+  end
+end
+return answers
 """
 
 
@@ -157,21 +195,30 @@ class RedisBuckets:
         self._script = self._client.register_script(_SCRIPT)
         self._warned = 0.0
 
-    async def take(self, key: bytes, rate: Rate) -> Decision:
+    async def take(self, takes: Takes) -> list[Decision]:
         from redis.exceptions import RedisError
 
         try:
-            allowed, ttl, wait = await self._script(keys=[b"grantkey:rl:" + key],
-                                                    args=[repr(rate.emission), repr(rate.tolerance)])
+            answers = await self._script(
+                keys=[b"grantkey:rl:" + key for key, _, _ in takes],
+                args=[repr(value) for _, rate, count in takes
+                      for value in (rate.emission, rate.tolerance, count)])
         except (RedisError, OSError) as error:
             if time.monotonic() - self._warned > 60:
                 self._warned = time.monotonic()
                 log.warning("Redis unreachable, requests not rate limited: %s", error)
-            return Decision(True, rate.limit, rate.burst, -1, 0.0)
-        ttl_seconds = float(ttl)
-        remaining = max(int((rate.tolerance - ttl_seconds) / rate.emission + 1e-9), 0)
-        return Decision(allowed in (b"1", "1"), rate.limit, remaining,
-                        float(wait), ttl_seconds)
+            return [Decision(True, rate.limit, rate.burst, -1, 0.0) for _, rate, _ in takes]
+        return [_decision(rate, *answer) for (_, rate, _), answer in zip(takes, answers,
+                                                                          strict=True)]
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+def _decision(rate: Rate, allowed: bytes | str, ttl: bytes | str, wait: bytes | str,
+              taken: bytes | str) -> Decision:
+    """A bucket's decision from what the script answered for it."""
+    ttl_seconds = float(ttl)
+    remaining = max(int((rate.tolerance - ttl_seconds) / rate.emission + 1e-9), 0)
+    return Decision(allowed in (b"1", "1"), rate.limit, remaining, float(wait), ttl_seconds,
+                    int(taken))

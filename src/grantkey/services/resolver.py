@@ -8,8 +8,8 @@ request, cached or not, by every process against its own clock: they end everywh
 from __future__ import annotations
 
 import hmac
+import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 
 from cryptography.exceptions import InvalidTag
 
@@ -46,7 +46,7 @@ class KeyResolver:
                 record = await key_store.find_by_digest(conn, token_digest)
             principal = self._principal(user, record, token, token_digest)
             self.cache.put(principal, token_digest)
-        return usable(principal, datetime.now(UTC))
+        return usable(principal)
 
     def _principal(self, user: User, record: KeyRecord | None, token: str,
                    token_digest: bytes) -> Principal:
@@ -67,10 +67,17 @@ class KeyResolver:
                          token_until=record.grace_until)
 
 
-def usable(principal: Principal, now: datetime) -> Principal:
-    """The principal, unless its key expired or its old token's grace ended."""
-    if principal.key.expired(now):
-        raise KeyExpired(principal.key.name, principal.key.expires_at)
-    if principal.token_until is not None and now >= principal.token_until:
-        raise Unauthorized("a regenerated key's old token, after its grace")
-    return principal
+def usable(principal: Principal, now: float | None = None) -> Principal:
+    """The principal, unless its key expired or its old token's grace ended (at `now`,
+    seconds since 1970; by default this process's clock's now)."""
+    stop = principal.stop_time
+    if stop is None:
+        return principal
+    if now is None:
+        now = time.time()
+    if now < stop:
+        return principal
+    expires_at = principal.key.expires_at
+    if expires_at is not None and now >= expires_at.timestamp():
+        raise KeyExpired(principal.key.name, expires_at)
+    raise Unauthorized("a regenerated key's old token, after its grace")

@@ -13,7 +13,6 @@ import re
 import time
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
@@ -290,8 +289,8 @@ class SqlService:
             if connection_lost(error):
                 await self._lost(principal, target)  # 401 if the key was revoked
                 raise QueryInterrupted from None
-            if principal.stops_at() is not None:  # cut because the key expired: 401
-                usable(principal, datetime.now(UTC))
+            if principal.stop_time is not None:  # cut because the key expired: 401
+                usable(principal)
             raise await self.explained(principal, translate(error)) from None
         except BaseException:  # cancelled: the client went away mid-query
             await run_shielded(_release(self.pools, execution, target, conn))
@@ -306,10 +305,10 @@ class SqlService:
     @staticmethod
     def until_stop(principal: Principal, limit: float) -> float:
         """`limit`, or the seconds until the principal's token stops working if sooner."""
-        stops = principal.stops_at()
+        stops = principal.stop_time
         if stops is None:
             return limit
-        return min(limit, max((stops - datetime.now(UTC)).total_seconds(), 0.001))
+        return min(limit, max(stops - time.time(), 0.001))
 
     def limit_for(self, principal: Principal, server_limit: float | None = None) -> float:
         """Seconds a statement of `principal` may run: the server's limit for its key type
@@ -332,7 +331,7 @@ class SqlService:
                 return await self.pools.acquire(target), target
             except LoginRefused:
                 self.resolver.cache.evict(principal.user.id, digest(principal.token))
-                usable(principal, datetime.now(UTC))  # refused since it expired: say so
+                usable(principal)  # refused since it expired: say so
                 if attempt == 1 and (rotated := await self._rotated(principal)) is not None:
                     principal, target = rotated, self.target_for(rotated)
                     continue
@@ -364,10 +363,10 @@ class SqlService:
                             conn: RoleConnection) -> None:
         """The token may have stopped (expiry, grace) while a session was found for it:
         then the session goes back unused and the answer is the token's 401."""
-        if principal.stops_at() is None:
+        if principal.stop_time is None:
             return
         try:
-            usable(principal, datetime.now(UTC))
+            usable(principal)
         except Unauthorized:
             await run_shielded(self.pools.release(target, conn, reusable=True))
             raise
@@ -386,7 +385,7 @@ class SqlService:
         is the last word (a revocation commits before any session of the role is ended,
         while the key's row may change an instant later)."""
         self.resolver.cache.evict(principal.user.id, digest(principal.token))
-        usable(principal, datetime.now(UTC))  # expired meanwhile: say so
+        usable(principal)  # expired meanwhile: say so
         try:
             await self.pools.probe_login(target)
         except LoginRefused:
