@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from grantkey.domain.rate_limits import Rate
-from grantkey.services.rate_store import RedisBuckets
+from grantkey.services.rate_store import RedisBuckets, redis_key
 from tests.conftest import Account, Login
 from tests.support import ServerProcess, free_port, table_grants
 
@@ -293,3 +293,25 @@ def test_on_redis_a_request_one_bucket_refuses_costs_the_other_nothing(redis_url
     assert refused == [(True, 8), (False, 0)]  # what it would have left: nothing taken
     assert strict_first == [(False, 0), (True, 8)]
     assert roomy == [(True, 8)]
+
+
+def test_on_redis_a_lease_takes_many_from_a_roomy_bucket_and_one_from_a_tight_one(
+        redis_url: str) -> None:
+    async def scenario() -> list[tuple[bool, int, int]]:
+        store = RedisBuckets(redis_url)
+        tag = secrets.token_hex(4).encode()
+        roomy, tight = Rate(1, 3600, 9999), Rate(1, 3600, 9)
+        try:
+            return [(d.allowed, d.remaining, d.taken) for d in await store.take(
+                [(b"k:roomy" + tag, roomy, 32), (b"k:tight" + tag, tight, 32)])]
+        finally:
+            await store.close()
+
+    # 32 taken from the roomy bucket; the tight one has room for 10, so one is taken
+    assert asyncio.run(scenario()) == [(True, 10_000 - 32, 32), (True, 9, 1)]
+
+
+def test_a_requests_redis_keys_share_one_hash_slot() -> None:
+    keys = [redis_key(b"k:0a1b:0c2d"), redis_key(b"u:0a1b:sql")]
+    assert keys == [b"grantkey:rl:k:{0a1b}:0c2d", b"grantkey:rl:u:{0a1b}:sql"]
+    assert redis_key(b"a:2001:db8::1") != redis_key(b"a:2001:db8::2")

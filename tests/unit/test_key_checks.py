@@ -62,6 +62,7 @@ def test_an_address_verdict_is_remembered_within_bounds_and_stays_right() -> Non
             assert restrictions.allows_address(inside), (round_, inside)
             assert not restrictions.allows_address(outside), (round_, outside)
             assert len(restrictions._verdicts) <= VERDICTS_KEPT
+            assert restrictions._verdicts[outside] is False  # remembered
     assert not restrictions.allows_address("not an address")
 
 

@@ -6,13 +6,17 @@ leases; a lease ends after LEASE_SECONDS."""
 from __future__ import annotations
 
 import asyncio
+import math
 import multiprocessing
 import time
 from pathlib import Path
 
+import pytest
+
 from grantkey.domain.rate_limits import Decision, Rate
+from grantkey.services import rate_leases
 from grantkey.services.rate_leases import LEASE_SECONDS, MAX_LEASE, LeasedBuckets
-from grantkey.services.rate_store import SharedBuckets, Takes
+from grantkey.services.rate_store import EPOCH, SharedBuckets, Takes
 
 
 class CountingStore:
@@ -62,7 +66,7 @@ def test_a_roomy_buckets_requests_mostly_skip_the_table_and_count_down_exactly(
         tmp_path: Path) -> None:
     store = CountingStore(tmp_path / "b.bin")
     buckets = LeasedBuckets(store)
-    rate = Rate(1, 3600, 9999)  # no refill to speak of within the test
+    rate = Rate(1, 3600, 99_999)  # no refill to speak of within the test
 
     async def run() -> list[int]:
         remaining = []
@@ -72,20 +76,20 @@ def test_a_roomy_buckets_requests_mostly_skip_the_table_and_count_down_exactly(
             remaining.append(decision.remaining)
         return remaining
 
-    assert asyncio.run(run()) == list(range(9999, 8999, -1))
+    assert asyncio.run(run()) == list(range(99_999, 98_999, -1))
     assert store.calls <= 1000 // (MAX_LEASE // 2), store.calls
 
 
 def test_near_its_limit_every_request_asks_the_table(tmp_path: Path) -> None:
     store = CountingStore(tmp_path / "b.bin")
     buckets = LeasedBuckets(store)
-    rate = Rate(1, 3600, 49)  # 50 at once: under 64 of room, no request leases
+    rate = Rate(1, 3600, 999)  # under ROOM_PER_LEASED of room: no request leases
 
     async def run() -> list[bool]:
-        return [(await buckets.take([(b"k:tight", rate)]))[0].allowed for _ in range(60)]
+        return [(await buckets.take([(b"k:tight", rate)]))[0].allowed for _ in range(1010)]
 
-    assert asyncio.run(run()) == [True] * 50 + [False] * 10
-    assert store.calls == 60
+    assert asyncio.run(run()) == [True] * 1000 + [False] * 10
+    assert store.calls == 1010
 
 
 def test_a_lease_ends_after_its_time_and_what_it_held_is_not_spent(tmp_path: Path) -> None:
@@ -117,7 +121,64 @@ def test_a_refusal_by_one_bucket_spends_no_lease_of_the_other(tmp_path: Path) ->
                 for _ in range(3)]
 
     assert asyncio.run(run()) == [[True, True], [True, True], [True, False]]
-    table = SharedBuckets(tmp_path / "b.bin")
-    # the table counted the leases taken (never the refused request), no more
-    assert table.take_now(b"k:roomy", roomy, time.time() - 1_735_689_600.0).remaining >= (
-        9999 - 3 - 2 * MAX_LEASE)
+    # five requests admitted on the roomy bucket: the sixth sees exactly 10,000 - 6 left
+    # (the refused request set its share of the lease aside, then gave it back)
+    (sixth,) = asyncio.run(buckets.take([(b"k:roomy", roomy)]))
+    assert sixth.remaining == 9994
+    table = SharedBuckets(tmp_path / "b.bin")  # the table counted the lease, no more
+    assert table.take_now(b"k:roomy", roomy, time.time() - EPOCH).remaining == 9999 - 11
+
+
+class YieldingStore(CountingStore):
+    """The shared table behind an await that lets other requests run (as Redis does)."""
+
+    async def take(self, takes: Takes) -> list[Decision]:
+        await asyncio.sleep(0)
+        return await super().take(takes)
+
+
+def test_concurrent_requests_never_spend_more_than_the_store_counted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rate_leases, "LEASE_SECONDS", 600.0)  # none ends during the test
+    store = YieldingStore(tmp_path / "b.bin")
+    buckets = LeasedBuckets(store)
+    key, user = Rate(1, 3600, 99_999), Rate(1, 3600, 999)  # the user's bucket: never leased
+
+    async def run() -> int:
+        admitted = 0
+        for _ in range(20):  # waves of requests in flight together
+            waves = await asyncio.gather(*(buckets.take([(b"k:key", key), (b"u:user", user)])
+                                           for _ in range(30)))
+            admitted += sum(all(d.allowed for d in wave) for wave in waves)
+        return admitted
+
+    admitted = asyncio.run(run())
+    assert admitted == 600
+    assert all(lease.left >= 0 for lease in buckets._leases.values())
+    probe = SharedBuckets(tmp_path / "b.bin").take_now(b"k:key", key, time.time() - EPOCH)
+    charged = 99_999 - probe.remaining
+    # every admitted request was counted, and what was counted but not spent is still held
+    # by the process's lease (none taken meanwhile was thrown away)
+    assert charged == admitted + buckets._leases[b"k:key"].left
+
+
+def test_a_fast_bucket_admits_at_most_a_lease_more_than_exact_gcra(tmp_path: Path) -> None:
+    rate = Rate(1000, 1, 1999)  # 2,000 at once, a thousand more a second
+    table = tmp_path / "b.bin"
+    holder, drainer = (LeasedBuckets(SharedBuckets(table)) for _ in range(2))
+
+    async def run() -> tuple[int, float]:
+        for _ in range(2):  # the second request takes a lease: 1 + 1,998 // 1,024 = 2
+            await holder.take([(b"k:fast", rate)])
+        await asyncio.sleep(LEASE_SECONDS * 0.4)  # the bucket refills meanwhile: full again
+        admitted, started = 0, time.monotonic()  # the window: from a full bucket
+        while time.monotonic() - started < LEASE_SECONDS * 0.3:
+            admitted += (await drainer.take([(b"k:fast", rate)]))[0].allowed
+        for _ in range(MAX_LEASE):  # the holder spends what its lease still holds
+            admitted += (await holder.take([(b"k:fast", rate)]))[0].allowed
+        return admitted, time.monotonic() - started
+
+    admitted, elapsed = asyncio.run(run())
+    exact = 2000 + math.ceil(elapsed * 1000) + 1  # what GCRA admits in the window, at most
+    # the holder's lease, counted before the window, is spent in it: one request more
+    assert admitted <= exact + 1, (admitted, exact)

@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 MAX_ENTRIES = 100
-VERDICTS_KEPT = 1024
+VERDICTS_KEPT = 16
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _HOST = r"(?:\*\.)?[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*"
 _PATTERN = re.compile(rf"(https?)://({_HOST})(?::([0-9]{{1,5}}))?")
@@ -28,7 +28,8 @@ class Restrictions:
     ips: tuple[IpNetwork, ...] = ()
     origins: tuple[str, ...] = ()
     # each client address's verdict, worked out once (a key's requests mostly come from a
-    # few addresses; forgotten all at once past VERDICTS_KEPT)
+    # few addresses; forgotten all at once past VERDICTS_KEPT, which bounds the memory of
+    # a cached key used from many addresses)
     _verdicts: dict[str, bool] = field(default_factory=dict, init=False, repr=False,
                                        compare=False)
 

@@ -3,12 +3,15 @@ request takes several from the shared store (`rate_store.py`) at once, and this 
 next requests on that bucket spend them with no lock, no system call and no round trip.
 
 A lease is taken only from a bucket whose last decision left at least `ROOM_PER_LEASED`
-requests of room per request leased (so at most 1/64 of what it saw), at most
-`MAX_LEASE` requests, and lasts `LEASE_SECONDS`: what a lease still holds then is lost
-(counted, never used: the limit is stricter for that instant, never looser). Near its limit
-a bucket's every request goes to the store, exactly as without leases: every refusal is the
-store's. The headers of a request served from a lease are worked out from the lease's
-decision (the requests the lease still holds count as room).
+requests of room per request leased (so at most 1/1024 of what it saw), at most
+`MAX_LEASE` requests, and lasts `LEASE_SECONDS`; what it still holds then is lost (counted,
+never used). The trade-off: a lease's requests are counted when it is taken, not when they
+are used, so a fast bucket that refills meanwhile may admit, within those 0.1 s, up to the
+lease's size more than exact GCRA per process (at most 31 requests, at most 1/1024 of its
+room). A bucket with less room than ROOM_PER_LEASED is never leased: every request is
+the store's exact decision, and every refusal is the store's. The headers of a request
+served from a lease are worked out from the lease's decision (the requests the lease still
+holds count as room).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from grantkey.domain.rate_limits import Decision, Rate
 from grantkey.services.rate_store import BucketStore
 
 MAX_LEASE = 32
-ROOM_PER_LEASED = 64
+ROOM_PER_LEASED = 1024
 LEASE_SECONDS = 0.1
 LEASES_KEPT = 65_536  # buckets a process remembers; all forgotten at once past it
 
@@ -64,19 +67,25 @@ class LeasedBuckets:
     async def take(self, takes: Sequence[tuple[bytes, Rate]]) -> list[Decision]:
         """Each bucket's decision for one request; the buckets are charged only when every
         one allows. A bucket this process holds a lease on answers from it; the others
-        ask the store (which may grant a lease), and the leases are spent only if the
-        store allows."""
+        ask the store (which may grant a lease). The request's share of the leases is set
+        aside before the store is asked (other requests of this process run meanwhile)
+        and given back if the store refuses."""
         now = time.monotonic()
         leases = self._leases
         held = [leases.get(key) for key, _ in takes]
         asked = [index for index, lease in enumerate(held)
                  if lease is None or lease.left <= 0 or now >= lease.until]
+        local = [_lease(held[index]) for index in range(len(takes)) if index not in asked]
+        for lease in local:
+            lease.left -= 1
         answers: dict[int, Decision] = {}
         if asked:
             decisions = await self.store.take([(*takes[index], _lease_size(held[index]))
                                                for index in asked])
             answers = dict(zip(asked, decisions, strict=True))
             if not all(decision.allowed for decision in decisions):
+                for lease in local:
+                    lease.left += 1
                 return [answers.get(index) or _lease(held[index]).decision(now, rate)
                         for index, (_, rate) in enumerate(takes)]
             if len(leases) + len(asked) > LEASES_KEPT:
@@ -86,9 +95,12 @@ class LeasedBuckets:
             answer = answers.get(index)
             if answer is None:
                 lease = _lease(held[index])
-                lease.left -= 1
             else:
-                lease = leases[key] = Lease(answer, now)
+                lease = Lease(answer, now)
+                current = leases.get(key)  # another request's, granted meanwhile: kept
+                if current is not None and current.left > 0 and now < current.until:
+                    lease.left += current.left
+                leases[key] = lease
             granted.append(lease.decision(now, rate))
         return granted
 

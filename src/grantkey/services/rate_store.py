@@ -196,23 +196,34 @@ class RedisBuckets:
         self._warned = 0.0
 
     async def take(self, takes: Takes) -> list[Decision]:
-        from redis.exceptions import RedisError
+        from redis.exceptions import RedisError, ResponseError
 
         try:
             answers = await self._script(
-                keys=[b"grantkey:rl:" + key for key, _, _ in takes],
+                keys=[redis_key(key) for key, _, _ in takes],
                 args=[repr(value) for _, rate, count in takes
                       for value in (rate.emission, rate.tolerance, count)])
         except (RedisError, OSError) as error:
             if time.monotonic() - self._warned > 60:
                 self._warned = time.monotonic()
-                log.warning("Redis unreachable, requests not rate limited: %s", error)
+                log.warning("Redis %s, requests not rate limited: %s",
+                            "refused the rate-limit script" if isinstance(error, ResponseError)
+                            else "unreachable", error)
             return [Decision(True, rate.limit, rate.burst, -1, 0.0) for _, rate, _ in takes]
         return [_decision(rate, *answer) for (_, rate, _), answer in zip(takes, answers,
                                                                           strict=True)]
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+def redis_key(bucket: bytes) -> bytes:
+    """A bucket's Redis key, `grantkey:rl:<kind>:{<owner>}:<name>`: the braces make a
+    request's buckets (all its user's) one hash slot, which a script touching several keys
+    needs on a Redis Cluster."""
+    kind, _, rest = bucket.partition(b":")
+    owner, _, name = rest.partition(b":")
+    return b"grantkey:rl:" + kind + b":{" + owner + b"}:" + name
 
 
 def _decision(rate: Rate, allowed: bytes | str, ttl: bytes | str, wait: bytes | str,
