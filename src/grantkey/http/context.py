@@ -92,8 +92,10 @@ def endpoint(
         except GrantkeyError as error:  # a limit's headers on the failure too
             response = (on_error(request, error) if on_error is not None
                         else render_error(family, error))
-            return with_headers(response, error.headers() or (
+            # a limit's headers (`cors.with_cors_headers` exposes them to browsers' scripts)
+            response.headers.update(error.headers() or (
                 {} if decision is None else decision.headers()))
+            return response
         except Exception as error:  # a bug: the family's own 500 shape
             return render_unexpected(family, request, error)
 
@@ -115,10 +117,3 @@ def answer_origin(request: Request, response: Response) -> None:
     if origin is not None:  # always, once the restriction let the request in
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Vary"] = "Origin"
-
-
-def with_headers(response: Response, headers: dict[str, str]) -> Response:
-    """`response` with a rate limit's headers (which `cors.with_cors_headers` exposes to
-    browsers' scripts)."""
-    response.headers.update(headers)
-    return response

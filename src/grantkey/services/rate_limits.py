@@ -44,7 +44,7 @@ class RateLimits:
                 (decision,) = await self.buckets.take(((principal.rate_bucket, key_rate),))
                 self._refuse_for_key(principal, key_rate, decision)
             return decision
-        takes = [(_bucket("u", principal.user.id, group), user_rate)]
+        takes = [(_user_bucket(principal.user.id, group), user_rate)]
         if key_rate is not None:
             takes.insert(0, (principal.rate_bucket, key_rate))
         decisions = await self.buckets.take(takes)
@@ -81,7 +81,7 @@ class RateLimits:
 
 
 @functools.lru_cache(maxsize=65_536)
-def _bucket(kind: str, owner: str, name: str) -> bytes:
-    """A user's bucket's name: `u:<user id>:<group>` (ids are hex; a key's:
+def _user_bucket(user_id: str, group: str) -> bytes:
+    """A user's bucket for an API group: `u:<user id>:<group>` (ids are hex; a key's:
     `Principal.rate_bucket`)."""
-    return f"{kind}:{owner}:{name}".encode()
+    return f"u:{user_id}:{group}".encode()
